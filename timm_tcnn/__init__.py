@@ -1,0 +1,15 @@
+""" timm-tcnn: Transformed CNNs (d'Ascoli et al., arXiv 2106.05795) for timm.
+
+Importing the package registers the `tcnn_*` models with timm.
+"""
+from .version import __version__
+from .attention import GatedPositionalAttention2d
+from .convert import (
+    attention_layers,
+    attention_to_conv,
+    check_convertible,
+    conv_to_attention,
+    convert_cnn_state_dict,
+    transform_cnn,
+)
+from .tcnn_resnet import TcnnResNet
