@@ -8,20 +8,27 @@ on load; a freshly converted model computes the same logits as its CNN.
 Paper: Transformed CNNs: recasting pre-trained convolutional layers with self-attention
 (d'Ascoli et al., 2021) - https://arxiv.org/abs/2106.05795
 """
+import inspect
+import re
 from functools import partial
-from typing import Any, Dict, Sequence, Set
+from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 
+from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.layers import get_attn, register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import (
+    build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained, register_model,
+)
 from timm.models.resnet import Bottleneck, ResNet
 
 from .attention import GatedPositionalAttention2d
 from .convert import attention_layers, convert_cnn_state_dict, transform_cnn
+from .hub import HubWeightsUnavailable, hub_unavailable_message
+from .published import published_cfgs
 
-__all__ = ['TcnnResNet', 'RESNETRS_DEPTHS']
+__all__ = ['TcnnResNet', 'RESNETRS_DEPTHS', 'tcnn_and_cnn_names', 'conversion_options', 'describe_mismatch']
 
 register_notrace_module(GatedPositionalAttention2d)
 
@@ -71,11 +78,74 @@ class TcnnResNet(ResNet):
             locality_init=tcnn_locality_init,
         )
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, with a mismatch explained in terms of variants and class counts."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            raise RuntimeError(f'{e}\n{describe_mismatch(state_dict, self)}') from None
+
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Gates and positional parameters: decaying them would pull the model off its conversion."""
         keep = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
         return {f'{name}.{param}' for name, _ in attention_layers(self) for param in keep}
+
+
+def tcnn_and_cnn_names(model_name: str) -> Tuple[str, str]:
+    """('tcnn_resnet50rs.tag', 'resnetrs50.tag') for a T-CNN or ResNet-RS name, tag optional (default tf_in1k)."""
+    name, _, tag = model_name.partition('.')
+    match = re.fullmatch(r'(?:tcnn_resnet(\d+)rs|resnetrs(\d+))', name)
+    depth = int(next(g for g in match.groups() if g)) if match else None
+    if depth not in RESNETRS_DEPTHS:
+        known = ', '.join(f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS)
+        raise ValueError(
+            f'{model_name!r} is not a ResNet-RS T-CNN or CNN name: use one of {known} or resnetrs{{50,...,420}}. '
+            f'Other timm ResNets convert through the Python API (timm_tcnn.transform_cnn).')
+    tag = tag or 'tf_in1k'
+    return f'tcnn_resnet{depth}rs.{tag}', f'resnetrs{depth}.{tag}'
+
+
+def conversion_options(**overrides: Any) -> Dict[str, Any]:
+    """Every `tcnn_*` option of `TcnnResNet` with its default, updated by `overrides` (spelt out in saved configs)."""
+    params = inspect.signature(TcnnResNet.__init__).parameters
+    options = {name: p.default for name, p in params.items() if name.startswith('tcnn_')}
+    unknown = set(overrides) - set(options)
+    if unknown:
+        raise TypeError(f'Unknown T-CNN options {sorted(unknown)}; known: {sorted(options)}.')
+    options.update(overrides)
+    options['tcnn_stages'] = list(options['tcnn_stages'])
+    return options
+
+
+def _blocks_per_stage(state_dict: Mapping[str, Any]) -> Tuple[int, ...]:
+    blocks: Dict[int, int] = {}
+    for key in state_dict:
+        match = re.match(r'layer(\d+)\.(\d+)\.', key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    return tuple(blocks[i] for i in sorted(blocks))
+
+
+def _num_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
+    fc = state_dict.get('fc.weight')
+    return None if fc is None else int(fc.shape[0])
+
+
+def describe_mismatch(state_dict: Mapping[str, Any], model: nn.Module) -> str:
+    """What a checkpoint holds vs what `model` is: variant by blocks per stage, CNN or T-CNN, classes."""
+    ckpt_blocks, model_blocks = _blocks_per_stage(state_dict), _blocks_per_stage(model.state_dict())
+    fits = [f'tcnn_resnet{d}rs' for d, blocks in RESNETRS_DEPTHS.items() if blocks == ckpt_blocks]
+    kind = 'a T-CNN' if any(k.endswith('.content_gate') for k in state_dict) else 'a CNN'
+    lines = [f'The checkpoint is {kind} with blocks per stage {ckpt_blocks}; this model has {model_blocks}.']
+    if ckpt_blocks != model_blocks:
+        lines.append(
+            f'It fits {" or ".join(fits)}.' if fits else 'No tcnn_resnet*rs variant has these blocks per stage.')
+    ckpt_classes, model_classes = _num_classes(state_dict), _num_classes(model.state_dict())
+    if ckpt_classes is not None and ckpt_classes != model_classes:
+        lines.append(f'It has {ckpt_classes} classes, this model {model_classes}: pass num_classes={ckpt_classes}.')
+    return ' '.join(lines)
 
 
 def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -84,13 +154,22 @@ def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
 
 
 def _create_tcnn_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> TcnnResNet:
-    return build_model_with_cfg(
-        TcnnResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=_checkpoint_filter_fn,
-        **kwargs,
-    )
+    tag = kwargs.get('pretrained_cfg')
+    if isinstance(tag, str) and f'{variant}.{tag}' not in list_pretrained(f'{variant}.*'):
+        tags = [name.split('.', 1)[1] for name in list_pretrained(f'{variant}.*')]
+        raise RuntimeError(f'Unknown pretrained tag {tag!r} for {variant}: available tags are {tags}.')
+    try:
+        return build_model_with_cfg(
+            TcnnResNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=_checkpoint_filter_fn,
+            **kwargs,
+        )
+    except LocalEntryNotFoundError as e:
+        hf_hub_id = get_pretrained_cfg(f'{variant}.{tag}' if isinstance(tag, str) else variant).hf_hub_id
+        raise HubWeightsUnavailable(hub_unavailable_message(
+            hf_hub_id, 'not in the local cache, and offline mode is on or the Hub could not be reached')) from e
 
 
 def _resnetrs_args(depth: int) -> Dict[str, Any]:
@@ -116,7 +195,10 @@ def _cfg_from_cnn(cnn_tag: str) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    f'tcnn_resnet{depth}rs.tf_in1k': _cfg_from_cnn(f'resnetrs{depth}.tf_in1k') for depth in RESNETRS_DEPTHS
+    # the CNN weights converted on load come first: tf_in1k stays each architecture's default tag
+    **{f'tcnn_resnet{depth}rs.tf_in1k': _cfg_from_cnn(f'resnetrs{depth}.tf_in1k') for depth in RESNETRS_DEPTHS},
+    # fine-tuned weights listed in published_weights.json
+    **published_cfgs(conversion_options(), [f'tcnn_resnet{depth}rs' for depth in RESNETRS_DEPTHS]),
 })
 
 

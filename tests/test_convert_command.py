@@ -1,0 +1,103 @@
+""" `timm-tcnn convert`: offline Hub cache, local checkpoints, reloading, fast failure and errors. """
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import timm_tcnn  # noqa: F401
+from timm_tcnn.cli import main
+from timm_tcnn.hub import HubWeightsUnavailable
+from conftest import relative_error
+
+
+def _reload_and_compare(out_dir, cnn):
+    tcnn = timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert relative_error(tcnn(x), cnn(x)) <= 1e-4
+    return tcnn
+
+
+def test_convert_from_offline_hub_cache(offline_hub, tmp_path, capsys):
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(images / f'{i}.png')
+    (images / 'broken.jpg').write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    assert main(['convert', 'tcnn_resnet50rs', '--out', str(out), '--images', str(images), '--batch-size', '1']) == 0
+    printed = capsys.readouterr().out
+    assert 'hf-hub:timm/resnetrs50.tf_in1k' in printed and '3 images, 1 unreadable skipped' in printed
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    cnn = timm.create_model('resnetrs50', pretrained=True).eval()
+    tcnn = _reload_and_compare(out, cnn)
+    assert tcnn.tcnn_stages == (4,)
+    # an existing output folder is never replaced silently
+    with pytest.raises(FileExistsError, match='already exists'):
+        main(['convert', 'resnetrs50', '--out', str(out)])
+
+
+@pytest.mark.parametrize('suffix', ['.pth.tar', '.safetensors'])
+def test_convert_from_local_checkpoint_with_options(offline_hub, tmp_path, suffix):
+    cnn = timm.create_model('resnetrs50', num_classes=4)
+    cnn.load_state_dict({k: v for k, v in offline_hub.state_dicts['timm/resnetrs50.tf_in1k'].items()
+                         if not k.startswith('fc.')}, strict=False)
+    path = tmp_path / f'cnn{suffix}'
+    if suffix == '.safetensors':
+        save_file(cnn.state_dict(), str(path))
+    else:
+        torch.save({'epoch': 2, 'state_dict': cnn.state_dict()}, path)
+    out = tmp_path / 'out'
+    code = main(['convert', 'resnetrs50', '--checkpoint', str(path), '--out', str(out),
+                 '--batch-size', '1', '--model-kwargs', 'tcnn_stages=(3, 4)', 'tcnn_convert_strided=False'])
+    assert code == 0
+    tcnn = _reload_and_compare(out, cnn.eval())
+    assert tcnn.num_classes == 4 and tcnn.tcnn_stages == (3, 4) and not tcnn.tcnn_convert_strided
+
+
+def test_convert_fails_fast_without_weights(tmp_path):
+    env_script = (
+        'import sys, timm_tcnn.cli as c; sys.exit(c.main(["convert", "tcnn_resnet101rs", "--out", sys.argv[1]]))')
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, '-c', env_script, str(tmp_path / 'out')], capture_output=True, text=True, timeout=120,
+        env={'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'empty_cache'), 'PATH': '/usr/bin:/bin'},
+    )
+    assert time.perf_counter() - start < 60
+    assert result.returncode != 0
+    assert 'Cannot get the weights of timm/resnetrs101.tf_in1k' in result.stderr
+    assert '--random-weights' in result.stderr and not (tmp_path / 'out').exists()
+
+
+def test_create_model_offline_without_cache_says_how_to_get_weights(offline_hub, monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'empty'))
+    with pytest.raises(HubWeightsUnavailable, match='hf download timm/resnetrs50.tf_in1k'):
+        timm.create_model('tcnn_resnet50rs', pretrained=True)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(RuntimeError, match=r"Unknown pretrained tag 'in22k' .* \['tf_in1k'\]"):
+        timm.create_model('tcnn_resnet50rs.in22k', pretrained=True)
+    with pytest.raises(ValueError, match='not a ResNet-RS T-CNN or CNN name'):
+        main(['convert', 'resnet50', '--random-weights'])
+    with pytest.raises(TypeError, match='Unknown T-CNN options'):
+        main(['convert', 'resnetrs50', '--random-weights', '--model-kwargs', 'tcnn_stage=4'])
+    cnn = timm.create_model('resnetrs101', num_classes=10)
+    path = tmp_path / 'cnn.safetensors'
+    save_file(cnn.state_dict(), str(path))
+    with pytest.raises(RuntimeError, match=r'blocks per stage \(3, 4, 23, 3\).* It fits tcnn_resnet101rs\. '
+                                           r'It has 10 classes, this model 1000: pass num_classes=10'):
+        timm.create_model('tcnn_resnet50rs', checkpoint_path=str(path))
+
+
+def test_console_script_and_module_entry_points():
+    for command in (['timm-tcnn', '--help'], [sys.executable, '-m', 'timm_tcnn', 'convert', '--help']):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert 'convert' in result.stdout

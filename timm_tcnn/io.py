@@ -1,0 +1,85 @@
+""" Reading checkpoints safely and writing output folders atomically. """
+import contextlib
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, Union
+
+import torch
+
+__all__ = ['CheckpointError', 'load_checkpoint_state_dict', 'atomic_directory']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or holds something other than a state dict."""
+
+
+def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """State dict of a `.safetensors` file, a plain `torch.save`d state dict or a timm train.py checkpoint.
+
+    Never unpickles arbitrary objects (`torch.load(weights_only=True)`). With `use_ema`, a train.py
+    checkpoint's EMA weights are taken (an error if it has none). A `module.` prefix (DDP) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'Checkpoint {path} does not exist or is not a file.')
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            checkpoint = load_file(str(path), device='cpu')
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f'Checkpoint {path} is not a readable safetensors file: {e}') from None
+    else:
+        try:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f'Checkpoint {path} holds objects other than tensors and plain containers, which are not loaded '
+                f'for safety ({str(e).splitlines()[0]}). Save a plain state dict (model.state_dict()) or safetensors.'
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise CheckpointError(f'Checkpoint {path} is corrupt or not a PyTorch file: {e}') from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict.')
+    keys = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    else:
+        if use_ema:
+            raise CheckpointError(f'Checkpoint {path} has no EMA weights (state_dict_ema); leave out the EMA option.')
+    tensors = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+    not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f'Checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors.')
+    return tensors
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out` that becomes `out` only if the block succeeds.
+
+    An existing `out` is an error unless `overwrite`; it is then replaced only after the new folder
+    is complete. On failure nothing is left behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f'{out} already exists: choose another output folder or allow overwriting.')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
