@@ -1,4 +1,5 @@
 """ Reading checkpoints safely and writing output folders atomically. """
+import argparse
 import contextlib
 import os
 import pickle
@@ -34,7 +35,8 @@ def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) ->
             raise CheckpointError(f'Checkpoint {path} is not a readable safetensors file: {e}') from None
     else:
         try:
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f'Checkpoint {path} holds objects other than tensors and plain containers, which are not loaded '

@@ -1,0 +1,247 @@
+""" Publishing fine-tuned T-CNN checkpoints: rebuild, validate, write a Hub folder atomically, upload.
+
+The folder holds `model.safetensors`, `config.json` (whose `model_args` spell out every T-CNN option, so
+a later change of a default never changes what the checkpoint rebuilds into) and a model card
+`README.md`; `timm.create_model('local-dir:DIR')` and, once uploaded, `timm.create_model('hf-hub:ORG/NAME')`
+rebuild the model from it.
+"""
+import math
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import RevisionNotFoundError
+from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+
+from .convert import attention_layers
+from .io import atomic_directory
+from .published import PAPER_IDS, PAPER_NAME
+from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options, describe_mismatch
+from .version import __version__
+
+__all__ = [
+    'PublishError', 'read_train_args', 'resolve_model_args', 'published_pretrained_cfg', 'check_weights',
+    'write_model_folder', 'upload_model_folder',
+]
+
+ARCHITECTURES = tuple(f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS)
+HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
+_CHECK_SIZE = 64  # side of the random images the written folder is checked on
+
+
+class PublishError(ValueError):
+    """Inputs that cannot be published as they are; the message says what is wrong and what to do."""
+
+
+def read_train_args(path: Union[str, Path]) -> Dict[str, Any]:
+    """The arguments of a train.py run (its `args.yaml`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PublishError(f'Training arguments {path} do not exist; pass the run\'s args.yaml or leave it out.')
+    try:
+        args = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except yaml.YAMLError as e:
+        raise PublishError(f'Training arguments {path} are not valid YAML: {e}') from None
+    if not isinstance(args, dict):
+        raise PublishError(f'Training arguments {path} must be a YAML mapping as train.py writes it.')
+    return args
+
+
+def resolve_model_args(
+        model_name: Optional[str],
+        train_args: Optional[Mapping[str, Any]] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+        num_classes: Optional[int] = None,
+) -> Tuple[str, Dict[str, Any]]:
+    """The architecture and its complete `create_model` arguments.
+
+    Sources, later ones winning: the run's training arguments (`model`, `num_classes`, `in_chans` /
+    `input_size`, `gp`, `model_kwargs`), then `model_kwargs`, then `num_classes`. Every T-CNN option is
+    spelt out, with the `TcnnResNet` default where no source sets it.
+    """
+    train_args = dict(train_args or {})
+    trained = split_model_name_tag(train_args['model'])[0] if train_args.get('model') else None
+    arch = split_model_name_tag(model_name)[0] if model_name else trained
+    if arch is None:
+        raise PublishError('Name the architecture (--model tcnn_resnet50rs) or pass the run\'s args.yaml.')
+    if trained is not None and trained != arch:
+        raise PublishError(
+            f'The run trained {trained} (args.yaml model) but {arch} was asked for: weights of one variant do '
+            f'not fit another. Use --model {trained}.')
+    if arch not in ARCHITECTURES:
+        raise PublishError(f'{arch} is not a T-CNN architecture; use one of {", ".join(ARCHITECTURES)}.')
+    if num_classes is not None and train_args.get('num_classes') not in (None, num_classes):
+        raise PublishError(
+            f'The run trained {train_args["num_classes"]} classes (args.yaml num_classes) but {num_classes} '
+            f'were asked for.')
+    kwargs = {**(train_args.get('model_kwargs') or {}), **(model_kwargs or {})}
+    tcnn = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith('tcnn_')}
+    try:
+        model_args = {**kwargs, **conversion_options(**tcnn)}
+    except TypeError as e:
+        raise PublishError(str(e)) from None
+    input_size = train_args.get('input_size')
+    found = dict(
+        num_classes=num_classes if num_classes is not None else train_args.get('num_classes'),
+        in_chans=train_args.get('in_chans') or (input_size[0] if input_size else None),
+        global_pool=train_args.get('gp'),
+    )
+    model_args.update({k: v for k, v in found.items() if v is not None})
+    return arch, model_args
+
+
+def published_pretrained_cfg(
+        arch: str,
+        model_args: Mapping[str, Any],
+        train_args: Optional[Mapping[str, Any]] = None,
+        img_size: Optional[int] = None,
+        test_img_size: Optional[int] = None,
+        crop_pct: Optional[float] = None,
+        license: str = 'apache-2.0',
+) -> Dict[str, Any]:
+    """The published weights' pretrained cfg: the CNN's preprocessing, updated by the run's training
+    arguments (`input_size` / `img_size`, `crop_pct`, `interpolation`, `mean`, `std`) and the explicit sizes."""
+    train_args = dict(train_args or {})
+    cnn_cfg = get_pretrained_cfg(arch).to_dict()  # the default tag: the CNN's weights converted on load
+    base_model = cnn_cfg['hf_hub_id']
+    keep = ('input_size', 'test_input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'test_crop_pct',
+            'crop_mode', 'mean', 'std', 'first_conv', 'classifier')
+    cfg = {k: cnn_cfg[k] for k in keep if cnn_cfg.get(k) is not None}
+    cfg.update({k: tuple(v) if isinstance(v, list) else v
+                for k in ('crop_pct', 'interpolation', 'mean', 'std') if (v := train_args.get(k)) is not None})
+    in_chans = model_args.get('in_chans', cfg['input_size'][0])
+    train_size = img_size or train_args.get('img_size') or (train_args.get('input_size') or [None, None])[-1]
+    train_hw = (train_size, train_size) if train_size else tuple(cfg['input_size'][1:])
+    cfg['input_size'] = (in_chans, *train_hw)
+    if test_img_size:
+        cfg['test_input_size'] = (in_chans, test_img_size, test_img_size)
+    elif cfg.get('test_input_size'):
+        cfg['test_input_size'] = (in_chans, *cfg['test_input_size'][1:])
+    if crop_pct is not None:
+        cfg['crop_pct'] = crop_pct
+    reduction = 32  # ResNet-RS output stride
+    cfg['pool_size'] = tuple(math.ceil(s / reduction) for s in cfg['input_size'][1:])
+    if cfg.get('test_input_size'):
+        cfg['test_pool_size'] = tuple(math.ceil(s / reduction) for s in cfg['test_input_size'][1:])
+    cfg.update(
+        num_classes=model_args.get('num_classes', cnn_cfg['num_classes']),
+        license=license,
+        paper_ids=PAPER_IDS,
+        paper_name=PAPER_NAME,
+        notes=(f'T-CNN converted from {base_model} and fine-tuned.',),
+    )
+    return cfg
+
+
+def _layer_summary(names) -> str:
+    counts: Dict[str, int] = {}
+    for name in names:
+        stage = name.split('.')[0]
+        counts[stage] = counts.get(stage, 0) + 1
+    return ', '.join(f'{stage}: {n}' for stage, n in counts.items()) or 'none'
+
+
+def check_weights(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise a `PublishError` naming the mismatch unless `state_dict` is exactly `model`'s (same keys and
+    shapes: variant, class count, T-CNN options) with finite values; then load it."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}'
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        ckpt_layers = sorted({k.rsplit('.', 1)[0] for k in state_dict if k.endswith('.content_gate')})
+        model_layers = sorted(name for name, _ in attention_layers(model))
+        lines = [describe_mismatch(state_dict, model)]
+        if not ckpt_layers:
+            lines.append('It has no attention parameters: publish fine-tuned T-CNN checkpoints (the CNN converted '
+                         'as it is already loads as the tf_in1k tag).')
+        elif ckpt_layers != model_layers:
+            options = {k: v for k, v in getattr(model, '_model_args', {}).items() if k.startswith('tcnn_')}
+            only_ckpt = [n for n in ckpt_layers if n not in model_layers][:4]
+            only_model = [n for n in model_layers if n not in ckpt_layers][:4]
+            lines.append(
+                f'Converted layers differ (T-CNN options): checkpoint {_layer_summary(ckpt_layers)}, model built '
+                f'with {options} {_layer_summary(model_layers)} (only in checkpoint {only_ckpt}, only in model '
+                f'{only_model}). Pass the run\'s args.yaml or --model-kwargs tcnn_stages=... '
+                f'tcnn_convert_strided=... as in training.')
+        details = [f'missing {missing[:4]}' if missing else '', f'unexpected {unexpected[:4]}' if unexpected else '',
+                   f'shapes differ: {"; ".join(shapes[:4])}' if shapes else '']
+        lines.append('Details: ' + ', '.join(d for d in details if d) + '.')
+        raise PublishError('The checkpoint does not fit the model. ' + ' '.join(lines))
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise PublishError(
+            f'{len(bad)} tensors of the checkpoint hold NaN or Inf values, e.g. {bad[:4]}: training diverged or '
+            f'the file is damaged; publish an earlier checkpoint.')
+    model.load_state_dict(state_dict, strict=True)
+
+
+@torch.no_grad()
+def _check_folder(folder: Path, model: nn.Module) -> None:
+    """The folder must rebuild `model` through timm's `local-dir:` loader with the same logits."""
+    rebuilt = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, model.pretrained_cfg['input_size'][0], _CHECK_SIZE, _CHECK_SIZE,
+                    generator=torch.Generator().manual_seed(0))
+    ref = model.eval()(x)
+    error = ((rebuilt(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    if not error <= 1e-6:
+        raise PublishError(f'The written folder rebuilds a different model (relative logit error {error:.1e}).')
+
+
+def write_model_folder(
+        out: Union[str, Path],
+        model: nn.Module,
+        model_args: Mapping[str, Any],
+        card: str,
+        overwrite: bool = False,
+) -> Path:
+    """Write `model.safetensors`, `config.json` and `README.md` (`card`) to `out`, all or nothing.
+
+    The folder is written beside `out` and renamed into place after `timm.create_model('local-dir:...')`
+    has rebuilt the model from it with the same logits. An existing `out` is an error unless `overwrite`.
+    """
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_for_hf(model, str(tmp), model_args=dict(model_args), safe_serialization=True)
+        (tmp / 'README.md').write_text(card, encoding='utf-8')
+        _check_folder(tmp, model)
+    return out
+
+
+def upload_model_folder(
+        folder: Union[str, Path],
+        repo_id: str,
+        revision: Optional[str] = None,
+        private: bool = False,
+        overwrite: bool = False,
+        commit_message: str = 'Add T-CNN weights',
+) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if needed) and return the commit URL.
+
+    The token comes from the usual Hugging Face login (`hf auth login`) or `HF_TOKEN`; it is never printed.
+    Files already in the repo at `revision` (default: main) are replaced only with `overwrite`; a missing
+    `revision` branch is created.
+    """
+    folder = Path(folder)
+    if get_token() is None:
+        raise PublishError('Not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN.')
+    api = HfApi(library_name='timm-tcnn', library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    try:
+        existing = set(api.list_repo_files(repo_id, revision=revision))
+    except RevisionNotFoundError:
+        api.create_branch(repo_id, branch=revision)
+        existing = set()
+    clash = sorted(existing & {p.name for p in folder.iterdir()})
+    if clash and not overwrite:
+        raise PublishError(
+            f'{repo_id} already has {clash} at revision {revision or "main"}; nothing was uploaded. Choose another '
+            f'--repo-id or --revision, or pass --overwrite-hub to replace them with a new commit.')
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+    return commit.commit_url
