@@ -1,0 +1,230 @@
+""" `timm-tcnn robustness`: ImageNet-C mCE, ImageNet-A/R and on-the-fly corruptions, optionally for two models. """
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+from timm.utils import ParseKwargs
+
+from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, ModelSpec, ResultsStore, evaluate_model, \
+    plan_cells
+
+DESCRIPTION = """\
+Measure the robustness of a timm model (tcnn_* included): ImageNet-C top-1 per corruption and
+severity, CE normalised by AlexNet, mCE, relative mCE and mean corruption accuracy; ImageNet-A and
+ImageNet-R top-1 with timm's 200-class logit masks; ImageNet-C corruptions applied on the fly to any
+labelled folder. Results go to OUTPUT/robustness.{json,csv,png}, rewritten after every cell; a rerun
+skips the cells already there for the same model, weights and preprocessing.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        'robustness', help='ImageNet-C mCE, ImageNet-A/R and on-the-fly corruption robustness',
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', metavar='MODEL', help='timm model name, e.g. tcnn_resnet50rs or resnetrs50')
+    parser.add_argument('--checkpoint', metavar='FILE', help='weights (.safetensors, state dict or train.py '
+                        'checkpoint, loaded with weights_only=True); a CNN checkpoint for a tcnn_* model is converted on load')
+    parser.add_argument('--pretrained', action='store_true', help="start from timm's pretrained weights")
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='extra timm.create_model arguments')
+    parser.add_argument('--ema', dest='use_ema', action='store_true',
+                        help="take the EMA weights of train.py checkpoints (both models)")
+
+    data = parser.add_argument_group('datasets (at least one)')
+    data.add_argument('--imagenet-c', metavar='DIR', help='ImageNet-C: DIR/<corruption>/<severity>/<synset>/*')
+    data.add_argument('--imagenet-a', metavar='DIR', help='ImageNet-A: DIR/<synset>/* (200-class mask)')
+    data.add_argument('--imagenet-r', metavar='DIR', help='ImageNet-R: DIR/<synset>/* (200-class mask)')
+    data.add_argument('--imagenet-val', metavar='DIR', help='ImageNet validation set DIR/<synset>/*: clean top-1 '
+                      'for the relative mCE')
+    data.add_argument('--corrupt', metavar='DIR', help='any labelled folder DIR/<class>/*, corrupted on the fly '
+                      'with the imagecorruptions package (plus a clean pass)')
+
+    protocol = parser.add_argument_group('protocol')
+    protocol.add_argument('--corruptions', nargs='+', metavar='NAME',
+                          help=f'corruptions to evaluate (default: the 15 of ImageNet-C; also '
+                               f'{", ".join(EXTRA_CORRUPTIONS)})')
+    protocol.add_argument('--severities', nargs='+', type=int, metavar='S', help='severities 1..5 (default: all)')
+    protocol.add_argument('--c-input', choices=('native', 'model'), default='native',
+                          help="corrupted images: 'native' uses them at their stored size (224, the ImageNet-C "
+                               "protocol), 'model' resizes and crops them with the model's eval transform")
+    protocol.add_argument('--corrupt-size', type=int, default=224, metavar='N',
+                          help='--corrupt renders images as ImageNet-C was made: shorter side to N*256/224, '
+                               'centre crop N (default 224), then corrupts them')
+    protocol.add_argument('--seed', type=int, default=0, help='seed of the on-the-fly corruptions')
+    protocol.add_argument('--class-map', metavar='FILE', help='--corrupt class map (timm format: one class '
+                          'folder name per line, line number = class index)')
+    protocol.add_argument('--clean-accuracy', type=float, metavar='PCT',
+                          help='clean ImageNet top-1 (%%) of MODEL for the relative mCE, instead of --imagenet-val')
+
+    compare = parser.add_argument_group('comparison')
+    compare.add_argument('--compare', metavar='OTHER_MODEL', help='evaluate a second model on the same cells and '
+                         'print MODEL - OTHER_MODEL differences')
+    compare.add_argument('--compare-checkpoint', metavar='FILE', help='weights of OTHER_MODEL')
+    compare.add_argument('--compare-pretrained', action='store_true', help="OTHER_MODEL with timm's weights")
+    compare.add_argument('--compare-model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE')
+    compare.add_argument('--compare-clean-accuracy', type=float, metavar='PCT')
+
+    pre = parser.add_argument_group("preprocessing (defaults: timm's data config of the model, test size)")
+    pre.add_argument('--img-size', type=int, metavar='N')
+    pre.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'))
+    pre.add_argument('--crop-pct', type=float)
+    pre.add_argument('--interpolation', metavar='NAME')
+    pre.add_argument('--mean', type=float, nargs='+')
+    pre.add_argument('--std', type=float, nargs='+')
+
+    run = parser.add_argument_group('run')
+    run.add_argument('--output', default='robustness-results', metavar='DIR',
+                     help='results directory (default: ./robustness-results)')
+    run.add_argument('--batch-size', type=int, default=64)
+    run.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
+    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.set_defaults(func=main)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not any((args.imagenet_c, args.imagenet_a, args.imagenet_r, args.imagenet_val, args.corrupt)):
+        raise ValueError('nothing to evaluate: give at least one of --imagenet-c, --imagenet-a, --imagenet-r, '
+                         '--imagenet-val, --corrupt')
+    for name, pretrained, checkpoint in ((args.model, args.pretrained, args.checkpoint),
+                                         (args.compare, args.compare_pretrained, args.compare_checkpoint)):
+        if name and not (pretrained or checkpoint):
+            raise ValueError(f'{name} has no weights: pass --pretrained or --checkpoint FILE '
+                             '(--compare-pretrained or --compare-checkpoint for OTHER_MODEL)')
+    known = CORRUPTIONS + EXTRA_CORRUPTIONS
+    unknown = [c for c in args.corruptions or () if c not in known]
+    if unknown:
+        raise ValueError(f'unknown corruption(s) {", ".join(unknown)}; known: {", ".join(known)}')
+    bad = [s for s in args.severities or () if s not in SEVERITIES]
+    if bad:
+        raise ValueError(f'severities must be in 1..5, got {", ".join(map(str, bad))}')
+    for value in (args.clean_accuracy, args.compare_clean_accuracy):
+        if value is not None and not 0 <= value <= 100:
+            raise ValueError(f'clean accuracy is a percentage in [0, 100], got {value}')
+    if args.batch_size < 1 or args.workers < 0 or args.corrupt_size < 32:
+        raise ValueError('--batch-size must be >= 1, --workers >= 0 and --corrupt-size >= 32')
+
+
+def _pct(x: Optional[float], digits: int = 2) -> str:
+    return '-' if x is None else f'{100 * x:.{digits}f}'
+
+
+def _format_summary(entry: Dict[str, Any]) -> List[str]:
+    s = entry['summary']
+    lines = [f'== {entry["label"]}  [fingerprint {entry["fingerprint"]["id"]}]']
+    for name, title in (('imagenet-val', 'ImageNet val'), ('imagenet-a', 'ImageNet-A'), ('imagenet-r', 'ImageNet-R')):
+        if s.get(name) is not None:
+            lines.append(f'{title} top-1: {_pct(s[name])}')
+    c = s.get('imagenet-c')
+    if c:
+        cells = {(x['corruption'], x['severity']): x['top1'] for x in entry['cells'].values()
+                 if x['benchmark'] == 'imagenet-c'}
+        lines.append(f'ImageNet-C top-1 (%) by severity; CE (%) vs AlexNet '
+                     f'[{c["complete_corruptions"]}/15 corruptions complete]')
+        lines.append(f'  {"corruption":<18}' + ''.join(f'{i:>7}' for i in SEVERITIES) + f'{"mean":>8}{"CE":>8}'
+                     + (f'{"relCE":>8}' if c['clean_accuracy'] is not None else ''))
+        for name, x in c['corruptions'].items():
+            row = f'  {name:<18}' + ''.join(f'{_pct(cells.get((name, i))):>7}' for i in SEVERITIES)
+            row += f'{_pct(x["mean_accuracy"]):>8}{_pct(x.get("ce"), 1):>8}'
+            if c['clean_accuracy'] is not None:
+                row += f'{_pct(x.get("relative_ce"), 1):>8}'
+            lines.append(row)
+        partial = ' (PARTIAL: over the complete corruptions only)' if c['partial'] else ''
+        lines.append(f'  mCE {_pct(c["mce"], 1)}  relative mCE {_pct(c["relative_mce"], 1)}  '
+                     f'clean top-1 {_pct(c["clean_accuracy"])}{partial}')
+        lines.append(f'  mean corruption accuracy {_pct(c["mean_corruption_accuracy"])}')
+    k = s.get('corrupt')
+    if k:
+        lines.append(f'On-the-fly corruptions: clean top-1 {_pct(k["clean_accuracy"])}, mean corruption accuracy '
+                     f'{_pct(k["mean_corruption_accuracy"])}')
+        for name, x in k['corruptions'].items():
+            lines.append(f'  {name:<18} mean top-1 {_pct(x["mean_accuracy"]):>7} over severities '
+                         f'{",".join(map(str, x["severities"]))}')
+    return lines
+
+
+def _comparison_rows(summary: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """Named scalar results of a summary, all as fractions (CE/mCE too)."""
+    rows: Dict[str, Optional[float]] = {
+        'ImageNet val top-1': summary.get('imagenet-val'),
+        'ImageNet-A top-1': summary.get('imagenet-a'),
+        'ImageNet-R top-1': summary.get('imagenet-r'),
+    }
+    c = summary.get('imagenet-c')
+    if c:
+        rows['ImageNet-C mean corruption accuracy'] = c['mean_corruption_accuracy']
+        rows['ImageNet-C mCE (lower is better)'] = c['mce']
+        rows['ImageNet-C relative mCE (lower is better)'] = c['relative_mce']
+        for name, x in c['corruptions'].items():
+            rows[f'  {name} mean top-1'] = x['mean_accuracy']
+    k = summary.get('corrupt')
+    if k:
+        rows['on-the-fly clean top-1'] = k['clean_accuracy']
+        rows['on-the-fly mean corruption accuracy'] = k['mean_corruption_accuracy']
+        for name, x in k['corruptions'].items():
+            rows[f'  {name} (on the fly) mean top-1'] = x['mean_accuracy']
+    return rows
+
+
+def format_comparison(first: Dict[str, Any], second: Dict[str, Any]) -> List[str]:
+    """Table of MODEL, OTHER_MODEL and MODEL - OTHER_MODEL, in percent."""
+    a, b = _comparison_rows(first['summary']), _comparison_rows(second['summary'])
+    lines = [f'== {first["label"]} vs {second["label"]} (percent; difference = first - second)',
+             f'  {"":<44}{"first":>9}{"second":>9}{"diff":>9}']
+    for name in a:
+        if a[name] is None and b.get(name) is None:
+            continue
+        diff = None if a[name] is None or b.get(name) is None else a[name] - b[name]
+        lines.append(f'  {name:<44}{_pct(a[name]):>9}{_pct(b.get(name)):>9}'
+                     f'{"-" if diff is None else f"{100 * diff:+.2f}":>9}')
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        _check_args(args)
+        plan = plan_cells(
+            imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
+            imagenet_val=args.imagenet_val, corrupt=args.corrupt, corruptions=args.corruptions,
+            severities=args.severities, c_input=args.c_input, corrupt_size=args.corrupt_size, seed=args.seed,
+            class_map=args.class_map,
+        )
+        for note in plan.notes:
+            print(f'note: {note}')
+        for problem in plan.problems:
+            print(f'warning: {problem}', file=sys.stderr)
+        if not plan.tasks:
+            raise ValueError('no usable images found in the given folders (see the warnings above)')
+        store = ResultsStore(args.output)
+        overrides = {k: getattr(args, k) for k in ('img_size', 'input_size', 'crop_pct', 'interpolation', 'mean',
+                                                   'std') if getattr(args, k) is not None}
+        specs = [(ModelSpec(args.model, args.pretrained, args.checkpoint, args.model_kwargs, args.use_ema),
+                  args.clean_accuracy)]
+        if args.compare:
+            specs.append((ModelSpec(args.compare, args.compare_pretrained, args.compare_checkpoint,
+                                    args.compare_model_kwargs, args.use_ema), args.compare_clean_accuracy))
+        entries = []
+        for spec, clean in specs:
+            entry = evaluate_model(
+                spec, plan, store, torch.device(args.device), args.batch_size, args.workers, overrides,
+                None if clean is None else clean / 100)
+            if entry['skipped_cells']:
+                print(f'{spec.name}: {entry["skipped_cells"]} cell(s) already in {store.json_path}, not re-evaluated')
+            entries.append(entry)
+    except (ValueError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    for entry in entries:
+        print('\n'.join(_format_summary(entry)))
+    if len(entries) == 2:
+        print('\n'.join(format_comparison(*entries)))
+    problems = entries[0]['problems']
+    if problems:
+        print(f'{len(problems)} problem(s) with the data; results above are partial where noted:', file=sys.stderr)
+        for problem in problems:
+            print(f'  - {problem}', file=sys.stderr)
+    print(f'results: {store.json_path}, {store.csv_path}' + (f', {store.png_path}' if os.path.exists(store.png_path)
+                                                             else ''))
+    return 0
