@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Union
 
 import torch
 
-__all__ = ['CheckpointError', 'load_checkpoint_state_dict', 'atomic_directory']
+__all__ = ['CheckpointError', 'load_checkpoint_state_dict', 'atomic_directory', 'atomic_path', 'atomic_write']
 
 
 class CheckpointError(ValueError):
@@ -85,3 +85,26 @@ def atomic_directory(out: Union[str, Path], overwrite: bool = False) -> Iterator
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> None:
+    """Write `data` (text as UTF-8) to `path` so that readers see the old or the new file, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode('utf-8') if isinstance(data, str) else data)

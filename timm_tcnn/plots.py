@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .analysis import LayerStats, QueryAttention
+from .io import atomic_path
 
 __all__ = ['require_matplotlib', 'plot_content_share', 'plot_attention_distance', 'plot_query_attention']
 
@@ -31,12 +32,10 @@ def require_matplotlib():
 
 def _save(fig, path: PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
-        fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
     finally:
-        tmp.unlink(missing_ok=True)
         require_matplotlib().close(fig)
     return path
 

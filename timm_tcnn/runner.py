@@ -7,26 +7,24 @@ its absolute path; its exceptions (with their tracebacks) and `SystemExit` codes
 Works in every process `torchrun -m timm_tcnn run ...` starts.
 """
 import contextlib
-import difflib
 import functools
 import importlib.machinery
 import logging
 import os
-import re
 import runpy
 import sys
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import timm
 import torch
 
 from . import tcnn_resnet  # noqa: F401  registers the tcnn_* models
+from .loading import unknown_model_hint
 
-__all__ = ['ScriptNotFoundError', 'resolve_script', 'unknown_model_hint', 'run_script']
+__all__ = ['ScriptNotFoundError', 'resolve_script', 'run_script']
 
 _logger = logging.getLogger(__name__)
 
-_UNKNOWN_MODEL = re.compile(r'Unknown model \((.+)\)')
 _TIMM_SCRIPTS_HINT = (
     "timm's train.py, validate.py and benchmark.py are not installed with the timm package: they are in "
     'its GitHub repository (git clone https://github.com/huggingface/pytorch-image-models), '
@@ -45,17 +43,6 @@ def resolve_script(path: str) -> str:
     if not os.path.isfile(full):
         raise ScriptNotFoundError(f'script not found: {path}. {_TIMM_SCRIPTS_HINT}')
     return full
-
-
-def unknown_model_hint(exc: BaseException) -> Optional[str]:
-    """For timm's `RuntimeError('Unknown model (name)')`, the closest registered names; else None."""
-    match = _UNKNOWN_MODEL.fullmatch(str(exc)) if isinstance(exc, RuntimeError) else None
-    if match is None:
-        return None
-    name = match.group(1)
-    close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
-    suggestion = f'Did you mean {close[0]!r}? ' if close else ''
-    return f'{suggestion}{name!r} is not a registered model; T-CNN models: {", ".join(timm.list_models("tcnn_*"))}.'
 
 
 def _warn_if_shadowed(script_dir: str) -> None:

@@ -15,7 +15,8 @@ from timm.utils import ParseKwargs
 from tqdm import tqdm
 
 from ..analysis import AttentionAnalyzer, LayerStats, head_rows
-from ..io import CheckpointError, load_checkpoint_state_dict
+from ..io import CheckpointError, atomic_write, load_checkpoint_state_dict
+from ..loading import create_model_with_weights
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 OUTPUTS = {
@@ -94,28 +95,10 @@ def read_images(files: List[Path], transform, limit: int, skipped: List[Path]) -
 
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
-    """MODEL with its --pretrained weights or --checkpoint; a checkpoint of another variant is an error."""
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **args.model_kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ValueError(f'{e}. T-CNN models are tcnn_resnet{{50,101,...}}rs.') from None
-        raise
-    if args.checkpoint:
-        state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
-        try:
-            result = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as e:  # size mismatches
-            raise ValueError(
-                f'Checkpoint {args.checkpoint} does not fit {args.model} {args.model_kwargs or ""}: '
-                f'{str(e).strip()}\nWas it saved from another variant or with other --model-kwargs?') from None
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f'Checkpoint {args.checkpoint} does not fit {args.model} {args.model_kwargs or ""}: '
-                f'{len(result.missing_keys)} missing entries {result.missing_keys[:4]}, '
-                f'{len(result.unexpected_keys)} unexpected entries {result.unexpected_keys[:4]}. '
-                f'Was it saved from another variant or with other --model-kwargs (e.g. tcnn_stages)?')
-    return model.eval()
+    """MODEL with its --pretrained weights or --checkpoint, in eval mode."""
+    return create_model_with_weights(
+        args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.ema, **args.model_kwargs,
+    ).eval()
 
 
 def load_cnn_state_dict(source: str, ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -125,16 +108,6 @@ def load_cnn_state_dict(source: str, ema: bool = False) -> Dict[str, torch.Tenso
     if not timm.is_model(source):
         raise ValueError(f'--cnn {source} is neither a file nor a timm model name (e.g. resnetrs50).')
     return timm.create_model(source, pretrained=True).state_dict()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _csv_text(rows: List[Dict[str, object]]) -> str:
@@ -203,8 +176,8 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = dict(meta, layers=[asdict(layer) for layer in stats])
-    _atomic_write(out / OUTPUTS['json'], json.dumps(report, indent=2) + '\n')
-    _atomic_write(out / OUTPUTS['csv'], _csv_text(head_rows(stats)))
+    atomic_write(out / OUTPUTS['json'], json.dumps(report, indent=2) + '\n')
+    atomic_write(out / OUTPUTS['csv'], _csv_text(head_rows(stats)))
     if plots is not None:
         plots.plot_content_share(stats, out / OUTPUTS['content_share'])
         plots.plot_attention_distance(stats, out / OUTPUTS['distance'])

@@ -2,7 +2,7 @@
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import timm
 import torch

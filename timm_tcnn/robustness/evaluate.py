@@ -6,14 +6,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import timm
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 from tqdm import tqdm
 
-from ..convert import convert_cnn_state_dict
-from ..io import load_checkpoint_state_dict
+from ..loading import create_model_with_weights
 from .datasets import SampleDataset, collate_readable
 
 __all__ = [
@@ -41,20 +39,9 @@ def build_model(spec: ModelSpec, device: torch.device) -> nn.Module:
     checkpoint's `state_dict` or, with `use_ema`, its EMA weights). A CNN checkpoint given for
     a T-CNN is converted exactly on load; a T-CNN checkpoint is loaded as it is.
     """
-    try:
-        model = timm.create_model(spec.name, pretrained=spec.pretrained, **(spec.model_kwargs or {}))
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ValueError(f'unknown model {spec.name!r}: see `timm.list_models()`; T-CNNs are tcnn_*') from e
-        raise
-    if spec.checkpoint:
-        state_dict = load_checkpoint_state_dict(spec.checkpoint, use_ema=spec.use_ema)
-        state_dict = convert_cnn_state_dict(state_dict, model)
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as e:
-            raise ValueError(f'checkpoint {spec.checkpoint} does not match {spec.name} '
-                             f'(model kwargs {spec.model_kwargs or {}}): {e}') from e
+    model = create_model_with_weights(
+        spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, use_ema=spec.use_ema,
+        **(spec.model_kwargs or {}))
     return model.to(device).eval()
 
 

@@ -16,11 +16,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from typing import Any, Dict, Optional
 
+from ..io import atomic_write
 from .protocol import FAMILIES, corruption_family, summarize_imagenet_c
 
 __all__ = ['FORMAT', 'cell_key', 'summarize_model', 'ResultsStore']
@@ -32,20 +32,6 @@ def cell_key(benchmark: str, corruption: Optional[str] = None, severity: Optiona
     return benchmark if corruption is None else f'{benchmark}/{corruption}/{severity}'
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _grid(cells: Dict[str, Dict[str, Any]], benchmark: str) -> Dict[str, Dict[int, float]]:
@@ -135,12 +121,12 @@ class ResultsStore:
         redrawn for `plot_interval` seconds."""
         for entry in self.data['models'].values():
             entry['summary'] = summarize_model(entry)
-        _atomic_write(self.json_path, json.dumps(self.data, indent=1, sort_keys=False).encode('utf-8'))
-        _atomic_write(self.csv_path, self._csv().encode('utf-8'))
+        atomic_write(self.json_path, json.dumps(self.data, indent=1, sort_keys=False).encode('utf-8'))
+        atomic_write(self.csv_path, self._csv().encode('utf-8'))
         if final or time.monotonic() - self._last_plot >= self.plot_interval:
             png = self._png()
             if png is not None:
-                _atomic_write(self.png_path, png)
+                atomic_write(self.png_path, png)
             self._last_plot = time.monotonic()
 
     def _csv(self) -> str:
