@@ -15,21 +15,28 @@ Both gates start at exactly 0, so a freshly converted layer *is* the convolution
 clamped to [0, 1] with a straight-through gradient: the forward pass sees the clamped value, the
 backward pass the raw one, so a gate at 0 still receives the true one-sided gradient and can open
 (a sigmoid gate has no such point: its share and its gradient vanish together). The one-hot part
-is computed as a convolution-style unfold, never through a saturated softmax, so it is exact and
-the learnable locality (alpha, centre) lives in the Gaussian that the locality gate blends in.
+is an exact 0/1 matrix, never a saturated softmax, and the learnable locality (alpha, centre)
+lives in the Gaussian that the locality gate blends in.
 
-The Gaussian positional attention is separable (a product of a row and a column softmax over
-the offsets a map of that size can have, zero outside the image), so applying it costs
-O(H + W) per query instead of O(H * W).
+How it is computed (see docs/performance.md): the positional part P_h does not depend on the
+input, so it is built once per call (once per map size and parameter update in inference) as a
+dense (Nq, heads, N) matrix from separable row and column factors, and added to the content
+softmax. One batched GEMM then mixes the full-width input for all heads, (Nq * heads, N) @ (N, C_in),
+and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out): the same multiply-adds
+as the convolution plus those of the attention, no per-head or per-sample copies of the values.
+Queries are processed in blocks (`attention_block_bytes`) so that the attention tensor of a block
+stays in cache. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot
+overflow them.
+In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`.
 """
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import use_fused_attn, trunc_normal_
+from timm.layers import trunc_normal_
 
 __all__ = ['GatedPositionalAttention2d', 'straight_through_clamp']
 
@@ -67,6 +74,37 @@ def _gaussian_1d(
     return torch.exp(logits - log_norm[:, None, None])
 
 
+def _onehot_1d(offsets: torch.Tensor, in_size: int, out_size: int, stride: int) -> torch.Tensor:
+    """(heads, out_size, in_size) float32: 1 where key k sits at `offsets[h]` from the query at `stride * i`."""
+    keys = torch.arange(in_size, device=offsets.device)
+    queries = torch.arange(out_size, device=offsets.device) * stride
+    rel = keys[None, :] - queries[:, None]
+    return (rel[None] == offsets[:, None, None]).float()
+
+
+def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32, also under autocast."""
+    if torch.jit.is_scripting() or a.device.type == 'meta':
+        return a.float() @ b.float()  # scripted code and meta tensors do not autocast
+    return _float32_matmul_no_autocast(a, b)
+
+
+@torch.jit.unused
+def _float32_matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float()
+
+
+def _mix(x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Full-width values: (B, C, H, W) x, (B, Nq, heads, N) attention -> (B, Nq, heads, C), x A_h^T per head.
+
+    One GEMM per sample, (Nq * heads, N) @ (N, C), reading x in its own layout (NCHW or
+    channels-last) and writing the layout the tap projection reads.
+    """
+    B, Nq, heads, N = attn.shape
+    return (attn.reshape(B, Nq * heads, N) @ x.flatten(2).transpose(1, 2)).unflatten(1, (Nq, heads))
+
+
 class GatedPositionalAttention2d(nn.Module):
     """Gated positional self-attention with the interface of an `nn.Conv2d`.
 
@@ -81,8 +119,13 @@ class GatedPositionalAttention2d(nn.Module):
         pos_center:    (heads, 2) Gaussian centre (rows, cols) relative to the query
         q, k:          C_in -> heads * qk_dim projections of the content attention
 
+    `attention_block_bytes` bounds the float32 attention tensor materialised at once: queries are
+    processed in blocks of that size (about the last-level cache), which keeps the memory-bound
+    softmax and blend passes in cache. It changes speed only, never the result.
+
     Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2)`.
     """
+    __jit_ignored_attributes__ = ['_inference_cache']  # eager inference only
 
     def __init__(
             self,
@@ -94,6 +137,7 @@ class GatedPositionalAttention2d(nn.Module):
             qk_dim: int = 32,
             qk_init_std: float = 0.02,
             locality_init: float = 1.0,
+            attention_block_bytes: int = 8 * 2 ** 20,
             device=None,
             dtype=None,
     ):
@@ -115,7 +159,9 @@ class GatedPositionalAttention2d(nn.Module):
         self.scale = qk_dim ** -0.5
         self.qk_init_std = qk_init_std
         self.locality_init = locality_init
-        self.fused_attn = use_fused_attn()
+        if attention_block_bytes < 1:
+            raise ValueError(f'attention_block_bytes must be >= 1, got {attention_block_bytes}.')
+        self.attention_block_bytes = attention_block_bytes
 
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size, **dd))
         self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
@@ -125,6 +171,8 @@ class GatedPositionalAttention2d(nn.Module):
         self.pos_center = nn.Parameter(torch.empty(self.num_heads, 2, **dd))
         self.q = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
         self.k = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
+        # inference only: input-independent tensors per (H, W, device), keyed by parameter versions
+        self._inference_cache = {}
         self.reset_parameters()
 
     def tap_offsets(self) -> torch.Tensor:
@@ -210,6 +258,64 @@ class GatedPositionalAttention2d(nn.Module):
         cols = _gaussian_1d(alpha, self.pos_center[:, 1], width, out_w, self.stride)
         return rows, cols
 
+    def positional_mixing(self, height: int, width: int) -> torch.Tensor:
+        """The input-independent part of the attention, (1 - g) * P, as a dense float32 (Nq, heads, N).
+
+        P = (1 - l) * onehot(D_h) + l * gauss: both are separable, so P is a rank-2 sum of outer
+        products of row and column factors. Queries lead, heads second: the layout `forward` mixes in.
+        """
+        content = straight_through_clamp(self.content_gate.float())
+        locality = straight_through_clamp(self.locality_gate.float())
+        out_h, out_w = self.output_size(height, width)
+        taps = self.tap_offsets()
+        gauss_rows, gauss_cols = self.positional_gaussian(height, width)
+        onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride)
+        onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride)
+        keep = 1 - content
+        rows = torch.stack([
+            onehot_rows * (keep * (1 - locality))[:, None, None],
+            gauss_rows * (keep * locality)[:, None, None],
+        ], dim=1)  # heads, 2, H_out, H
+        cols = torch.stack([onehot_cols, gauss_cols], dim=1)  # heads, 2, W_out, W
+        dense = torch.einsum('hriy,hrjx->ijhyx', rows, cols)
+        return dense.reshape(out_h * out_w, self.num_heads, height * width)
+
+    def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Scaled queries (B, h, Nq, d) and keys (B, h, d, N) of every head."""
+        B = x.shape[0]
+        queries = x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
+        # (B, h * d, N) = W @ x per sample: reads NCHW or channels-last x in place, no token copies
+        q = torch.bmm(self.q.weight.expand(B, -1, -1), queries.flatten(2)).unflatten(1, (self.num_heads, -1))
+        k = torch.bmm(self.k.weight.expand(B, -1, -1), x.flatten(2)).unflatten(1, (self.num_heads, -1))
+        return q.transpose(-2, -1) * self.scale, k
+
+    def content_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled query-key products of every head, always in float32 (see `attention_map`).
+
+        Args:
+            x: (B, C_in, H, W)
+        Returns:
+            (B, heads, H_out * W_out, H * W)
+        """
+        q, k = self._queries_keys(x)
+        return _float32_matmul(q, k)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of every head, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in float32.
+
+        Logits and softmax are computed in float32 whatever the input dtype or autocast state, so
+        reduced precision cannot overflow or round them; A is a (sub-)stochastic matrix.
+
+        Args:
+            x: (B, C_in, H, W)
+        Returns:
+            (B, H_out * W_out, heads, H * W), queries leading (the layout `forward` mixes in)
+        """
+        content = straight_through_clamp(self.content_gate.float())
+        positional = self.positional_mixing(x.shape[-2], x.shape[-1])
+        # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
+        return torch.addcmul(positional, self.content_logits(x).softmax(dim=-1).transpose(1, 2), content[:, None])
+
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Content attention of every head applied to the full-width input.
 
@@ -218,18 +324,8 @@ class GatedPositionalAttention2d(nn.Module):
         Returns:
             (B, C_in, heads, H_out * W_out): for head h, the attention-weighted input x S_h^T.
         """
-        B, C, H, W = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # B, N, C
-        query_tokens = x[:, :, ::self.stride, ::self.stride].flatten(2).transpose(1, 2)  # B, Nq, C
-        q = self.q(query_tokens).unflatten(-1, (self.num_heads, self.qk_dim)).transpose(1, 2)  # B, h, Nq, d
-        k = self.k(tokens).unflatten(-1, (self.num_heads, self.qk_dim)).transpose(1, 2)  # B, h, N, d
-        v = tokens.unsqueeze(1)  # B, 1, N, C
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v.expand(-1, self.num_heads, -1, -1))
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            out = attn.softmax(dim=-1) @ v
-        return out.permute(0, 3, 1, 2)  # B, C, h, Nq
+        attn = self.content_logits(x).softmax(dim=-1).transpose(1, 2).to(x.dtype)
+        return _mix(x, attn).permute(0, 3, 2, 1)
 
     def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Gaussian positional attention of every head applied to the input.
@@ -239,28 +335,85 @@ class GatedPositionalAttention2d(nn.Module):
         Returns:
             (B, C_in, heads, H_out * W_out)
         """
-        B, C, H, W = x.shape
-        rows, cols = self.positional_gaussian(H, W)
+        rows, cols = self.positional_gaussian(x.shape[-2], x.shape[-1])
         rows, cols = rows.to(x.dtype), cols.to(x.dtype)
         # separable: first along columns, then along rows
         t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
         out = torch.einsum('bchyj,hiy->bchij', t, rows)  # B, C, h, H_out, W_out
         return out.flatten(3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tap_major_weight(self) -> torch.Tensor:
+        """(C_out, heads * C_in) projection of the taps, head-major: what `forward`'s last GEMM reads."""
+        return self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+
+    def _mix_and_project(
+            self,
+            x: torch.Tensor,
+            positional: torch.Tensor,
+            weight: torch.Tensor,
+            with_content: bool = True,
+    ) -> torch.Tensor:
+        """y = bias + sum_h W_h (x A_h^T) from x (B, C_in, H, W), `positional_mixing` and `tap_major_weight`,
+        in blocks of queries of at most `attention_block_bytes` of attention."""
         B, C, H, W = x.shape
         out_h, out_w = self.output_size(H, W)
-        content = straight_through_clamp(self.content_gate).to(x.dtype)
-        locality = straight_through_clamp(self.locality_gate).to(x.dtype)
-        # (B, C_in * heads, Nq): what the one-hot head of each tap reads, zero outside the image
-        mixed = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
-        mixed = mixed.unflatten(1, (C, self.num_heads)) * ((1 - content) * (1 - locality))[:, None]
-        mixed = mixed + self.positional_attention(x) * ((1 - content) * locality)[:, None]
-        mixed = mixed + self.content_attention(x) * content[:, None]
-        out = self.weight.flatten(1) @ mixed.flatten(1, 2)  # B, C_out, Nq
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.unflatten(-1, (out_h, out_w))
+        num_queries = out_h * out_w
+        per_query = 4 * B * self.num_heads * H * W
+        num_blocks = -(-num_queries * per_query // self.attention_block_bytes)  # ceil
+        block = -(-num_queries // max(1, num_blocks))  # balanced blocks
+        content = straight_through_clamp(self.content_gate.float())[:, None]
+        q, k = self._queries_keys(x) if with_content else (x, x)  # (x, x): unused without content
+        outs = []
+        for start in range(0, num_queries, block):
+            stop = min(start + block, num_queries)
+            if with_content:
+                attn = _float32_matmul(q[:, :, start:stop], k).softmax(dim=-1)
+                # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
+                attn = torch.addcmul(positional[start:stop], attn.transpose(1, 2), content)
+            else:
+                attn = positional[start:stop].expand(B, -1, -1, -1)
+            mixed = _mix(x, attn.to(x.dtype))  # B, block, h, C_in
+            outs.append(F.linear(mixed.flatten(2), weight, self.bias))  # B, block, C_out
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        out = out.unflatten(1, (out_h, out_w)).permute(0, 3, 1, 2)  # channels-last layout
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return out
+        return out.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced = torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if not (traced or torch.is_grad_enabled()):
+            return self._inference_forward(x)
+        return self._mix_and_project(x, self.positional_mixing(x.shape[-2], x.shape[-1]), self.tap_major_weight())
+
+    @torch.jit.unused
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd, reusing what does not depend on the input until a parameter changes.
+
+        Skips the content attention while every content gate is exactly 0, and runs the convolution
+        itself while the layer is exactly its convolution.
+        """
+        height, width = x.shape[-2:]
+        params = (self.weight, self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center)
+        versions = tuple((p.data_ptr(), p._version) for p in params)
+        key = (height, width, str(x.device))
+        entry: Optional[Tuple] = self._inference_cache.get(key)
+        if entry is None or entry[0] != versions:
+            content_on = bool((self.content_share() > 0).any())
+            entry = (
+                versions,
+                self.positional_mixing(height, width),
+                self.tap_major_weight().contiguous(),
+                content_on,
+                not content_on and bool((self.locality_share() == 0).all()),
+            )
+            if len(self._inference_cache) >= 8:
+                self._inference_cache.pop(next(iter(self._inference_cache)))
+            self._inference_cache[key] = entry
+        _, positional, weight, content_on, is_conv = entry
+        if is_conv:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return self._mix_and_project(x, positional, weight, with_content=content_on)
 
     def extra_repr(self) -> str:
         return (

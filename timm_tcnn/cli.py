@@ -11,7 +11,7 @@ from typing import List, Optional
 from .version import __version__
 
 # subcommand name -> module in timm_tcnn.commands, in the order shown by --help
-COMMANDS = ('convert',)
+COMMANDS = ('convert', 'run', 'analyze', 'robustness', 'publish', 'bench')
 
 
 def build_parser() -> argparse.ArgumentParser:

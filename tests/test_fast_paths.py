@@ -1,0 +1,185 @@
+""" The fast computation of GatedPositionalAttention2d against a plain reference of the same maths:
+same outputs and gradients, for every path (autograd, inference cache, conv and no-content shortcuts). """
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
+from timm_tcnn.attention import straight_through_clamp
+from conftest import relative_error
+
+
+def plain_forward(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's definition, written directly: unfolded one-hot taps, separable Gaussian
+    (`positional_attention`, checked against the dense definition in test_attention.py), content
+    attention by an explicit softmax over all keys, then the tap projection."""
+    B, C, H, W = x.shape
+    heads, s = layer.num_heads, layer.stride
+    content = straight_through_clamp(layer.content_gate)
+    locality = straight_through_clamp(layer.locality_gate)
+    onehot = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=s).unflatten(1, (C, heads))
+    gauss = layer.positional_attention(x)
+    tokens = x.flatten(2).transpose(1, 2)  # B, N, C
+    queries = x[:, :, ::s, ::s].flatten(2).transpose(1, 2)
+    q = F.linear(queries, layer.q.weight).unflatten(-1, (heads, layer.qk_dim))  # B, Nq, h, d
+    k = F.linear(tokens, layer.k.weight).unflatten(-1, (heads, layer.qk_dim))  # B, N, h, d
+    attn = (torch.einsum('bnhd,bmhd->bhnm', q, k) * layer.scale).softmax(-1)
+    content_out = torch.einsum('bhnm,bmc->bchn', attn, tokens)
+    mixed = (onehot * ((1 - content) * (1 - locality))[:, None] + gauss * ((1 - content) * locality)[:, None]
+             + content_out * content[:, None])
+    out = torch.einsum('ocl,bcln->bon', layer.weight.flatten(2), mixed)
+    if layer.bias is not None:
+        out = out + layer.bias[:, None]
+    out_h, out_w = layer.output_size(H, W)
+    return out.unflatten(-1, (out_h, out_w))
+
+
+def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True) -> GatedPositionalAttention2d:
+    layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias))
+    with torch.no_grad():
+        layer.content_gate.uniform_(0.1, 0.9)
+        layer.locality_gate.uniform_(0.1, 0.9)
+        layer.pos_log_alpha.uniform_(-1.5, 0.5)
+        layer.pos_center.add_(torch.randn_like(layer.pos_center) * 0.3)
+        layer.q.weight.normal_(std=0.3)
+        layer.k.weight.normal_(std=0.3)
+    return layer
+
+
+def grads(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, target: torch.Tensor):
+    params = [x] + list(layer.parameters())
+    return torch.autograd.grad((out * target).sum(), params)
+
+
+def assert_same_grads(got, ref, tol: float = 1e-4):
+    for g, g_ref in zip(got, ref):
+        assert (g - g_ref).abs().max() <= tol * g_ref.abs().max().clamp_min(1e-6), (g, g_ref)
+
+
+@pytest.mark.parametrize('kernel_size,stride,bias', [(3, 1, True), (3, 2, False), (5, 1, False), (5, 2, True)])
+@pytest.mark.parametrize('size', [(7, 7), (6, 9), (1, 4), (2, 2)])
+def test_forward_and_gradients_match_plain_reference(kernel_size, stride, bias, size):
+    layer = fine_tuned_layer(kernel_size=kernel_size, stride=stride, bias=bias)
+    x = torch.randn(3, 6, *size, requires_grad=True)
+    ref, out = plain_forward(layer, x), layer(x)
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) <= 1e-5
+    target = torch.randn_like(ref)
+    assert_same_grads(grads(layer, x, out, target), grads(layer, x, ref, target))
+
+
+@pytest.mark.parametrize('block_bytes', [1, 3000])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_query_blocks_match_plain_reference(block_bytes, stride):
+    """Attention processed in blocks of 1 query and of a few queries (ragged last block)."""
+    layer = fine_tuned_layer(stride=stride)
+    layer.attention_block_bytes = block_bytes
+    x = torch.randn(2, 6, 7, 9, requires_grad=True)
+    ref, out = plain_forward(layer, x), layer(x)
+    assert relative_error(out, ref) <= 1e-5
+    target = torch.randn_like(ref)
+    assert_same_grads(grads(layer, x, out, target), grads(layer, x, ref, target))
+    with torch.no_grad():
+        assert relative_error(layer(x), ref) <= 1e-5
+        layer.content_gate.zero_()  # positional-only inference path, in blocks too
+        assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+def test_gradients_match_at_conversion():
+    """Gates at 0: the straight-through gate gradients must still equal the reference's."""
+    layer = conv_to_attention(nn.Conv2d(6, 5, 3, padding=1))
+    x = torch.randn(2, 6, 5, 6, requires_grad=True)
+    target = torch.randn(2, 5, 5, 6)
+    assert_same_grads(grads(layer, x, layer(x), target), grads(layer, x, plain_forward(layer, x), target))
+
+
+def test_channels_last_in_channels_last_out():
+    layer = fine_tuned_layer(stride=2)
+    x = torch.randn(2, 6, 9, 8)
+    x_cl = x.to(memory_format=torch.channels_last)
+    out, out_cl = layer(x), layer(x_cl)
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out_cl, out) <= 1e-6
+
+
+def test_inference_path_matches_autograd_path_and_follows_updates():
+    layer = fine_tuned_layer(stride=2)
+    x = torch.randn(2, 6, 9, 7)
+    with torch.no_grad():
+        for _ in range(2):  # second call reads the cache
+            assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).pow(2).mean().backward()
+    optimizer.step()  # in-place updates must invalidate the cache
+    with torch.no_grad():
+        assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+        layer.load_state_dict(fine_tuned_layer(stride=2).state_dict())
+        assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+def test_inference_cache_follows_map_size():
+    layer = fine_tuned_layer()
+    with torch.no_grad():
+        for size in [(5, 5), (7, 3), (5, 5)]:
+            x = torch.randn(1, 6, *size)
+            assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+def test_inference_shortcuts_match_reference():
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    layer = conv_to_attention(conv)
+    x = torch.randn(2, 6, 8, 7)
+    with torch.no_grad():
+        assert torch.equal(layer(x), conv(x))  # still the convolution: runs it
+        layer.locality_gate[3] = 0.5  # positional only: content attention skipped
+        assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+        layer.content_gate[2] = 1.0  # one content head: the full path
+        assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_flops_are_conv_plus_attention_without_expansion(stride):
+    """Multiply-adds: tap projection at the queries (= the conv), Q/K projections, logits and one
+    full-width mixing of the input per head, plus the rank-2 positional matrix built once for the
+    batch; nothing is expanded per head or per sample."""
+    B, C, C_out, H, d, heads = 2, 16, 24, 8, 4, 9
+    layer = GatedPositionalAttention2d(C, C_out, 3, stride=stride, qk_dim=d)
+    with torch.no_grad():
+        layer.content_gate.fill_(0.5)
+    Nq, N = (H // stride) ** 2, H * H
+    per_sample = C_out * C * heads * Nq + heads * d * C * (Nq + N) + heads * Nq * N * (d + C)
+    expected = 2 * B * per_sample + 2 * 2 * heads * Nq * N
+    x = torch.randn(B, C, H, H)
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled), FlopCounterMode(display=False) as counter:
+            layer(x)
+        assert counter.get_total_flops() == expected
+
+
+def test_public_attention_outputs():
+    layer = fine_tuned_layer(stride=2)
+    x = torch.randn(2, 6, 7, 5)
+    assert layer.content_attention(x).shape == layer.positional_attention(x).shape == (2, 6, 9, 12)
+    attn = layer.attention_map(x)
+    assert attn.shape == (2, 12, 9, 35) and attn.dtype == torch.float32
+    # rows sum to at most 1 (zero tokens outside the image) and at least the content share (a softmax)
+    rows = attn.sum(-1)
+    assert (rows <= 1 + 1e-5).all() and (rows >= layer.content_share() - 1e-6).all()
+
+
+def test_benchmark_state_is_fine_tuned_like():
+    """The benchmark's T-CNN state: every gate strictly inside (0, 1) and all attention parameters
+    moved off their set values by the optimiser steps, so no conversion-state shortcut applies."""
+    import timm
+    from timm_tcnn.bench import fine_tune_like
+    from timm_tcnn.convert import attention_layers
+    model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
+    fine_tune_like(model, steps=2, gate=0.3, alpha=0.5, img_size=64, batch_size=2)
+    assert not model.training
+    for _, layer in attention_layers(model):
+        for gate in (layer.content_share(), layer.locality_share()):
+            assert ((gate > 0) & (gate < 1)).all() and not torch.equal(gate, torch.full_like(gate, 0.3))
+        assert not torch.equal(layer.pos_log_alpha, torch.full_like(layer.pos_log_alpha, -0.6931471805599453))
+        assert not layer.is_convolution()
