@@ -7,6 +7,13 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
+def attention_path(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)` through the attention computation: with autograd on, converted layers never take
+    their inference shortcut to `F.conv2d`."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
 def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator, in_chans: int = 3) -> torch.nn.Module:
     """Give every BatchNorm random affine parameters and running statistics measured on random
     images, so that eval-mode outputs depend on them and the network stays well conditioned."""

@@ -237,13 +237,13 @@ class _LayerAccumulator:
         self.max_ref = 0.
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor) -> None:
         layer = self.layer
         B, _, H, W = x.shape
         self.images += B
         self.sizes.add((H, W))
-        if layer.is_convolution():
-            self._update_identity(x, out)
+        if layer.is_convolution():  # the attention path, not the inference shortcut to F.conv2d
+            self._update_identity(x, layer.attention_forward(x))
         device = layer.q.weight.device
         x = x.detach().float()
         offset_attn = positional_offset_attention(layer, H, W)  # heads, 2Ry + 1, 2Rx + 1
@@ -391,7 +391,7 @@ class AttentionAnalyzer:
         """Accumulate the diagnostics of a batch (B, C, H, W); returns the model's output."""
         def hook(name):
             def fn(module, args, out):
-                self._accumulators[name].update(args[0], out)
+                self._accumulators[name].update(args[0])
             return fn
         return self._run(images, hook)
 

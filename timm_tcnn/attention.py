@@ -380,11 +380,16 @@ class GatedPositionalAttention2d(nn.Module):
             return out
         return out.contiguous()
 
+    def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention computation itself, as in training: never the inference shortcuts (cached
+        positional matrix, skipped content branch, `F.conv2d` while the layer is its convolution)."""
+        return self._mix_and_project(x, self.positional_mixing(x.shape[-2], x.shape[-1]), self.tap_major_weight())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         traced = torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not (traced or torch.is_grad_enabled()):
             return self._inference_forward(x)
-        return self._mix_and_project(x, self.positional_mixing(x.shape[-2], x.shape[-1]), self.tap_major_weight())
+        return self.attention_forward(x)
 
     @torch.jit.unused
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
