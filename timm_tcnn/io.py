@@ -6,11 +6,14 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Union
+from typing import Any, Dict, Iterator, Union
 
 import torch
+import yaml
 
-__all__ = ['CheckpointError', 'load_checkpoint_state_dict', 'atomic_directory', 'atomic_path', 'atomic_write']
+__all__ = [
+    'CheckpointError', 'load_checkpoint_state_dict', 'read_mapping', 'atomic_directory', 'atomic_path', 'atomic_write',
+]
 
 
 class CheckpointError(ValueError):
@@ -59,6 +62,21 @@ def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) ->
     if not_tensors:
         raise CheckpointError(f'Checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors.')
     return tensors
+
+
+def read_mapping(path: Union[str, Path], what: str) -> Dict[str, Any]:
+    """The mapping held by a YAML or JSON file (JSON is read as YAML); `what` names the file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{what} {path} does not exist.')
+    try:
+        data = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except yaml.YAMLError as e:
+        raise ValueError(f'{what} {path} is not valid YAML or JSON: {e}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{what} {path} must hold a mapping (a YAML mapping or a JSON object), '
+                         f'not {type(data).__name__}.')
+    return data
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .io import read_mapping
+
 __all__ = ['ModelCardInfo', 'read_validate_results', 'read_robustness_results', 'render_model_card']
 
 TCNN_CITATION = """@article{dascoli2021transformed,
@@ -96,16 +98,7 @@ def read_validate_results(path: Union[str, Path]) -> List[Dict[str, Any]]:
 
 def read_robustness_results(path: Union[str, Path]) -> Dict[str, Any]:
     """A robustness results JSON object (e.g. from `timm-tcnn robustness`); its numbers are tabulated as given."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Robustness results file {path} does not exist.')
-    try:
-        results = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise ValueError(f'Robustness results {path} is not valid JSON: {e}') from None
-    if not isinstance(results, dict):
-        raise ValueError(f'Robustness results {path} must be a JSON object (e.g. {{"mce": 0.61, ...}}).')
-    return results
+    return read_mapping(path, 'Robustness results')
 
 
 def _flatten(results: Mapping[str, Any], prefix: str = '') -> List[Tuple[str, Any]]:

@@ -12,13 +12,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import RevisionNotFoundError
 from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .convert import attention_layers
-from .io import atomic_directory
+from .io import atomic_directory, read_mapping
 from .published import PAPER_IDS, PAPER_NAME
 from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options, describe_mismatch
 from .version import __version__
@@ -39,16 +38,7 @@ class PublishError(ValueError):
 
 def read_train_args(path: Union[str, Path]) -> Dict[str, Any]:
     """The arguments of a train.py run (its `args.yaml`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PublishError(f'Training arguments {path} do not exist; pass the run\'s args.yaml or leave it out.')
-    try:
-        args = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except yaml.YAMLError as e:
-        raise PublishError(f'Training arguments {path} are not valid YAML: {e}') from None
-    if not isinstance(args, dict):
-        raise PublishError(f'Training arguments {path} must be a YAML mapping as train.py writes it.')
-    return args
+    return read_mapping(path, "Training arguments (the run's args.yaml)")
 
 
 def resolve_model_args(
