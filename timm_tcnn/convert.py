@@ -7,6 +7,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Literal, Tuple
 import torch
 import torch.nn as nn
 
+from timm.layers import Conv2dSame
+from timm.layers.conv2d_same import Conv2dSameExport
+
 from .attention import GatedPositionalAttention2d
 
 __all__ = [
@@ -16,25 +19,31 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
+_CONVERTIBLE_TYPES = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
+
+
+def _same_padding(conv: nn.Conv2d) -> bool:
+    """True for timm's dynamic TF 'SAME' convolutions (zeros before/after each dimension depend on its size)."""
+    return isinstance(conv, (Conv2dSame, Conv2dSameExport))
+
 
 def check_convertible(conv: nn.Module, name: str = 'conv') -> None:
     """Raise a ValueError naming `name` and the reason if `conv` has no exact attention form."""
-    if type(conv) is not nn.Conv2d:
+    if type(conv) not in _CONVERTIBLE_TYPES:
         raise ValueError(
-            f'{name}: {type(conv).__name__} is not a plain nn.Conv2d (dynamic "same" padding and other '
-            f'subclasses change what the convolution computes); only nn.Conv2d can be converted.')
+            f'{name}: {type(conv).__name__} is not nn.Conv2d or timm\'s Conv2dSame (subclasses such as weight-'
+            f'standardised convolutions change what the convolution computes); it cannot be converted.')
     k_h, k_w = conv.kernel_size
     reasons = []
     if k_h != k_w or k_h % 2 == 0:
         reasons.append(f'kernel {k_h}x{k_w} is not square with an odd size')
-    if conv.groups != 1:
-        reasons.append(f'groups={conv.groups} (grouped or depthwise convolution)')
     if conv.dilation != (1, 1):
         reasons.append(f'dilation={conv.dilation}')
     if conv.stride not in ((1, 1), (2, 2)):
         reasons.append(f'stride={conv.stride} (only 1 or 2 in both directions)')
-    if not reasons and conv.padding != (k_h // 2, k_w // 2):
-        reasons.append(f'padding={conv.padding} (only kernel_size // 2 = {k_h // 2})')
+    symmetric = conv.padding == (k_h // 2, k_w // 2) or conv.padding == 'same'
+    if not reasons and not (symmetric or _same_padding(conv)):
+        reasons.append(f'padding={conv.padding} (only kernel_size // 2 = {k_h // 2}, or TF "same")')
     if conv.padding_mode != 'zeros':
         reasons.append(f'padding_mode={conv.padding_mode!r} (only zeros)')
     if reasons:
@@ -44,6 +53,7 @@ def check_convertible(conv: nn.Module, name: str = 'conv') -> None:
 def conv_to_attention(conv: nn.Conv2d, name: str = 'conv', **layer_kwargs: Any) -> GatedPositionalAttention2d:
     """Build a `GatedPositionalAttention2d` computing exactly what `conv` computes.
 
+    `conv` is an `nn.Conv2d` (any `groups`, padding K // 2 or 'same') or timm's `Conv2dSame`.
     `layer_kwargs` are the attention options (`qk_dim`, `qk_init_std`, `locality_init`). The new layer
     lives on `conv`'s device and dtype and copies its weight and bias.
     """
@@ -55,6 +65,8 @@ def conv_to_attention(conv: nn.Conv2d, name: str = 'conv', **layer_kwargs: Any) 
         kernel_size=conv.kernel_size[0],
         stride=conv.stride[0],
         bias=conv.bias is not None,
+        groups=conv.groups,
+        same_padding=_same_padding(conv),
         device=weight.device,
         dtype=weight.dtype,
         **layer_kwargs,
@@ -65,7 +77,7 @@ def conv_to_attention(conv: nn.Conv2d, name: str = 'conv', **layer_kwargs: Any) 
 
 
 def attention_to_conv(layer: GatedPositionalAttention2d, name: str = 'layer') -> nn.Conv2d:
-    """Return the `nn.Conv2d` a layer still equals: both gates must be exactly 0."""
+    """Return the convolution a layer still equals (`Conv2dSame` for 'SAME' padding): both gates must be 0."""
     if not isinstance(layer, GatedPositionalAttention2d):
         raise TypeError(f'{name}: expected a GatedPositionalAttention2d, got {type(layer).__name__}.')
     if not layer.is_convolution():
@@ -74,12 +86,14 @@ def attention_to_conv(layer: GatedPositionalAttention2d, name: str = 'layer') ->
             f'Gaussian locality share {layer.locality_share().tolist()}); only a layer whose gates are all 0 '
             f'converts back exactly.')
     weight = layer.weight
-    conv = nn.Conv2d(
+    conv_cls = Conv2dSame if layer.same_padding else nn.Conv2d
+    conv = conv_cls(
         layer.in_channels,
         layer.out_channels,
         layer.kernel_size,
         stride=layer.stride,
-        padding=layer.padding,
+        padding=0 if layer.same_padding else layer.padding,
+        groups=layer.groups,
         bias=layer.bias is not None,
         device=weight.device,
         dtype=weight.dtype,
