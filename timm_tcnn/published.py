@@ -28,12 +28,14 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from timm.models import _registry
 from timm.models import PretrainedCfg, split_model_name_tag
 from timm.models.resnet import ResNet
+
+from .variants import VARIANTS
 
 __all__ = [
     'PublishedWeightsError', 'load_published_weights', 'published_cfgs', 'registry_entry', 'check_registry_entry',
@@ -78,7 +80,8 @@ def load_published_weights(path: Optional[Union[str, Path]] = None) -> List[Dict
 
 
 def _check_model_args(name: str, entry: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """`model_args` must spell out every T-CNN option, all equal to what the tag rebuilds."""
+    """`model_args` must spell out every T-CNN option, all equal to what the tag rebuilds (`options`: the
+    architecture's defaults)."""
     model_args = entry['model_args']
     if not isinstance(model_args, dict):
         raise PublishedWeightsError(f'{name}: model_args must be an object, got {type(model_args).__name__}.')
@@ -101,7 +104,7 @@ def _check_model_args(name: str, entry: Mapping[str, Any], options: Mapping[str,
                 f'instead of listing a tag.')
 
 
-def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection[str]) -> Dict[str, Any]:
+def _entry_cfg(entry: Any, architectures: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """Validate one entry and return its pretrained cfg (without `architecture` and `tag`)."""
     if not isinstance(entry, dict):
         raise PublishedWeightsError(f'Each registry entry must be an object, got {entry!r}.')
@@ -130,7 +133,7 @@ def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection
         raise PublishedWeightsError(f'{name}: hf_hub_id {hf_hub_id!r} must be ORG/NAME.')
     if not isinstance(entry['num_classes'], int) or entry['num_classes'] < 1:
         raise PublishedWeightsError(f'{name}: num_classes must be a positive integer, got {entry["num_classes"]!r}.')
-    _check_model_args(name, entry, options)
+    _check_model_args(name, entry, architectures[entry['architecture']])
     cfg = {k: v for k, v in entry.items() if k not in ('architecture', 'tag', 'model_args')}
     cfg.update({k: tuple(cfg[k]) for k in _TUPLE_FIELDS if cfg.get(k) is not None})
     cfg.setdefault('paper_ids', PAPER_IDS)
@@ -139,21 +142,19 @@ def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection
 
 
 def published_cfgs(
-        options: Mapping[str, Any],
-        architectures: Collection[str],
+        architectures: Mapping[str, Mapping[str, Any]],
         entries: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Pretrained cfgs keyed `architecture.tag`, for `generate_default_cfgs`.
 
     Args:
-        options: every T-CNN option with the value the architectures are built with by default.
-        architectures: names entries may use.
+        architectures: names entries may use -> every T-CNN option with the value it is built with by default.
         entries: registry entries; default: the shipped registry.
     """
     entries = load_published_weights() if entries is None else entries
     cfgs: Dict[str, Dict[str, Any]] = {}
     for entry in entries:
-        cfg = _entry_cfg(entry, options, architectures)
+        cfg = _entry_cfg(entry, architectures)
         name = f'{entry["architecture"]}.{entry["tag"]}'
         if name in cfgs:
             raise PublishedWeightsError(f'{name} is listed twice.')
@@ -172,15 +173,14 @@ def registry_entry(config: Mapping[str, Any], tag: str, hf_hub_id: str) -> Dict[
     return entry
 
 
-def _tcnn_architectures() -> Tuple[Dict[str, Any], List[str]]:
-    """Default T-CNN options and the architecture names (tcnn_resnet imports this module: import late)."""
-    from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options
-    return conversion_options(), [f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS]
+def _tcnn_architectures() -> Dict[str, Dict[str, Any]]:
+    """Registered T-CNN names -> their default options."""
+    return {row.name: row.options.to_kwargs() for row in VARIANTS.values()}
 
 
 def check_registry_entry(entry: Mapping[str, Any]) -> None:
     """Raise a `PublishedWeightsError` unless `entry` can be listed as a pretrained tag."""
-    _entry_cfg(dict(entry), *_tcnn_architectures())
+    _entry_cfg(dict(entry), _tcnn_architectures())
 
 
 def register_published_weights(entries: Union[Mapping[str, Any], Iterable[Mapping[str, Any]]]) -> List[str]:
@@ -189,7 +189,7 @@ def register_published_weights(entries: Union[Mapping[str, Any], Iterable[Mappin
     Returns the new `architecture.tag` names. Existing tags are never replaced.
     """
     entries = [entries] if isinstance(entries, Mapping) else list(entries)
-    cfgs = published_cfgs(*_tcnn_architectures(), entries)
+    cfgs = published_cfgs(_tcnn_architectures(), entries)
     taken = [name for name in cfgs if name in _registry._model_pretrained_cfgs]
     if taken:
         raise PublishedWeightsError(f'Pretrained tags {taken} exist already; choose another tag.')
