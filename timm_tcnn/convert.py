@@ -134,7 +134,8 @@ def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
     """Stage of every spatial convolution (and converted layer) of `model`, by name, in module order.
 
     Stage i holds the convolutions whose output is 2^(i+1) times smaller than the model's input: 0 for a stem
-    at reduction 2, then 1, 2, 3, 4 for reductions 4, 8, 16, 32 (timm's `feature_info` reductions). Found from
+    at reduction 2, then 1, 2, 3, 4 for reductions 4, 8, 16, 32 (timm's `feature_info` reductions); convolutions
+    at full resolution (stage -1) are not listed. Found from
     one forward pass on the meta device (no memory, no compute; the model itself is untouched).
     """
     names = {module: name for name, module in model.named_modules() if _is_candidate(module)}
@@ -157,7 +158,8 @@ def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
             handle.remove()
         for m, training in modes.items():
             m.training = training
-    return {name: round(math.log2(input_size / sizes[name])) - 1 for name in names.values() if name in sizes}
+    stages = {name: round(math.log2(input_size / sizes[name])) - 1 for name in names.values() if name in sizes}
+    return {name: stage for name, stage in stages.items() if stage >= 0}
 
 
 def _targets(
