@@ -1,4 +1,5 @@
 """ What a checkpoint holds, read from its entries: architecture, class count and T-CNN options. """
+from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import timm
@@ -67,15 +68,23 @@ def _cnn_signature(state_dict: Mapping[str, Any], classifier: Optional[str]) -> 
     return {k: tuple(v.shape) for k, v in state_dict.items() if k not in extra and k not in skip}
 
 
+@lru_cache(maxsize=None)
+def _architecture_signature(cnn: str) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+    model = timm.create_model(cnn, device='meta')  # no memory, but timm's init still takes up to seconds
+    return tuple(_cnn_signature(model.state_dict(), _classifier(model)).items())
+
+
 def fitting_variants(state_dict: Mapping[str, Any]) -> List[str]:
     """Registered T-CNNs whose architecture (classifier aside) has exactly the checkpoint's entries and shapes.
 
-    Builds each CNN on the meta device (no memory, about a second for all)."""
+    Only CNNs whose stem and classifier (from their pretrained cfg) the checkpoint holds are built, on the meta
+    device."""
     fits = []
     for row in VARIANTS.values():
-        cnn = timm.create_model(row.cnn, device='meta')
-        classifier = _classifier(cnn)
-        if _cnn_signature(state_dict, classifier) == _cnn_signature(cnn.state_dict(), classifier):
+        cfg = timm.models.get_pretrained_cfg(row.cnn)
+        if f'{cfg.first_conv}.weight' not in state_dict or f'{cfg.classifier}.weight' not in state_dict:
+            continue
+        if _cnn_signature(state_dict, cfg.classifier) == dict(_architecture_signature(row.cnn)):
             fits.append(row.name)
     return fits
 
