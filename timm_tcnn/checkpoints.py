@@ -98,11 +98,18 @@ def describe_mismatch(state_dict: Mapping[str, Any], model: nn.Module) -> str:
     """Why a checkpoint does not fit `model`, and the model kwargs (`--model-kwargs`) that rebuild it."""
     kind = 'a T-CNN' if _attention_layers(state_dict) else 'a CNN'
     classifier = _classifier(model)
-    if _cnn_signature(state_dict, classifier) != _cnn_signature(model.state_dict(), classifier):
+    ckpt, own = _cnn_signature(state_dict, classifier), _cnn_signature(model.state_dict(), classifier)
+    if ckpt != own:
         fits = fitting_variants(state_dict)
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        where = f'It fits {" or ".join(fits)}.' if fits else 'No registered T-CNN has this architecture.'
-        return f'The checkpoint is {kind} of another architecture than {name}. {where}'
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        only_ckpt = [k for k in ckpt if k not in own]
+        only_model = [k for k in own if k not in ckpt]
+        shapes = [k for k in ckpt if k in own and ckpt[k] != own[k]]
+        where = (f'It fits {" or ".join(fits)}.' if fits else
+                 'No registered T-CNN has this architecture: pass the architecture kwargs it was trained with.')
+        return (f'The checkpoint is {kind} of another architecture than {name} ({len(only_ckpt)} entries only in '
+                f'the checkpoint, e.g. {only_ckpt[:2]}; {len(only_model)} only in the model, e.g. {only_model[:2]}; '
+                f'{len(shapes)} of other shapes, e.g. {shapes[:2]}). {where}')
     found = checkpoint_options(state_dict, model)
     own = checkpoint_options(model.state_dict(), model)
     differ = {k: v for k, v in found.items() if own.get(k) != v}

@@ -10,7 +10,7 @@ Paper: Transformed CNNs: recasting pre-trained convolutional layers with self-at
 """
 import sys
 from functools import lru_cache, partial
-from typing import Any, Callable, Dict, Mapping, Set
+from typing import Any, Callable, Dict, Mapping, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,8 @@ class TcnnModel:
     """What a T-CNN adds to its CNN's class (see `tcnn_class`): attributes `tcnn_options`, a `no_weight_decay`
     that also holds the gates and positional parameters, and checkpoint mismatches explained as model kwargs."""
     tcnn_options: TcnnOptions
+    tcnn_stages: Tuple[int, ...]
+    tcnn_convert_strided: bool
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`; a mismatch also says which model kwargs would fit the checkpoint."""
@@ -77,6 +79,7 @@ def _build(row: Variant, **kwargs: Any) -> nn.Module:
     transform_cnn(model, options.stages, options.convert_strided, **options.layer_kwargs())
     model.__class__ = tcnn_class(type(model))
     model.tcnn_options = options
+    model.tcnn_stages, model.tcnn_convert_strided = options.stages, options.convert_strided
     return model
 
 
