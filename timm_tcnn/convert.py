@@ -17,7 +17,7 @@ from .options import TcnnOptions
 
 __all__ = [
     'conv_to_attention', 'attention_to_conv', 'transform_cnn', 'convert_cnn_state_dict',
-    'check_convertible', 'attention_layers', 'conv_stages',
+    'check_convertible', 'attention_layers', 'conv_stages', 'convolution_of',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ def attention_to_conv(layer: GatedPositionalAttention2d, name: str = 'layer') ->
             f'{name}: the layer is no longer a convolution (content share {layer.content_share().tolist()}, '
             f'Gaussian locality share {layer.locality_share().tolist()}); only a layer whose gates are all 0 '
             f'converts back exactly.')
+    return convolution_of(layer)
+
+
+def convolution_of(layer: GatedPositionalAttention2d) -> nn.Conv2d:
+    """The convolution with `layer`'s weight, bias and geometry, whatever its gates (its conversion source)."""
     weight = layer.weight
     conv_cls = Conv2dSame if layer.same_padding else nn.Conv2d
     conv = conv_cls(
