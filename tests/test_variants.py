@@ -96,7 +96,7 @@ def test_options_validated_where_they_enter():
         (dict(stages='34'), "tcnn_stages='34'"), (dict(stages=()), 'tcnn_stages=()'),
         (dict(stages=(3.0,)), 'tcnn_stages'), (dict(qk_dim=0), 'tcnn_qk_dim=0: expected an integer >= 1'),
         (dict(qk_init_std=-1.), 'tcnn_qk_init_std'), (dict(locality_init=0), 'tcnn_locality_init=0: expected a number > 0'),
-        (dict(convert_strided='no'), 'tcnn_convert_strided'),
+        (dict(convert_strided='no'), 'tcnn_convert_strided'), (dict(gate_lr_scale=0), 'tcnn_gate_lr_scale'),
     ]:
         with pytest.raises(InputError, match=message):
             TcnnOptions(**kwargs)
@@ -116,7 +116,7 @@ def test_checkpoint_options_and_mismatch_message():
     state_dict = trained.state_dict()
     model = timm.create_model('tcnn_resnet18')
     assert checkpoint_options(state_dict, model) == dict(
-        num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8)
+        num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8, tcnn_gate_lr_scale=30.)
     assert checkpoint_options(timm.create_model('resnet18').state_dict(), model) == dict(num_classes=1000)
     with pytest.raises(RuntimeError) as info:
         model.load_state_dict(state_dict)

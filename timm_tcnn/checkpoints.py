@@ -12,7 +12,8 @@ from .variants import VARIANTS
 __all__ = ['checkpoint_options', 'fitting_variants', 'describe_mismatch']
 
 # entries a converted layer holds beyond its convolution's `weight` and `bias`
-_ATTENTION_ENTRIES = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'q.weight', 'k.weight')
+_ATTENTION_ENTRIES = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'gate_lr_scale', 'q.weight',
+                      'k.weight')
 
 
 def _attention_layers(state_dict: Mapping[str, Any]) -> List[str]:
@@ -38,7 +39,7 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
 
     `num_classes` from the classifier; `tcnn_stages` from which of `model`'s spatial convolutions hold
     attention entries in the checkpoint, `tcnn_convert_strided` from whether the strided ones do, `tcnn_qk_dim`
-    from the shape of the query projection. A CNN checkpoint yields no `tcnn_*` key.
+    from the shape of the query projection, `tcnn_gate_lr_scale` from the stored scale. A CNN checkpoint yields no `tcnn_*` key.
     """
     options: Dict[str, Any] = {}
     num_classes = _num_classes(state_dict, _classifier(model))
@@ -57,6 +58,9 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
         options['tcnn_convert_strided'] = any(name in converted for name in strided)
     heads = state_dict[f'{layers[0]}.weight'].shape[-1] ** 2
     options['tcnn_qk_dim'] = int(state_dict[f'{layers[0]}.q.weight'].shape[0]) // heads
+    scale = state_dict.get(f'{layers[0]}.gate_lr_scale')
+    if scale is not None:
+        options['tcnn_gate_lr_scale'] = float(scale)
     return options
 
 

@@ -4,9 +4,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InputError
 
-__all__ = ['TcnnOptions', 'PREFIX']
+__all__ = ['TcnnOptions', 'PREFIX', 'GATE_LR_SCALE']
 
 PREFIX = 'tcnn_'
+# default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
+GATE_LR_SCALE = 30.0
 
 
 def _stages(value: Any) -> Tuple[int, ...]:
@@ -33,12 +35,15 @@ class TcnnOptions:
         qk_dim: width of each head's queries and keys in the content attention, >= 1.
         qk_init_std: std of the (truncated normal) Q/K initialisation, >= 0.
         locality_init: initial strength alpha of the Gaussian positional attention, > 0.
+        gate_lr_scale: the gates and positional parameters learn this many times faster than the weights, with
+            any optimizer (see `GatedPositionalAttention2d`), > 0.
     """
     stages: Union[int, Tuple[int, ...]] = (4,)
     convert_strided: bool = True
     qk_dim: int = 32
     qk_init_std: float = 0.02
     locality_init: float = 1.0
+    gate_lr_scale: float = GATE_LR_SCALE
 
     def __post_init__(self):
         object.__setattr__(self, 'stages', _stages(self.stages))
@@ -50,6 +55,8 @@ class TcnnOptions:
             raise InputError(f'tcnn_qk_init_std={self.qk_init_std!r}: expected a number >= 0.')
         if not _is_number(self.locality_init) or not self.locality_init > 0:
             raise InputError(f'tcnn_locality_init={self.locality_init!r}: expected a number > 0.')
+        if not _is_number(self.gate_lr_scale) or not self.gate_lr_scale > 0:
+            raise InputError(f'tcnn_gate_lr_scale={self.gate_lr_scale!r}: expected a number > 0.')
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -72,7 +79,8 @@ class TcnnOptions:
 
     def layer_kwargs(self) -> Dict[str, Any]:
         """The options of `GatedPositionalAttention2d`."""
-        return dict(qk_dim=self.qk_dim, qk_init_std=self.qk_init_std, locality_init=self.locality_init)
+        return dict(qk_dim=self.qk_dim, qk_init_std=self.qk_init_std, locality_init=self.locality_init,
+                    gate_lr_scale=self.gate_lr_scale)
 
 
 def _is_number(value: Any) -> bool:
