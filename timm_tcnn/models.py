@@ -10,7 +10,7 @@ Paper: Transformed CNNs: recasting pre-trained convolutional layers with self-at
 """
 import sys
 from functools import lru_cache, partial
-from typing import Any, Callable, Dict, Mapping, Set, Tuple
+from typing import Any, Callable, Dict, Mapping, Set
 
 import torch
 import torch.nn as nn
@@ -37,14 +37,13 @@ __all__ = ['TcnnModel', 'TcnnResNet', 'tcnn_class', 'create_tcnn']
 register_notrace_module(GatedPositionalAttention2d)
 
 _POSITIONAL = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
+_OPTION_ATTRIBUTES = ('tcnn_options', 'tcnn_stages', 'tcnn_convert_strided')
 
 
 class TcnnModel:
-    """What a T-CNN adds to its CNN's class (see `tcnn_class`): attributes `tcnn_options`, a `no_weight_decay`
-    that also holds the gates and positional parameters, and checkpoint mismatches explained as model kwargs."""
-    tcnn_options: TcnnOptions
-    tcnn_stages: Tuple[int, ...]
-    tcnn_convert_strided: bool
+    """What a T-CNN adds to its CNN's class (see `tcnn_class`): attributes `tcnn_options` (`TcnnOptions`),
+    `tcnn_stages` and `tcnn_convert_strided` (its fields), a `no_weight_decay` that also holds the gates and
+    positional parameters, and checkpoint mismatches explained as model kwargs."""
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`; a mismatch also says which model kwargs would fit the checkpoint."""
@@ -65,7 +64,9 @@ class TcnnModel:
 @lru_cache(maxsize=None)
 def tcnn_class(cnn_class: type) -> type:
     """The T-CNN class of a timm CNN class: `TcnnModel` mixed into it (one class per CNN class)."""
-    return type(f'Tcnn{cnn_class.__name__}', (TcnnModel, cnn_class), {'__module__': __name__})
+    ignored = [*getattr(cnn_class, '__jit_ignored_attributes__', []), *_OPTION_ATTRIBUTES]  # TorchScript: eager only
+    return type(f'Tcnn{cnn_class.__name__}', (TcnnModel, cnn_class),
+                {'__module__': __name__, '__jit_ignored_attributes__': ignored})
 
 
 TcnnResNet = tcnn_class(ResNet)
