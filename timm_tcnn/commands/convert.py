@@ -21,13 +21,13 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'convert',
-        help='convert a pretrained ResNet-RS into an exactly equivalent T-CNN and save it',
-        description='Load ResNet-RS weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
+        help='convert a pretrained CNN into its exactly equivalent T-CNN and save it',
+        description='Load CNN weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
                     'them into the T-CNN, check on random inputs (and optional images) that both give the same '
                     'logits, and write model.safetensors + config.json, loadable with '
                     'timm.create_model("local-dir:OUT") after `import timm_tcnn`.',
     )
-    parser.add_argument('model', metavar='MODEL', help='tcnn_resnet{50,...,420}rs[.tag] or the CNN name resnetrs50[.tag]')
+    parser.add_argument('model', metavar='MODEL', help='a registered T-CNN (tcnn_resnet50rs, tcnn_convnext_tiny, ...)[.tag] or its CNN name (resnetrs50[.tag])')
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--checkpoint', metavar='FILE', help='CNN weights: .safetensors, state dict or train.py checkpoint')
     source.add_argument('--random-weights', action='store_true',
