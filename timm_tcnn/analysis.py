@@ -111,9 +111,9 @@ def _offset_profile(factor: torch.Tensor, stride: int, start: int = 0) -> torch.
     Returns:
         (heads, 2 * in_size - 1): weight of offsets -(in_size - 1) ... in_size - 1. The weights
         depend on the offset only, so each is read where some query sees it; with stride 2 the
-        most negative offset can be out of every query's sight and gets the mass that completes the
-        profile to 1 (the row softmax covers exactly these offsets, the out-of-image ones being
-        zero tokens).
+        most negative offset (the most positive one when queries start at 1, TF 'SAME' padding) can be
+        out of every query's sight and gets the mass that completes the profile to 1 (the row softmax
+        covers exactly these offsets, the out-of-image ones being zero tokens).
     """
     heads, out_size, in_size = factor.shape
     offsets = torch.arange(in_size)[None, :] - stride * torch.arange(out_size)[:, None] - start
@@ -121,9 +121,10 @@ def _offset_profile(factor: torch.Tensor, stride: int, start: int = 0) -> torch.
     profile[:, (offsets + in_size - 1).flatten()] = factor.flatten(1)
     missing = profile.isnan()[0]
     if missing.any():
-        assert int(missing.sum()) == 1 and bool(missing[0]), 'only offset -(in_size - 1) can be unseen'
-        profile[:, 0] = 0.
-        profile[:, 0] = (1 - profile.sum(-1)).clamp_min(0)
+        end = 0 if bool(missing[0]) else -1
+        assert int(missing.sum()) == 1 and bool(missing[end]), 'only offset +-(in_size - 1) can be unseen'
+        profile[:, end] = 0.
+        profile[:, end] = (1 - profile.sum(-1)).clamp_min(0)
     return profile
 
 
