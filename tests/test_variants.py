@@ -97,6 +97,7 @@ def test_options_validated_where_they_enter():
         (dict(stages=(3.0,)), 'tcnn_stages'), (dict(qk_dim=0), 'tcnn_qk_dim=0: expected an integer >= 1'),
         (dict(qk_init_std=-1.), 'tcnn_qk_init_std'), (dict(locality_init=0), 'tcnn_locality_init=0: expected a number > 0'),
         (dict(convert_strided='no'), 'tcnn_convert_strided'), (dict(gate_lr_scale=0), 'tcnn_gate_lr_scale'),
+        (dict(grad_floor=2), 'tcnn_grad_floor=2: expected a number in \\[0, 1\\]'),
     ]:
         with pytest.raises(InputError, match=message):
             TcnnOptions(**kwargs)

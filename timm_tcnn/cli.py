@@ -8,10 +8,11 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import TcnnError
 from .version import __version__
 
 # subcommand name -> module in timm_tcnn.commands, in the order shown by --help
-COMMANDS = ('convert', 'run', 'analyze', 'robustness', 'publish', 'bench')
+COMMANDS = ('convert', 'run', 'experiment', 'relational-shapes', 'analyze', 'robustness', 'publish', 'bench')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,11 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name in COMMANDS:
-        importlib.import_module(f'.commands.{name}', __package__).add_parser(subparsers)
+        importlib.import_module(f'.commands.{name.replace("-", "_")}', __package__).add_parser(subparsers)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except TcnnError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return e.exit_code

@@ -4,11 +4,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InputError
 
-__all__ = ['TcnnOptions', 'PREFIX', 'GATE_LR_SCALE']
+__all__ = ['TcnnOptions', 'PREFIX', 'GATE_LR_SCALE', 'GRAD_FLOOR']
 
 PREFIX = 'tcnn_'
 # default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
 GATE_LR_SCALE = 30.0
+# default gradient floor of closed gates (docs/experiments.md)
+GRAD_FLOOR = 0.1
 
 
 def _stages(value: Any) -> Tuple[int, ...]:
@@ -37,6 +39,8 @@ class TcnnOptions:
         locality_init: initial strength alpha of the Gaussian positional attention, > 0.
         gate_lr_scale: the gates and positional parameters learn this many times faster than the weights, with
             any optimizer (see `GatedPositionalAttention2d`), > 0.
+        grad_floor: the content attention and the Gaussian of a (nearly) closed gate learn as if the gate were
+            this open; the forward pass is unchanged, in [0, 1].
     """
     stages: Union[int, Tuple[int, ...]] = (4,)
     convert_strided: bool = True
@@ -44,6 +48,7 @@ class TcnnOptions:
     qk_init_std: float = 0.02
     locality_init: float = 1.0
     gate_lr_scale: float = GATE_LR_SCALE
+    grad_floor: float = GRAD_FLOOR
 
     def __post_init__(self):
         object.__setattr__(self, 'stages', _stages(self.stages))
@@ -57,6 +62,8 @@ class TcnnOptions:
             raise InputError(f'tcnn_locality_init={self.locality_init!r}: expected a number > 0.')
         if not _is_number(self.gate_lr_scale) or not self.gate_lr_scale > 0:
             raise InputError(f'tcnn_gate_lr_scale={self.gate_lr_scale!r}: expected a number > 0.')
+        if not _is_number(self.grad_floor) or not 0 <= self.grad_floor <= 1:
+            raise InputError(f'tcnn_grad_floor={self.grad_floor!r}: expected a number in [0, 1].')
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -80,7 +87,7 @@ class TcnnOptions:
     def layer_kwargs(self) -> Dict[str, Any]:
         """The options of `GatedPositionalAttention2d`."""
         return dict(qk_dim=self.qk_dim, qk_init_std=self.qk_init_std, locality_init=self.locality_init,
-                    gate_lr_scale=self.gate_lr_scale)
+                    gate_lr_scale=self.gate_lr_scale, grad_floor=self.grad_floor)
 
 
 def _is_number(value: Any) -> bool:
