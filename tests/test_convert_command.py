@@ -80,13 +80,17 @@ def test_create_model_offline_without_cache_says_how_to_get_weights(offline_hub,
         timm.create_model('tcnn_resnet50rs', pretrained=True)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, capsys):
     with pytest.raises(RuntimeError, match=r"Unknown pretrained tag 'in22k' .* \['tf_in1k'\]"):
         timm.create_model('tcnn_resnet50rs.in22k', pretrained=True)
-    with pytest.raises(ValueError, match='neither a registered T-CNN nor its CNN'):
-        main(['convert', 'resnet50', '--random-weights'])
-    with pytest.raises(TypeError, match='Unknown T-CNN options'):
-        main(['convert', 'resnetrs50', '--random-weights', '--model-kwargs', 'tcnn_stage=4'])
+    for args, message in [
+        (['resnet50'], 'neither a registered T-CNN nor its CNN'),
+        (['resnetrs50', '--model-kwargs', 'tcnn_stage=4'], 'Unknown T-CNN options'),
+        (['resnetrs50', '--model-kwargs', "tcnn_stages='34'"], "tcnn_stages='34': expected a stage number"),
+        (['resnetrs50', '--model-kwargs', 'tcnn_qk_dim=0'], 'tcnn_qk_dim=0: expected an integer >= 1'),
+    ]:
+        assert main(['convert', *args, '--random-weights']) == 2  # InputError: exit code 2, no traceback
+        assert message in capsys.readouterr().err
     cnn = timm.create_model('resnetrs101', num_classes=10)
     path = tmp_path / 'cnn.safetensors'
     save_file(cnn.state_dict(), str(path))

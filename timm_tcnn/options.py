@@ -4,13 +4,17 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InputError
 
-__all__ = ['TcnnOptions', 'PREFIX', 'GATE_LR_SCALE', 'GRAD_FLOOR']
+__all__ = ['TcnnOptions', 'UnknownOptionError', 'PREFIX', 'GATE_LR_SCALE', 'GRAD_FLOOR']
 
 PREFIX = 'tcnn_'
 # default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
 GATE_LR_SCALE = 30.0
 # default gradient floor of closed gates (docs/experiments.md)
 GRAD_FLOOR = 0.1
+
+
+class UnknownOptionError(InputError, TypeError):
+    """An unknown `tcnn_*` option: a TypeError as for any unknown model kwarg, and bad input on the command line."""
 
 
 def _stages(value: Any) -> Tuple[int, ...]:
@@ -72,12 +76,12 @@ class TcnnOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], defaults: Optional['TcnnOptions'] = None) -> 'TcnnOptions':
-        """Options from `tcnn_*` kwargs (other keys are ignored) over `defaults`; an unknown `tcnn_*` key is a
-        TypeError, as for any unknown model kwarg."""
+        """Options from `tcnn_*` kwargs (other keys are ignored) over `defaults`; an unknown `tcnn_*` key raises
+        `UnknownOptionError` (a TypeError, as for any unknown model kwarg)."""
         given = {k: v for k, v in kwargs.items() if k.startswith(PREFIX)}
         unknown = sorted(set(given) - set(cls.names()))
         if unknown:
-            raise TypeError(f'Unknown T-CNN options {unknown}; known: {list(cls.names())}.')
+            raise UnknownOptionError(f'Unknown T-CNN options {unknown}; known: {list(cls.names())}.')
         return dataclasses.replace(defaults or cls(), **{k[len(PREFIX):]: v for k, v in given.items()})
 
     def to_kwargs(self) -> Dict[str, Any]:
