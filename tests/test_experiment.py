@@ -13,7 +13,7 @@ import torch
 from timm_tcnn.cli import main
 from timm_tcnn.experiment.report import compare
 from timm_tcnn.relational_shapes import write_dataset
-from timm_tcnn.tcnn_resnet import GATE_LR_SCALE
+from timm_tcnn.options import GATE_LR_SCALE
 
 from conftest import randomize_batchnorm
 

@@ -19,7 +19,8 @@ from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 from .convert import attention_layers
 from .io import atomic_directory, read_mapping
 from .published import PAPER_IDS, PAPER_NAME
-from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options, describe_mismatch
+from .checkpoints import describe_mismatch
+from .variants import VARIANTS, conversion_options
 from .version import __version__
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
     'write_model_folder', 'upload_model_folder',
 ]
 
-ARCHITECTURES = tuple(f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS)
+ARCHITECTURES = tuple(VARIANTS)
 HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 _CHECK_SIZE = 64  # side of the random images the written folder is checked on
 
@@ -71,8 +72,8 @@ def resolve_model_args(
     kwargs = {**(train_args.get('model_kwargs') or {}), **(model_kwargs or {})}
     tcnn = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith('tcnn_')}
     try:
-        model_args = {**kwargs, **conversion_options(**tcnn)}
-    except TypeError as e:
+        model_args = {**kwargs, **conversion_options(arch, **tcnn)}
+    except (TypeError, ValueError) as e:
         raise PublishError(str(e)) from None
     input_size = train_args.get('input_size')
     found = dict(

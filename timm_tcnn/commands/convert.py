@@ -12,7 +12,8 @@ from timm.utils import ParseKwargs
 from ..convert import attention_layers, convert_cnn_state_dict
 from ..hub import require_hub_weights
 from ..io import atomic_directory, load_checkpoint_state_dict
-from ..tcnn_resnet import conversion_options, tcnn_and_cnn_names
+from ..checkpoints import checkpoint_options
+from ..variants import conversion_options, tcnn_and_cnn_names
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
@@ -20,13 +21,13 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'convert',
-        help='convert a pretrained ResNet-RS into an exactly equivalent T-CNN and save it',
-        description='Load ResNet-RS weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
+        help='convert a pretrained CNN into its exactly equivalent T-CNN and save it',
+        description='Load CNN weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
                     'them into the T-CNN, check on random inputs (and optional images) that both give the same '
                     'logits, and write model.safetensors + config.json, loadable with '
                     'timm.create_model("local-dir:OUT") after `import timm_tcnn`.',
     )
-    parser.add_argument('model', metavar='MODEL', help='tcnn_resnet{50,...,420}rs[.tag] or the CNN name resnetrs50[.tag]')
+    parser.add_argument('model', metavar='MODEL', help='a registered T-CNN (tcnn_resnet50rs, tcnn_convnext_tiny, ...)[.tag] or its CNN name (resnetrs50[.tag])')
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--checkpoint', metavar='FILE', help='CNN weights: .safetensors, state dict or train.py checkpoint')
     source.add_argument('--random-weights', action='store_true',
@@ -77,9 +78,11 @@ def _load_images(folder: Path, model: torch.nn.Module, limit: int) -> Tuple[torc
 def _random_cnn(cnn_name: str) -> torch.nn.Module:
     """A random CNN in which every block contributes: no zero-initialised last BatchNorm, and running
     statistics measured on random images so that the activations stay well scaled."""
-    cnn = timm.create_model(cnn_name, zero_init_last=False)
+    cnn = timm.create_model(cnn_name)
     norms = [m for m in cnn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
+        if m.affine and not m.weight.any():
+            torch.nn.init.ones_(m.weight)  # zero-initialised last norm of a residual block
         m.momentum = None  # cumulative average over the calibration batch
     cnn.train()(torch.randn(4, *cnn.pretrained_cfg['input_size']))
     for m in norms:
@@ -105,13 +108,13 @@ def _checks(args: argparse.Namespace, model: torch.nn.Module) -> List[Tuple[str,
 
 def run(args: argparse.Namespace) -> int:
     tcnn_name, cnn_name = tcnn_and_cnn_names(args.model)
-    options = conversion_options(**args.model_kwargs)
+    options = conversion_options(tcnn_name, **args.model_kwargs)
 
     start = time.perf_counter()
     if args.checkpoint:
         state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
-        num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 1000
-        cnn = timm.create_model(cnn_name.split('.')[0], num_classes=num_classes)
+        cnn = timm.create_model(cnn_name.split('.')[0], device='meta')
+        cnn = timm.create_model(cnn_name.split('.')[0], **checkpoint_options(state_dict, cnn))
         cnn.load_state_dict(state_dict)
         source = args.checkpoint
     elif args.random_weights:
