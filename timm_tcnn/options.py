@@ -9,7 +9,7 @@ __all__ = ['TcnnOptions', 'UnknownOptionError', 'PREFIX', 'GATE_LR_SCALE', 'GRAD
 PREFIX = 'tcnn_'
 # default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
 GATE_LR_SCALE = 30.0
-# default gradient floor of closed gates (docs/experiments.md)
+# default gradient floor of nearly closed gates (docs/experiments.md)
 GRAD_FLOOR = 0.1
 
 
@@ -43,8 +43,8 @@ class TcnnOptions:
         locality_init: initial strength alpha of the Gaussian positional attention, > 0.
         gate_lr_scale: the gates and positional parameters learn this many times faster than the weights, with
             any optimizer (see `GatedPositionalAttention2d`), > 0.
-        grad_floor: the content attention and the Gaussian of a (nearly) closed gate learn as if the gate were
-            this open; the forward pass is unchanged, in [0, 1].
+        grad_floor: the content attention and the Gaussian of a gate below this value learn as if the gate were
+            this open; the forward pass is unchanged (see `GatedPositionalAttention2d`), in [0, 1].
     """
     stages: Union[int, Tuple[int, ...]] = (4,)
     convert_strided: bool = True
