@@ -67,6 +67,9 @@ def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) ->
             state_dict = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
     except CheckpointError:
         raise
+    except AttributeError:  # timm's reader found something other than a mapping
+        raise CheckpointError(f'checkpoint {path} holds no state dict (a mapping of names to tensors): save '
+                              f'model.state_dict() or a train.py checkpoint.') from None
     except Exception as e:  # torch, timm and safetensors fail on damaged files with many exception types
         cause = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
         if 'Unsupported global' in str(cause):

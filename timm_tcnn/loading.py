@@ -17,6 +17,7 @@ from .tcnn_resnet import describe_mismatch
 __all__ = ['unknown_model_hint', 'create_model', 'check_fits', 'create_model_with_weights']
 
 _UNKNOWN_MODEL = re.compile(r'Unknown model \((.+)\)')
+_STAGE_KEY = re.compile(r'layer\d+\.\d+\.')
 
 
 def unknown_model_hint(exc: BaseException) -> Optional[str]:
@@ -59,7 +60,8 @@ def check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source:
     details = [f'{len(missing)} missing keys, e.g. {missing[:3]}' if missing else '',
                f'{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}' if unexpected else '',
                f'{len(shapes)} shapes differ, e.g. {shapes[:2]}' if shapes else '']
-    hint = describe_mismatch(state_dict, model) + ' ' if isinstance(model, ResNet) else ''
+    resnet_stages = isinstance(model, ResNet) and any(_STAGE_KEY.match(k) for k in state_dict)
+    hint = describe_mismatch(state_dict, model) + ' ' if resnet_stages else ''
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
     raise InputError(
         f'{source} does not fit {name} (another variant, class count or model kwargs?). '
