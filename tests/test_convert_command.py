@@ -1,4 +1,5 @@
 """ `timm-tcnn convert`: offline Hub cache, local checkpoints, reloading, fast failure and errors. """
+import json
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ def test_convert_from_offline_hub_cache(offline_hub, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'hf-hub:timm/resnetrs50.tf_in1k' in printed and '3 images, 1 unreadable skipped' in printed
     assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['hf_hub_id'] == 'timm/resnetrs50.tf_in1k'
     cnn = timm.create_model('resnetrs50', pretrained=True).eval()
     tcnn = _reload_and_compare(out, cnn)
     assert tcnn.tcnn_stages == (4,)
@@ -56,6 +58,8 @@ def test_convert_from_local_checkpoint_with_options(offline_hub, tmp_path, suffi
                  '--batch-size', '1', '--model-kwargs', 'tcnn_stages=(3, 4)', 'tcnn_convert_strided=False'])
     assert code == 0
     tcnn = _reload_and_compare(out, cnn.eval())
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']  # not labelled as timm's tf_in1k weights
+    assert cfg['tag'] == 'converted' and 'hf_hub_id' not in cfg and f'CNN checkpoint cnn{suffix}' in cfg['notes'][0]
     assert tcnn.num_classes == 4 and tcnn.tcnn_stages == (3, 4) and not tcnn.tcnn_convert_strided
 
 
