@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import timm_tcnn  # noqa: F401
-from timm_tcnn.cli import main
+from timm_tcnn.cli import COMMANDS, main
 from timm_tcnn.io import CheckpointError, atomic_directory, load_checkpoint_state_dict, remove_stale_partials
 from timm_tcnn.numerics import relative_error
 
@@ -121,6 +121,13 @@ def test_bad_input_table(bad, tmp_path, capsys, argv, code, fragments):
         assert fragment in err
     assert not out.exists() and not list(tmp_path.iterdir())  # no output, no partial output
     assert sorted(p.name for p in bad.iterdir()) == before and not any((bad / 'existing').iterdir())
+
+
+@pytest.mark.parametrize('command', COMMANDS)
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, '--help'])
+    assert info.value.code == 0 and f'usage: timm-tcnn {command}' in capsys.readouterr().out
 
 
 def test_unwritable_output_folder(bad, tmp_path, capsys):

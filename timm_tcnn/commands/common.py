@@ -32,7 +32,7 @@ def add_weight_args(
     """`--pretrained`, `--checkpoint FILE`, `--random-weights` (those in `sources`, mutually exclusive),
     `--ema` and `--model-kwargs`."""
     group = parser.add_argument_group('weights')
-    source = group.add_mutually_exclusive_group()
+    source = group.add_mutually_exclusive_group() if sources else group
     if 'pretrained' in sources:
         source.add_argument('--pretrained', action='store_true',
                             help="timm's pretrained weights of MODEL (Hugging Face Hub or its local cache)")

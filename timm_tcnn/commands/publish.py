@@ -7,7 +7,6 @@ from typing import List, Tuple
 
 import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from timm.utils import ParseKwargs
 
 from ..convert import attention_layers
 from ..io import check_output_dir, load_checkpoint_state_dict
@@ -19,7 +18,7 @@ from ..publish import (
 from ..published import PublishedWeightsError, check_registry_entry, registry_entry
 from ..loading import create_model
 from ..numerics import check_finite
-from .common import add_output_args
+from .common import add_output_args, add_weight_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,10 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--model', metavar='NAME', help='tcnn_resnet{50,...,420}rs (default: args.yaml model)')
     parser.add_argument('--args', metavar='FILE',
                         help="the run's train.py args.yaml (default: args.yaml beside the checkpoint, if any)")
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='T-CNN options as in training, overriding args.yaml, e.g. tcnn_stages="(3, 4)"')
     parser.add_argument('--num-classes', type=int, help='class count (default: args.yaml num_classes, else 1000)')
-    parser.add_argument('--ema', action='store_true', help="publish a train.py checkpoint's EMA weights")
     parser.add_argument('--img-size', type=int, help='train image size (default: args.yaml, else the CNN\'s)')
     parser.add_argument('--test-img-size', type=int, help="recommended test image size (default: the CNN's)")
     parser.add_argument('--crop-pct', type=float, help="test crop fraction (default: args.yaml, else the CNN's)")
@@ -54,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--license', default='apache-2.0', help='license for the card metadata')
     parser.add_argument('--tag', help="pretrained tag for the printed registry entry (default: from a repo name "
                                       "'ARCH.TAG')")
+    add_weight_args(parser, sources=(), model_kwargs_help='T-CNN options as in training, overriding args.yaml, '
+                                                          'e.g. tcnn_stages="(3, 4)"')
     add_output_args(parser, 'also keep the folder here')
     parser.add_argument('--dry-run', action='store_true', help='write --out only, upload nothing')
     parser.add_argument('--revision', help='Hub branch to commit to (default: main; created if missing)')
