@@ -34,7 +34,7 @@ def test_convert_from_offline_hub_cache(offline_hub, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'hf-hub:timm/resnetrs50.tf_in1k' in printed and '3 images, 1 unreadable skipped' in printed
     assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
-    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['hf_hub_id'] == 'timm/resnetrs50.tf_in1k'
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'tf_in1k'
     cnn = timm.create_model('resnetrs50', pretrained=True).eval()
     tcnn = _reload_and_compare(out, cnn)
     assert tcnn.tcnn_stages == (4,)
@@ -59,7 +59,7 @@ def test_convert_from_local_checkpoint_with_options(offline_hub, tmp_path, suffi
     assert code == 0
     tcnn = _reload_and_compare(out, cnn.eval())
     cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']  # not labelled as timm's tf_in1k weights
-    assert cfg['tag'] == 'converted' and 'hf_hub_id' not in cfg and f'CNN checkpoint cnn{suffix}' in cfg['notes'][0]
+    assert cfg['tag'] == 'converted' and cfg['notes'] == [f'T-CNN converted from CNN checkpoint cnn{suffix} by timm-tcnn convert.']
     assert tcnn.num_classes == 4 and tcnn.tcnn_stages == (3, 4) and not tcnn.tcnn_convert_strided
 
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--debug', action='store_true', help='show the full traceback of errors')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name in COMMANDS:
-        importlib.import_module(f'.commands.{name}', __package__).add_parser(subparsers)
+        importlib.import_module(f'.commands.{name.replace("-", "_")}', __package__).add_parser(subparsers)
         if name not in SCRIPT_COMMANDS:  # `run` passes everything after SCRIPT to the script
             subparsers.choices[name].add_argument(
                 '--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of errors')

@@ -65,7 +65,7 @@ def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) ->
             if use_ema and (safetensors or not _has_ema(path)):
                 raise CheckpointError(f'checkpoint {path} has no EMA weights (state_dict_ema): leave out --ema.')
             state_dict = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
-    except CheckpointError:
+    except (CheckpointError, MemoryError):
         raise
     except AttributeError:  # timm's reader found something other than a mapping
         raise CheckpointError(f'checkpoint {path} holds no state dict (a mapping of names to tensors): save '
