@@ -48,6 +48,8 @@ def bad(tmp_path_factory):
     images.mkdir()
     for i in range(2):
         Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(images / f'{i}.png')
+    (root / 'val' / 'n01440764').mkdir(parents=True)  # an ImageNet class folder
+    Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(root / 'val' / 'n01440764' / '0.png')
     (root / 'no_images').mkdir()
     (root / 'existing').mkdir()
     return root
@@ -165,6 +167,21 @@ def test_publish_checks_the_hub_before_any_work(bad, tmp_path, capsys, monkeypat
     monkeypatch.setattr(hf_constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'no-tokens'))
     assert main(['publish', str(bad / 'missing.pth'), '--repo-id', 'acme/x', '--model', 'tcnn_resnet50rs']) == 2
     assert 'Not logged in' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv', [
+    ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val', '--output', '{out}'],
+    ['analyze', 'tcnn_resnet50rs', '--pretrained', '--images', '{root}/images', '--out', '{out}'],
+    ['convert', 'tcnn_resnet101rs', '--out', '{out}'],
+], ids=['robustness', 'analyze', 'convert'])
+def test_missing_hub_weights_fail_fast(bad, tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    out = tmp_path / 'out'
+    assert main([a.format(root=bad, out=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert 'error: Cannot get the weights of timm/' in err and 'hf download' in err and 'Traceback' not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def _hang_in_analyze_output(monkeypatch, signum=None):

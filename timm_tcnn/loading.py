@@ -10,6 +10,7 @@ from timm.models.resnet import ResNet
 
 from .convert import convert_cnn_state_dict
 from .errors import InputError
+from .hub import require_hub_weights
 from .io import load_checkpoint_state_dict
 from .numerics import check_finite
 from .tcnn_resnet import describe_mismatch
@@ -32,7 +33,11 @@ def unknown_model_hint(exc: BaseException) -> Optional[str]:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`, with an unknown name (closest names suggested) or bad model kwargs as `InputError`."""
+    """`timm.create_model`, with an unknown name (closest names suggested) or bad model kwargs as `InputError`;
+    with `pretrained=True`, Hub weights that are neither cached nor downloadable fail within seconds."""
+    cfg = timm.models.get_pretrained_cfg(name) if kwargs.get('pretrained') and timm.is_model(name) else None
+    if cfg is not None and cfg.hf_hub_id:
+        require_hub_weights(cfg.hf_hub_id)
     try:
         return timm.create_model(name, **kwargs)
     except RuntimeError as e:

@@ -79,7 +79,6 @@ class ResultsStore:
     """Results of one or more models in `directory`/robustness.{json,csv,png}."""
 
     def __init__(self, directory: str, plot_interval: float = 60.):
-        os.makedirs(directory, exist_ok=True)
         self.plot_interval = plot_interval  # seconds between PNG redraws (JSON and CSV: every cell)
         self._last_plot = time.monotonic()
         self.json_path = os.path.join(directory, 'robustness.json')
