@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import signal
 import sys
+import threading
 from typing import Iterator, List, Optional
 
 from .errors import TcnnError, report_error
@@ -52,6 +53,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated()
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield

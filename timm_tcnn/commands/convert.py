@@ -13,7 +13,7 @@ from ..convert import attention_layers, convert_cnn_state_dict
 from ..errors import InputError, WorkError
 from ..hub import require_hub_weights
 from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
-from ..loading import check_fits
+from ..loading import check_fits, create_model
 from ..numerics import check_finite, relative_error
 from ..tcnn_resnet import conversion_options
 from .common import add_output_args, add_weight_args, conversion_names
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    tcnn = timm.create_model(tcnn_name, num_classes=cnn.num_classes, pretrained_cfg_overlay=cfg_overlay, **options)
+    tcnn = create_model(tcnn_name, num_classes=cnn.num_classes, pretrained_cfg_overlay=cfg_overlay, **options)
     tcnn.load_state_dict(convert_cnn_state_dict(cnn.state_dict(), tcnn))
     convert_time = time.perf_counter() - start
     cnn.eval()
