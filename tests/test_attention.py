@@ -43,7 +43,7 @@ def test_attention_to_conv_round_trip():
 def test_attention_to_conv_refuses_open_gate():
     layer = conv_to_attention(nn.Conv2d(3, 3, 3, padding=1))
     with torch.no_grad():
-        layer.content_gate[4] = 0.1
+        layer.set_attention_values(content_gate=torch.tensor([0.] * 4 + [0.1] + [0.] * 4))
     with pytest.raises(ValueError, match='no longer a convolution'):
         attention_to_conv(layer)
 
@@ -52,8 +52,8 @@ def test_open_gates_change_output_and_stay_in_unit_interval():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     layer = conv_to_attention(conv)
     with torch.no_grad():
-        layer.content_gate.fill_(1.7)
-        layer.locality_gate.fill_(-0.3)
+        layer.set_attention_values(content_gate=1.7)
+        layer.set_attention_values(locality_gate=-0.3)
     assert torch.equal(layer.content_share(), torch.ones(9))
     assert torch.equal(layer.locality_share(), torch.zeros(9))
     x = torch.randn(2, 4, 6, 5)
@@ -63,8 +63,8 @@ def test_open_gates_change_output_and_stay_in_unit_interval():
 def test_manual_and_fused_content_attention_agree():
     layer = conv_to_attention(nn.Conv2d(8, 8, 3, stride=2, padding=1))
     with torch.no_grad():
-        layer.content_gate.uniform_(0.2, 0.8)
-        layer.locality_gate.uniform_(0.2, 0.8)
+        layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
+        layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
         layer.q.weight.normal_(std=0.3)
     x = torch.randn(2, 8, 9, 6)
     layer.fused_attn = True
@@ -78,12 +78,13 @@ def dense_gaussian_reference(layer: GatedPositionalAttention2d, x: torch.Tensor)
     -alpha |r - c|^2, zero outside the image; (B, C, heads, Nq)."""
     B, C, H, W = x.shape
     s = layer.stride
-    alpha = layer.pos_log_alpha.exp()
+    values = layer.attention_values()
+    alpha = values['pos_log_alpha'].exp()
     dy = torch.arange(-(H - 1), H, dtype=torch.float32)
     dx = torch.arange(-(W - 1), W, dtype=torch.float32)
     out = []
     for h in range(layer.num_heads):
-        cy, cx = layer.pos_center[h]
+        cy, cx = values['pos_center'][h]
         logits = -alpha[h] * ((dy[:, None] - cy) ** 2 + (dx[None, :] - cx) ** 2)
         kernel = logits.flatten().softmax(0).view(len(dy), len(dx))
         rows = []
@@ -99,8 +100,8 @@ def dense_gaussian_reference(layer: GatedPositionalAttention2d, x: torch.Tensor)
 def test_separable_gaussian_matches_dense_definition(stride):
     layer = GatedPositionalAttention2d(3, 3, 3, stride=stride)
     with torch.no_grad():
-        layer.pos_log_alpha.uniform_(-1.5, 0.5)
-        layer.pos_center.add_(torch.randn(9, 2) * 0.5)
+        layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
+        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(9, 2) * 0.5)
     x = torch.randn(2, 3, 5, 4)
     assert relative_error(layer.positional_attention(x), dense_gaussian_reference(layer, x)) <= 1e-5
 

@@ -46,7 +46,7 @@ def test_state_dict_converter_and_strict_loading_of_cnn_weights():
     # a trained T-CNN loading CNN weights strictly is reset to the exact conversion
     for _, layer in attention_layers(tcnn):
         with torch.no_grad():
-            layer.content_gate.fill_(0.5)
+            layer.set_attention_values(content_gate=0.5)
     tcnn.load_state_dict(cnn_state, strict=True)
     assert relative_error(tcnn(x), ref) <= 1e-4
 

@@ -14,9 +14,9 @@ def open_gates(model: nn.Module) -> nn.Module:
     layers = [model] if isinstance(model, GatedPositionalAttention2d) else [m for _, m in attention_layers(model)]
     with torch.no_grad():
         for layer in layers:
-            layer.content_gate.uniform_(0.2, 0.8)
-            layer.locality_gate.uniform_(0.2, 0.8)
-            layer.pos_log_alpha.uniform_(-1., 0.)
+            layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
+            layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
+            layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1., 0.))
             layer.q.weight.normal_(std=0.2)
     return model
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.attention import straight_through_clamp
+from timm_tcnn.attention import rate_scaled, straight_through_clamp
 from conftest import relative_error
 
 
@@ -17,8 +17,8 @@ def plain_forward(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.T
     attention by an explicit softmax over all keys, then the tap projection."""
     B, C, H, W = x.shape
     heads, s = layer.num_heads, layer.stride
-    content = straight_through_clamp(layer.content_gate)
-    locality = straight_through_clamp(layer.locality_gate)
+    content = straight_through_clamp(rate_scaled(layer.content_gate, layer.gate_lr_scale))
+    locality = straight_through_clamp(rate_scaled(layer.locality_gate, layer.gate_lr_scale))
     onehot = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=s).unflatten(1, (C, heads))
     gauss = layer.positional_attention(x)
     tokens = x.flatten(2).transpose(1, 2)  # B, N, C
@@ -39,10 +39,10 @@ def plain_forward(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.T
 def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True) -> GatedPositionalAttention2d:
     layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias))
     with torch.no_grad():
-        layer.content_gate.uniform_(0.1, 0.9)
-        layer.locality_gate.uniform_(0.1, 0.9)
-        layer.pos_log_alpha.uniform_(-1.5, 0.5)
-        layer.pos_center.add_(torch.randn_like(layer.pos_center) * 0.3)
+        layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.9))
+        layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.1, 0.9))
+        layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
+        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn_like(layer.pos_center) * 0.3)
         layer.q.weight.normal_(std=0.3)
         layer.k.weight.normal_(std=0.3)
     return layer
@@ -83,7 +83,7 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
     assert_same_grads(grads(layer, x, out, target), grads(layer, x, ref, target))
     with torch.no_grad():
         assert relative_error(layer(x), ref) <= 1e-5
-        layer.content_gate.zero_()  # positional-only inference path, in blocks too
+        layer.set_attention_values(content_gate=0.)  # positional-only inference path, in blocks too
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
 
 
@@ -133,9 +133,9 @@ def test_inference_shortcuts_match_reference():
     x = torch.randn(2, 6, 8, 7)
     with torch.no_grad():
         assert torch.equal(layer(x), conv(x))  # still the convolution: runs it
-        layer.locality_gate[3] = 0.5  # positional only: content attention skipped
+        layer.set_attention_values(locality_gate=torch.eye(9)[3] * 0.5)  # positional only: content attention skipped
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
-        layer.content_gate[2] = 1.0  # one content head: the full path
+        layer.set_attention_values(content_gate=torch.eye(9)[2])  # one content head: the full path
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
 
 
@@ -147,7 +147,7 @@ def test_flops_are_conv_plus_attention_without_expansion(stride):
     B, C, C_out, H, d, heads = 2, 16, 24, 8, 4, 9
     layer = GatedPositionalAttention2d(C, C_out, 3, stride=stride, qk_dim=d)
     with torch.no_grad():
-        layer.content_gate.fill_(0.5)
+        layer.set_attention_values(content_gate=0.5)
     Nq, N = (H // stride) ** 2, H * H
     per_sample = C_out * C * heads * Nq + heads * d * C * (Nq + N) + heads * Nq * N * (d + C)
     expected = 2 * B * per_sample + 2 * 2 * heads * Nq * N
@@ -181,5 +181,6 @@ def test_benchmark_state_is_fine_tuned_like():
     for _, layer in attention_layers(model):
         for gate in (layer.content_share(), layer.locality_share()):
             assert ((gate > 0) & (gate < 1)).all() and not torch.equal(gate, torch.full_like(gate, 0.3))
-        assert not torch.equal(layer.pos_log_alpha, torch.full_like(layer.pos_log_alpha, -0.6931471805599453))
+        alpha = layer.attention_values()['pos_log_alpha']
+        assert not torch.equal(alpha, torch.full_like(alpha, -0.6931471805599453))
         assert not layer.is_convolution()

@@ -73,7 +73,7 @@ def test_converted_checkpoint_passes_through(offline_hub, tmp_path):
     tcnn = timm.create_model('tcnn_resnet50rs', pretrained=True).eval()
     for _, layer in attention_layers(tcnn):
         with torch.no_grad():
-            layer.content_gate.uniform_(0.1, 0.5)  # as after fine-tuning
+            layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.5))  # as after fine-tuning
     path = tmp_path / 'tcnn.safetensors'
     save_file(tcnn.state_dict(), str(path))
     reloaded = timm.create_model('tcnn_resnet50rs', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()

@@ -19,9 +19,9 @@ def fine_tuned_tcnn() -> nn.Module:
     randomize_batchnorm(model, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _, layer in attention_layers(model):
-            layer.content_gate.uniform_(0.2, 0.8)
-            layer.locality_gate.uniform_(0.2, 0.8)
-            layer.pos_log_alpha.uniform_(-1., 0.)
+            layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
+            layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
+            layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1., 0.))
             layer.q.weight.normal_(std=0.1)
             layer.k.weight.normal_(std=0.1)
     return model.eval()
@@ -52,7 +52,7 @@ def test_fp16_logits_beyond_fp16_range_do_not_overflow():
     """Logits of 1e5 (fp16 max is 65504): an fp16 QK^T would give inf and NaN; ours are float32."""
     layer = conv_to_attention(nn.Conv2d(8, 8, 3, padding=1))
     with torch.no_grad():
-        layer.content_gate.fill_(0.5)
+        layer.set_attention_values(content_gate=0.5)
         layer.q.weight.copy_(torch.eye(8).repeat(36, 1) * 20)  # each head: q = 20 x, four times
         layer.k.weight.copy_(layer.q.weight)
     x = torch.full((1, 8, 5, 5), 10.) + torch.randn(1, 8, 5, 5)

@@ -45,8 +45,8 @@ def source(tmp_path_factory):
     randomize_batchnorm(model, generator)
     with torch.no_grad():
         for _, layer in attention_layers(model):
-            layer.content_gate.fill_(0.3)
-            layer.locality_gate.fill_(0.2)
+            layer.set_attention_values(content_gate=0.3)
+            layer.set_attention_values(locality_gate=0.2)
     model.eval()
     x = torch.randn(2, 3, 64, 64, generator=generator)
     with torch.no_grad():

@@ -32,9 +32,9 @@ def model() -> torch.nn.Module:
     model = randomize_batchnorm(timm.create_model(MODEL, **MODEL_ARGS), generator)
     with torch.no_grad():
         for _, layer in attention_layers(model):
-            layer.content_gate.copy_(torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
-            layer.locality_gate.copy_(torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
-            layer.pos_center.add_(torch.randn(layer.pos_center.shape, generator=generator) * 0.3)
+            layer.set_attention_values(content_gate=torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
+            layer.set_attention_values(locality_gate=torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
+            layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(layer.pos_center.shape, generator=generator) * 0.3)
     assert {n.split('.')[0] for n, _ in attention_layers(model)} == {'layer3', 'layer4'}
     assert not any(layer.is_convolution() for _, layer in attention_layers(model))
     return model.eval()

@@ -296,8 +296,9 @@ class _LayerAccumulator:
             raise RuntimeError(f'{name}: no input seen; run the model on images first (AttentionAnalyzer.update).')
         mean = {key: (value / self.queries).tolist() for key, value in self.sums.items()}
         taps = layer.tap_offsets().tolist()
-        alpha = layer.pos_log_alpha.detach().float().exp().tolist()
-        centers = layer.pos_center.detach().float().tolist()
+        values = layer.attention_values()
+        alpha = values['pos_log_alpha'].float().exp().tolist()
+        centers = values['pos_center'].float().tolist()
         heads = [
             HeadStats(
                 head=h,

@@ -14,7 +14,14 @@ adds, per head, what attention can learn and a convolution cannot:
 Both gates start at exactly 0, so a freshly converted layer *is* the convolution. They are
 clamped to [0, 1] with a straight-through gradient: the forward pass sees the clamped value, the
 backward pass the raw one, so a gate at 0 still receives the true one-sided gradient and can open
-(a sigmoid gate has no such point: its share and its gradient vanish together). The one-hot part
+(a sigmoid gate has no such point: its share and its gradient vanish together).
+
+The gates and the positional parameters (alpha, centre) learn `gate_lr_scale` times faster than the
+weights, whatever the optimizer: each is stored as value / scale and read as stored * scale, while
+its gradient is that of the value itself (`rate_scaled`). Any optimizer whose step is proportional to
+its learning rate (SGD, Adam, AdamW, ...) therefore moves the value exactly as it would with a learning
+rate of scale x lr, inside timm's train.py and its single learning rate. The scale is stored with the
+layer (`gate_lr_scale` buffer); loading a state dict saved with another scale keeps the values. The one-hot part
 is an exact 0/1 matrix, never a saturated softmax, and the learnable locality (alpha, centre)
 lives in the Gaussian that the locality gate blends in.
 
@@ -30,7 +37,7 @@ overflow them.
 In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`.
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,12 +45,21 @@ import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
 
-__all__ = ['GatedPositionalAttention2d', 'straight_through_clamp']
+__all__ = ['GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'RATE_SCALED_PARAMS']
+
+# parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
+RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
 
 
 def straight_through_clamp(x: torch.Tensor, min_value: float = 0., max_value: float = 1.) -> torch.Tensor:
     """Clamp in the forward pass, identity in the backward pass."""
     return x + (x.clamp(min_value, max_value) - x).detach()
+
+
+def rate_scaled(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`stored * scale` in the forward pass; the backward pass gives `stored` the gradient of the product
+    itself (not scale times it), so an optimizer step of size lr on `stored` moves the value by scale x lr."""
+    return stored.detach() * scale + (stored - stored.detach())
 
 
 def _gaussian_1d(
@@ -119,6 +135,10 @@ class GatedPositionalAttention2d(nn.Module):
         pos_center:    (heads, 2) Gaussian centre (rows, cols) relative to the query
         q, k:          C_in -> heads * qk_dim projections of the content attention
 
+    The four gate and positional parameters are stored divided by `gate_lr_scale` (a buffer) and learn
+    that many times faster than the weights (`rate_scaled`); `attention_values()` returns their values and
+    `set_attention_values()` sets them.
+
     `attention_block_bytes` bounds the float32 attention tensor materialised at once: queries are
     processed in blocks of that size (about the last-level cache), which keeps the memory-bound
     softmax and blend passes in cache. It changes speed only, never the result.
@@ -137,6 +157,7 @@ class GatedPositionalAttention2d(nn.Module):
             qk_dim: int = 32,
             qk_init_std: float = 0.02,
             locality_init: float = 1.0,
+            gate_lr_scale: float = 1.0,
             attention_block_bytes: int = 8 * 2 ** 20,
             device=None,
             dtype=None,
@@ -149,6 +170,8 @@ class GatedPositionalAttention2d(nn.Module):
             raise ValueError(f'stride must be 1 or 2, got {stride}.')
         if locality_init <= 0:
             raise ValueError(f'locality_init must be > 0, got {locality_init}.')
+        if not gate_lr_scale > 0:
+            raise ValueError(f'gate_lr_scale must be > 0, got {gate_lr_scale}.')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -169,6 +192,7 @@ class GatedPositionalAttention2d(nn.Module):
         self.locality_gate = nn.Parameter(torch.empty(self.num_heads, **dd))
         self.pos_log_alpha = nn.Parameter(torch.empty(self.num_heads, **dd))
         self.pos_center = nn.Parameter(torch.empty(self.num_heads, 2, **dd))
+        self.register_buffer('gate_lr_scale', torch.tensor(float(gate_lr_scale), device=device, dtype=torch.float32))
         self.q = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
         self.k = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
         # inference only: input-independent tensors per (H, W, device), keyed by parameter versions
@@ -188,8 +212,7 @@ class GatedPositionalAttention2d(nn.Module):
             return
         trunc_normal_(self.q.weight, std=self.qk_init_std)
         trunc_normal_(self.k.weight, std=self.qk_init_std)
-        for name, value in self.conversion_state().items():
-            self.get_parameter(name).copy_(value)
+        self.set_attention_values(**self.conversion_values())
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -201,21 +224,32 @@ class GatedPositionalAttention2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_attention()
 
-    def conversion_state(self) -> Dict[str, torch.Tensor]:
-        """Values of the attention-only parameters that make the layer equal its convolution.
-
-        Keys are relative to the layer (`content_gate`, `q.weight`, ...). The Q/K projections keep
-        their current (random) values: the content branch is silent while `content_gate` is 0.
-        """
+    def conversion_values(self) -> Dict[str, torch.Tensor]:
+        """Values of the gates and positional parameters (`RATE_SCALED_PARAMS`) of the exact conversion."""
         like = self.content_gate
         return {
             'content_gate': torch.zeros_like(like),
             'locality_gate': torch.zeros_like(like),
             'pos_log_alpha': torch.full_like(like, math.log(self.locality_init)),
             'pos_center': self.tap_offsets().to(like),
+        }
+
+    def conversion_state(self) -> Dict[str, torch.Tensor]:
+        """State-dict entries of the attention-only parameters and buffers that make the layer equal its
+        convolution.
+
+        Keys are relative to the layer (`content_gate`, `q.weight`, `gate_lr_scale`, ...); values are in
+        stored form (divided by `gate_lr_scale`). The Q/K projections keep their current (random) values:
+        the content branch is silent while `content_gate` is 0.
+        """
+        scale = self.gate_lr_scale.detach()
+        state = {name: value / scale for name, value in self.conversion_values().items()}
+        state.update({
             'q.weight': self.q.weight.detach().clone(),
             'k.weight': self.k.weight.detach().clone(),
-        }
+            'gate_lr_scale': scale.clone(),
+        })
+        return state
 
     def fill_conversion_state(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> bool:
         """If `state_dict` holds a convolution's entries for this layer (`weight`, `bias` and none of
@@ -229,19 +263,59 @@ class GatedPositionalAttention2d(nn.Module):
         state_dict.update({prefix + k: v for k, v in own.items()})
         return True
 
+    def _rescale_state(self, state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
+        """Re-express, in place, attention entries stored with another `gate_lr_scale` in this layer's scale,
+        keeping their values. Entries without a scale (saved before it existed) were stored with scale 1."""
+        if prefix + 'content_gate' not in state_dict or self.gate_lr_scale.is_meta:
+            return
+        saved = state_dict.get(prefix + 'gate_lr_scale')
+        saved_scale = 1. if saved is None else float(saved)
+        own_scale = float(self.gate_lr_scale)
+        if saved_scale != own_scale:
+            for name in RATE_SCALED_PARAMS:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name] * (saved_scale / own_scale)
+        state_dict[prefix + 'gate_lr_scale'] = self.gate_lr_scale.detach().clone()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # a convolution's entries load as the exact conversion (timm's strict checkpoint loading)
-        self.fill_conversion_state(state_dict, prefix)
+        # a convolution's entries load as the exact conversion (timm's strict checkpoint loading); attention
+        # entries keep their values whatever scale they were saved with
+        if not self.fill_conversion_state(state_dict, prefix):
+            self._rescale_state(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    def attention_values(self) -> Dict[str, torch.Tensor]:
+        """Current values of the gates and positional parameters (stored * `gate_lr_scale`), detached."""
+        stored = (self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center)
+        return {name: p.detach() * self.gate_lr_scale for name, p in zip(RATE_SCALED_PARAMS, stored)}
+
+    @torch.no_grad()
+    def set_attention_values(self, **values: Any) -> None:
+        """Set gates and positional parameters by value (tensors or numbers, broadcast to their shapes),
+        e.g. `set_attention_values(content_gate=0.3, pos_log_alpha=torch.zeros(9))`."""
+        unknown = sorted(set(values) - set(RATE_SCALED_PARAMS))
+        if unknown:
+            raise ValueError(f'{unknown} are not gate or positional parameters; use {list(RATE_SCALED_PARAMS)}.')
+        for name, value in values.items():
+            param = self.get_parameter(name)
+            param.copy_(torch.as_tensor(value, dtype=param.dtype, device=param.device) / self.gate_lr_scale)
+
+    def _content_gate(self) -> torch.Tensor:
+        """(heads,) content gate in [0, 1], float32, learning at `gate_lr_scale` x the weights' rate."""
+        return straight_through_clamp(rate_scaled(self.content_gate.float(), self.gate_lr_scale))
+
+    def _locality_gate(self) -> torch.Tensor:
+        """(heads,) locality gate in [0, 1], float32, learning at `gate_lr_scale` x the weights' rate."""
+        return straight_through_clamp(rate_scaled(self.locality_gate.float(), self.gate_lr_scale))
+
     def content_share(self) -> torch.Tensor:
         """(heads,) share of content attention in [0, 1]; 0 = the head behaves as its conv tap."""
-        return self.content_gate.detach().clamp(0, 1)
+        return self.attention_values()['content_gate'].clamp(0, 1)
 
     def locality_share(self) -> torch.Tensor:
         """(heads,) share of the Gaussian in the positional attention, in [0, 1]; 0 = one-hot."""
-        return self.locality_gate.detach().clamp(0, 1)
+        return self.attention_values()['locality_gate'].clamp(0, 1)
 
     def is_convolution(self) -> bool:
         """True while the layer computes exactly its convolution."""
@@ -252,10 +326,11 @@ class GatedPositionalAttention2d(nn.Module):
 
     def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention, float32."""
-        alpha = self.pos_log_alpha.float().exp()
+        alpha = rate_scaled(self.pos_log_alpha.float(), self.gate_lr_scale).exp()
+        center = rate_scaled(self.pos_center.float(), self.gate_lr_scale)
         out_h, out_w = self.output_size(height, width)
-        rows = _gaussian_1d(alpha, self.pos_center[:, 0], height, out_h, self.stride)
-        cols = _gaussian_1d(alpha, self.pos_center[:, 1], width, out_w, self.stride)
+        rows = _gaussian_1d(alpha, center[:, 0], height, out_h, self.stride)
+        cols = _gaussian_1d(alpha, center[:, 1], width, out_w, self.stride)
         return rows, cols
 
     def positional_mixing(self, height: int, width: int) -> torch.Tensor:
@@ -264,8 +339,8 @@ class GatedPositionalAttention2d(nn.Module):
         P = (1 - l) * onehot(D_h) + l * gauss: both are separable, so P is a rank-2 sum of outer
         products of row and column factors. Queries lead, heads second: the layout `forward` mixes in.
         """
-        content = straight_through_clamp(self.content_gate.float())
-        locality = straight_through_clamp(self.locality_gate.float())
+        content = self._content_gate()
+        locality = self._locality_gate()
         out_h, out_w = self.output_size(height, width)
         taps = self.tap_offsets()
         gauss_rows, gauss_cols = self.positional_gaussian(height, width)
@@ -311,7 +386,7 @@ class GatedPositionalAttention2d(nn.Module):
         Returns:
             (B, H_out * W_out, heads, H * W), queries leading (the layout `forward` mixes in)
         """
-        content = straight_through_clamp(self.content_gate.float())
+        content = self._content_gate()
         positional = self.positional_mixing(x.shape[-2], x.shape[-1])
         # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
         return torch.addcmul(positional, self.content_logits(x).softmax(dim=-1).transpose(1, 2), content[:, None])
@@ -361,7 +436,7 @@ class GatedPositionalAttention2d(nn.Module):
         per_query = 4 * B * self.num_heads * H * W
         num_blocks = -(-num_queries * per_query // self.attention_block_bytes)  # ceil
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
-        content = straight_through_clamp(self.content_gate.float())[:, None]
+        content = self._content_gate()[:, None]
         q, k = self._queries_keys(x) if with_content else (x, x)  # (x, x): unused without content
         outs = []
         for start in range(0, num_queries, block):
@@ -399,7 +474,8 @@ class GatedPositionalAttention2d(nn.Module):
         itself while the layer is exactly its convolution.
         """
         height, width = x.shape[-2:]
-        params = (self.weight, self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center)
+        params = (self.weight, self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center,
+                  self.gate_lr_scale)
         versions = tuple((p.data_ptr(), p._version) for p in params)
         key = (height, width, str(x.device))
         entry: Optional[Tuple] = self._inference_cache.get(key)

@@ -66,9 +66,7 @@ class Result:
 @torch.no_grad()
 def _open_attention(model: nn.Module, gate: float, alpha: float, qk_std: float, generator: torch.Generator) -> None:
     for _, layer in attention_layers(model):
-        layer.content_gate.fill_(gate)
-        layer.locality_gate.fill_(gate)
-        layer.pos_log_alpha.fill_(math.log(alpha))
+        layer.set_attention_values(content_gate=gate, locality_gate=gate, pos_log_alpha=math.log(alpha))
         for w in (layer.q.weight, layer.k.weight):
             w.copy_(torch.randn(w.shape, generator=generator) * qk_std)
 

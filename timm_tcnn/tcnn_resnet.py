@@ -32,6 +32,9 @@ __all__ = ['TcnnResNet', 'RESNETRS_DEPTHS', 'tcnn_and_cnn_names', 'conversion_op
 
 register_notrace_module(GatedPositionalAttention2d)
 
+# default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
+GATE_LR_SCALE = 30.0
+
 # ResNet-RS depth -> blocks per stage (timm/models/resnet.py)
 RESNETRS_DEPTHS = {
     50: (3, 4, 6, 3),
@@ -53,6 +56,8 @@ class TcnnResNet(ResNet):
         tcnn_qk_dim: width of each head's queries and keys in the content attention.
         tcnn_qk_init_std: std of the (truncated normal) Q/K initialisation.
         tcnn_locality_init: initial strength alpha of the Gaussian positional attention.
+        tcnn_gate_lr_scale: the gates and positional parameters learn this many times faster than the
+            weights, with any optimizer (see `GatedPositionalAttention2d`).
         **kwargs: `timm.models.resnet.ResNet` arguments.
     """
 
@@ -64,6 +69,7 @@ class TcnnResNet(ResNet):
             tcnn_qk_dim: int = 32,
             tcnn_qk_init_std: float = 0.02,
             tcnn_locality_init: float = 1.0,
+            tcnn_gate_lr_scale: float = GATE_LR_SCALE,
             **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -76,6 +82,7 @@ class TcnnResNet(ResNet):
             qk_dim=tcnn_qk_dim,
             qk_init_std=tcnn_qk_init_std,
             locality_init=tcnn_locality_init,
+            gate_lr_scale=tcnn_gate_lr_scale,
         )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
