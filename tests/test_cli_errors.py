@@ -146,6 +146,15 @@ def test_unwritable_output_folder(bad, tmp_path, capsys):
         locked.chmod(0o700)
 
 
+def test_failed_identity_check_exits_1_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert main(['convert', 'tcnn_resnet50rs', '--random-weights', '--batch-size', '1', '--tolerance', '1e-30',
+                 '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert 'error: the identity does not hold: max relative error' in err and 'nothing was written' in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_debug_shows_the_traceback(bad):
     with pytest.raises(CheckpointError, match='empty'):
         main(['convert', 'tcnn_resnet50rs', '--checkpoint', str(bad / 'empty.pth'), '--debug'])
@@ -232,24 +241,21 @@ def test_terminated_process_exit_code_and_cleanup(bad, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_killed_run_leftovers_are_removed_by_the_next_run(tmp_path):
-    """SIGKILL leaves a partial folder; the next write to the same output removes it (and says so)."""
+def test_killed_run_leftovers_are_removed_by_the_next_run(tmp_path, caplog):
+    """A run killed outright (SIGKILL) leaves its partial folder; the next write to the same output removes
+    it and says so, and leaves those of runs still in progress alone."""
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
     out = tmp_path / 'out'
-    script = ('import sys, time\nfrom timm_tcnn.io import atomic_directory\n'
-              'with atomic_directory(sys.argv[1]) as tmp:\n'
-              '    (tmp / "model.safetensors").write_bytes(bytes(1000))\n'
-              '    print("ready", flush=True)\n    time.sleep(120)\n')
-    proc = subprocess.Popen([sys.executable, '-c', script, str(out)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == 'ready'
-    proc.kill()
-    proc.wait()
-    (partial,) = tmp_path.iterdir()
-    assert partial.name.startswith(f'.out.partial-{proc.pid}-') and (partial / 'model.safetensors').exists()
-    alive = tmp_path / f'.out.partial-{os.getpid()}-x'  # a run still in progress is left alone
+    killed = tmp_path / f'.out.partial-{dead.pid}-abcd'
+    killed.mkdir()
+    (killed / 'model.safetensors').write_bytes(bytes(1000))
+    alive = tmp_path / f'.out.partial-{os.getpid()}-efgh'
     alive.mkdir()
     with atomic_directory(out) as tmp:
         (tmp / 'config.json').write_text('{}')
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, 'out']
+    assert f'removed {killed}, the partial output of an interrupted run' in caplog.text
     alive.rmdir()
     assert remove_stale_partials(out) == []
 
