@@ -10,14 +10,14 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..convert import attention_layers
 from ..io import check_output_dir, load_checkpoint_state_dict
+from ..loading import create_model
 from ..model_card import ModelCardInfo, read_robustness_results, read_validate_results, render_model_card
+from ..numerics import check_finite
 from ..publish import (
     PublishError, check_hub_target, check_weights, published_pretrained_cfg, read_train_args, resolve_model_args,
     upload_model_folder, write_model_folder,
 )
 from ..published import PublishedWeightsError, check_registry_entry, registry_entry
-from ..loading import create_model
-from ..numerics import check_finite
 from .common import add_output_args, add_weight_args
 
 
