@@ -51,6 +51,13 @@ def bad(tmp_path_factory):
     (root / 'val' / 'n01440764').mkdir(parents=True)  # an ImageNet class folder
     Image.fromarray((torch.rand(48, 40, 3) * 255).byte().numpy()).save(root / 'val' / 'n01440764' / '0.png')
     (root / 'no_images').mkdir()
+    for split in ('train', 'validation'):  # a labelled ImageFolder for `experiment`
+        for label in ('a', 'b'):
+            (root / 'data' / split / label).mkdir(parents=True)
+            Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(root / 'data' / split / label / '0.png')
+    (root / 'scripts').mkdir()
+    for script in ('train.py', 'validate.py'):
+        (root / 'scripts' / script).write_text('raise SystemExit(3)\n')
     (root / 'existing').mkdir()
     return root
 
@@ -107,6 +114,15 @@ def _cases():
                                   '{root}/existing'], 2, ['already exists', '--overwrite']),
         ('bench-gate', ['bench', '--quick', '--gate', '1'], 2, ['--gate must be in (0, 1)']),
         ('bench-out-is-folder', ['bench', '--quick', '--out', '{root}/existing'], 2, ['is a folder']),
+        ('experiment-no-scripts', ['experiment', '--model', 'tcnn_resnet50rs', '--data-dir', '{root}/data',
+                                   '--out', '{out}', '--scripts-dir', '{root}'], 2,
+         ['has no train.py and validate.py', 'pytorch-image-models']),
+        ('experiment-nan-checkpoint', ['experiment', '--model', 'tcnn_resnet50rs', '--data-dir', '{root}/data',
+                                       '--out', '{out}', '--scripts-dir', '{root}/scripts', '--cnn-checkpoint',
+                                       '{root}/nan.safetensors'], 2, ['NaN or Inf', 'layer4.0.conv2.weight']),
+        ('experiment-bad-device', ['experiment', '--model', 'tcnn_resnet50rs', '--data-dir', '{root}/data',
+                                   '--out', '{out}', '--scripts-dir', '{root}/scripts', '--device', 'gpu0'], 2,
+         ['not a torch device']),
         ('run-missing-script', ['run', '{root}/train.py'], 2, ['script not found', 'pytorch-image-models']),
     ]
 

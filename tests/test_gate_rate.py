@@ -111,3 +111,38 @@ def test_bad_scale():
         conv_to_attention(nn.Conv2d(4, 4, 3, padding=1), gate_lr_scale=0.)
     with pytest.raises(ValueError, match='content_gate'):
         conv_to_attention(nn.Conv2d(4, 4, 3, padding=1)).set_attention_values(weight=1.)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_grad_floor_lets_closed_heads_learn(stride):
+    """With a linear loss the gradient of the content attention does not depend on the forward state, so Q/K,
+    alpha and centre of a closed head (gate 0, floor f) get exactly the gradients of a head open at f; the
+    forward pass and the gates' gradients are those of the layer without a floor."""
+    floor = 0.1
+    conv = nn.Conv2d(4, 5, 3, stride=stride, padding=1)
+    x = torch.randn(2, 4, 7, 6)
+    weights = torch.randn(2, 5, *conv(x).shape[-2:])
+
+    def grads(grad_floor: float, content: float, locality: float):
+        torch.manual_seed(0)  # same Q/K
+        layer = conv_to_attention(conv, grad_floor=grad_floor)
+        layer.set_attention_values(content_gate=content, locality_gate=locality, pos_log_alpha=-0.5)
+        out = layer(x)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    closed_out, closed = grads(floor, 0., 0.)
+    plain_out, plain = grads(0., 0., 0.)
+    assert torch.equal(closed_out, plain_out)  # the forward pass is untouched
+    assert relative_error(closed_out, F.conv2d(x, conv.weight, conv.bias, stride, 1)) <= 1e-5
+    assert plain['q.weight'].abs().max() == 0 and plain['pos_log_alpha'].abs().max() == 0  # nothing learns
+    for name in ('content_gate', 'locality_gate', 'weight'):
+        assert torch.allclose(closed[name], plain[name], rtol=1e-5, atol=1e-7), name
+    _, content_open = grads(0., floor, 0.)
+    for name in ('q.weight', 'k.weight'):
+        assert closed[name].abs().max() > 0
+        assert torch.allclose(closed[name], content_open[name], rtol=1e-4, atol=1e-9), name
+    _, locality_open = grads(0., 0., floor)
+    for name in ('pos_log_alpha', 'pos_center'):
+        assert closed[name].abs().max() > 0
+        assert torch.allclose(closed[name], locality_open[name], rtol=1e-4, atol=1e-9), name

@@ -21,7 +21,13 @@ weights, whatever the optimizer: each is stored as value / scale and read as sto
 its gradient is that of the value itself (`rate_scaled`). Any optimizer whose step is proportional to
 its learning rate (SGD, Adam, AdamW, ...) therefore moves the value exactly as it would with a learning
 rate of scale x lr, inside timm's train.py and its single learning rate. The scale is stored with the
-layer (`gate_lr_scale` buffer); loading a state dict saved with another scale keeps the values. The one-hot part
+layer (`gate_lr_scale` buffer); loading a state dict saved with another scale keeps the values.
+
+A closed gate also stops what it gates from learning: at g_h = 0 the queries and keys get no gradient,
+so a head whose content attention is still random (a blur that raises the loss) closes and stays closed.
+With `grad_floor` > 0, the content attention and the Gaussian learn as if their gate were at least
+`grad_floor` (`gated`): the forward pass is unchanged, so is exactness, and the gates get their true
+gradients; only the gradients of Q/K, alpha and the centre of nearly closed heads are raised. The one-hot part
 is an exact 0/1 matrix, never a saturated softmax, and the learnable locality (alpha, centre)
 lives in the Gaussian that the locality gate blends in.
 
@@ -45,7 +51,7 @@ import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
 
-__all__ = ['GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'RATE_SCALED_PARAMS']
+__all__ = ['GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'gated', 'RATE_SCALED_PARAMS']
 
 # parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
 RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
@@ -60,6 +66,29 @@ def rate_scaled(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`stored * scale` in the forward pass; the backward pass gives `stored` the gradient of the product
     itself (not scale times it), so an optimizer step of size lr on `stored` moves the value by scale x lr."""
     return stored.detach() * scale + (stored - stored.detach())
+
+
+def _floor_lift(x: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+    """Exactly 0 in the forward pass; in the backward pass it gives x the gradient it would get from
+    (max(gate, grad_floor) - gate) * x, the part of its gradient that a gate below the floor withholds."""
+    return (x - x.detach()) * (gate.detach().clamp(min=grad_floor) - gate.detach())
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, grad_floor: float = 0.) -> torch.Tensor:
+    """`gate * x` (gate broadcast over x); in the backward pass x gets the gradient of max(gate, grad_floor) * x
+    and the gate its true gradient. The forward value is exactly `gate * x`."""
+    out = x * gate
+    if grad_floor > 0 and x.requires_grad:
+        out = out + _floor_lift(x, gate, grad_floor)
+    return out
+
+
+def _blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+    """positional + `gated(content, gate, grad_floor)`, written in `positional`'s layout."""
+    out = torch.addcmul(positional, content, gate)
+    if grad_floor > 0 and content.requires_grad:
+        out = out + _floor_lift(content, gate, grad_floor)
+    return out
 
 
 def _gaussian_1d(
@@ -158,6 +187,7 @@ class GatedPositionalAttention2d(nn.Module):
             qk_init_std: float = 0.02,
             locality_init: float = 1.0,
             gate_lr_scale: float = 1.0,
+            grad_floor: float = 0.0,
             attention_block_bytes: int = 8 * 2 ** 20,
             device=None,
             dtype=None,
@@ -172,6 +202,9 @@ class GatedPositionalAttention2d(nn.Module):
             raise ValueError(f'locality_init must be > 0, got {locality_init}.')
         if not gate_lr_scale > 0:
             raise ValueError(f'gate_lr_scale must be > 0, got {gate_lr_scale}.')
+        if not 0 <= grad_floor <= 1:
+            raise ValueError(f'grad_floor must be in [0, 1], got {grad_floor}.')
+        self.grad_floor = float(grad_floor)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -336,8 +369,8 @@ class GatedPositionalAttention2d(nn.Module):
     def positional_mixing(self, height: int, width: int) -> torch.Tensor:
         """The input-independent part of the attention, (1 - g) * P, as a dense float32 (Nq, heads, N).
 
-        P = (1 - l) * onehot(D_h) + l * gauss: both are separable, so P is a rank-2 sum of outer
-        products of row and column factors. Queries lead, heads second: the layout `forward` mixes in.
+        P = (1 - l) * onehot(D_h) + l * gauss, both outer products of row and column factors. Queries lead,
+        heads second: the layout `forward` mixes in.
         """
         content = self._content_gate()
         locality = self._locality_gate()
@@ -347,12 +380,9 @@ class GatedPositionalAttention2d(nn.Module):
         onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride)
         onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride)
         keep = 1 - content
-        rows = torch.stack([
-            onehot_rows * (keep * (1 - locality))[:, None, None],
-            gauss_rows * (keep * locality)[:, None, None],
-        ], dim=1)  # heads, 2, H_out, H
-        cols = torch.stack([onehot_cols, gauss_cols], dim=1)  # heads, 2, W_out, W
-        dense = torch.einsum('hriy,hrjx->ijhyx', rows, cols)
+        onehot = torch.einsum('hiy,hjx->ijhyx', onehot_rows * (keep * (1 - locality))[:, None, None], onehot_cols)
+        gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)  # H_out, W_out, heads, H, W
+        dense = onehot + gated(gauss, (keep * locality)[:, None, None], self.grad_floor)
         return dense.reshape(out_h * out_w, self.num_heads, height * width)
 
     def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +419,7 @@ class GatedPositionalAttention2d(nn.Module):
         content = self._content_gate()
         positional = self.positional_mixing(x.shape[-2], x.shape[-1])
         # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
-        return torch.addcmul(positional, self.content_logits(x).softmax(dim=-1).transpose(1, 2), content[:, None])
+        return _blend(positional, self.content_logits(x).softmax(dim=-1).transpose(1, 2), content[:, None], self.grad_floor)
 
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Content attention of every head applied to the full-width input.
@@ -444,7 +474,7 @@ class GatedPositionalAttention2d(nn.Module):
             if with_content:
                 attn = _float32_matmul(q[:, :, start:stop], k).softmax(dim=-1)
                 # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
-                attn = torch.addcmul(positional[start:stop], attn.transpose(1, 2), content)
+                attn = _blend(positional[start:stop], attn.transpose(1, 2), content, self.grad_floor)
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
             mixed = _mix(x, attn.to(x.dtype))  # B, block, h, C_in

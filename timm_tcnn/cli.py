@@ -22,7 +22,7 @@ from .errors import TcnnError, report_error
 from .version import __version__
 
 # subcommand name -> module in timm_tcnn.commands, in the order shown by --help
-COMMANDS = ('convert', 'run', 'analyze', 'robustness', 'publish', 'bench')
+COMMANDS = ('convert', 'run', 'experiment', 'relational-shapes', 'analyze', 'robustness', 'publish', 'bench')
 # commands whose process belongs to a user script: its signals and errors are left to the script
 SCRIPT_COMMANDS = ('run',)
 

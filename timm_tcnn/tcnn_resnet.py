@@ -34,6 +34,8 @@ register_notrace_module(GatedPositionalAttention2d)
 
 # default learning-rate multiplier of the gates and positional parameters (docs/experiments.md)
 GATE_LR_SCALE = 30.0
+# default gradient floor of closed gates (docs/experiments.md)
+GRAD_FLOOR = 0.1
 
 # ResNet-RS depth -> blocks per stage (timm/models/resnet.py)
 RESNETRS_DEPTHS = {
@@ -58,6 +60,8 @@ class TcnnResNet(ResNet):
         tcnn_locality_init: initial strength alpha of the Gaussian positional attention.
         tcnn_gate_lr_scale: the gates and positional parameters learn this many times faster than the
             weights, with any optimizer (see `GatedPositionalAttention2d`).
+        tcnn_grad_floor: the content attention and the Gaussian of a (nearly) closed gate learn as if the gate
+            were this open; the forward pass is unchanged (see `GatedPositionalAttention2d`).
         **kwargs: `timm.models.resnet.ResNet` arguments.
     """
 
@@ -70,6 +74,7 @@ class TcnnResNet(ResNet):
             tcnn_qk_init_std: float = 0.02,
             tcnn_locality_init: float = 1.0,
             tcnn_gate_lr_scale: float = GATE_LR_SCALE,
+            tcnn_grad_floor: float = GRAD_FLOOR,
             **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -83,6 +88,7 @@ class TcnnResNet(ResNet):
             qk_init_std=tcnn_qk_init_std,
             locality_init=tcnn_locality_init,
             gate_lr_scale=tcnn_gate_lr_scale,
+            grad_floor=tcnn_grad_floor,
         )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

@@ -1,0 +1,6 @@
+""" The T-CNN vs CNN experiment: specification, resumable runner, identity check and report. """
+from .identity import identity_check, load_cnn
+from .parts import parts_step
+from .report import write_report
+from .runner import ExperimentState, run_steps
+from .spec import ARMS, ExperimentSpec, Step, build_steps

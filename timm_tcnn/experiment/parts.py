@@ -1,0 +1,68 @@
+""" Accuracy per part of a composite label (datasets whose `dataset.json` lists `label_parts`). """
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from timm.data import ImageDataset, create_transform, resolve_data_config
+from tqdm import tqdm
+
+from ..io import atomic_write
+from ..loading import create_model_with_weights
+from .spec import ExperimentSpec, Step
+
+__all__ = ['load_label_parts', 'part_accuracy', 'evaluate_parts', 'parts_step']
+
+
+def load_label_parts(data_dir: str) -> Optional[Dict[str, Dict[str, str]]]:
+    """{class name: {part: value}} from `data_dir/dataset.json`, or None if the dataset has none."""
+    path = Path(data_dir) / 'dataset.json'
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding='utf-8')).get('label_parts')
+
+
+@torch.no_grad()
+def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Dict[str, str]], img_size: int,
+                  batch_size: int = 64) -> Dict[str, Any]:
+    """Top-1 accuracy (%) of each label part over the ImageFolder `folder`: a prediction scores on a part
+    when its class has the true class's value of that part. Also the chance level of each part."""
+    config = resolve_data_config(dict(img_size=img_size), model=model)
+    dataset = ImageDataset(folder, transform=create_transform(**config))
+    classes = [name for name, _ in sorted(dataset.reader.class_to_idx.items(), key=lambda kv: kv[1])]
+    parts = sorted(next(iter(label_parts.values())))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    hits = {p: 0 for p in parts}
+    total = 0
+    model.eval()
+    for images, targets in tqdm(loader, desc='accuracy per label part', unit='batch', leave=False):
+        predictions = model(images).argmax(-1)
+        for target, prediction in zip(targets.tolist(), predictions.tolist()):
+            truth, guess = label_parts[classes[target]], label_parts[classes[prediction]]
+            for p in parts:
+                hits[p] += truth[p] == guess[p]
+        total += len(targets)
+    chance = {p: 100 / len({v[p] for v in label_parts.values()}) for p in parts}
+    return dict(accuracy={p: 100 * hits[p] / total for p in parts}, chance=chance, images=total)
+
+
+def evaluate_parts(model_name: str, checkpoint: str, folder: str, label_parts: Dict[str, Dict[str, str]],
+                   img_size: int, **model_kwargs: Any) -> Dict[str, Any]:
+    """`part_accuracy` of a model built by name with a checkpoint."""
+    model = create_model_with_weights(model_name, checkpoint=checkpoint, **model_kwargs)
+    return part_accuracy(model, folder, label_parts, img_size)
+
+
+def parts_step(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
+    """In-process experiment step: accuracy per label part of the starting CNN or of an arm's best checkpoint."""
+    label_parts = load_label_parts(spec.data_dir)
+    folder = str(Path(spec.data_dir) / spec.val_split)
+    if step.arm is None:
+        from .identity import load_cnn
+        result = part_accuracy(load_cnn(spec), folder, label_parts, spec.test_size)
+    else:
+        result = evaluate_parts(spec.model_name(step.arm), str(spec.checkpoint(step.arm, step.seed, 'best')), folder,
+                                label_parts, spec.test_size, **spec.eval_kwargs(step.arm))
+    Path(step.result).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(step.result, json.dumps(result, indent=2) + '\n')
+    return result
