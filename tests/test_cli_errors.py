@@ -123,6 +123,8 @@ def _cases():
         ('experiment-bad-device', ['experiment', '--model', 'tcnn_resnet50rs', '--data-dir', '{root}/data',
                                    '--out', '{out}', '--scripts-dir', '{root}/scripts', '--device', 'gpu0'], 2,
          ['not a torch device']),
+        ('relational-shapes-not-empty', ['relational-shapes', '--out', '{root}/images'], 2,
+         ['is not empty', 'new or empty --out']),
         ('run-missing-script', ['run', '{root}/train.py'], 2, ['script not found', 'pytorch-image-models']),
     ]
 
