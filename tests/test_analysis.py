@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -407,3 +408,15 @@ def test_analyze_command_bad_inputs(checkpoints, image_folder, tmp_path, capsys)
     assert 'has no weights: pass one of --pretrained, --checkpoint FILE, --random-weights' in analyze(
         'tcnn_resnet50rs', weights=())
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('conv', [
+    nn.Conv2d(6, 12, 5, stride=2, padding=2, groups=6),  # depthwise, channel multiplier 2
+    Conv2dSame(4, 6, 3, stride=2, groups=2),  # TF 'SAME' padding: queries start at 1 on even sizes
+])
+def test_identity_error_of_grouped_and_same_layers(conv):
+    model = nn.Sequential(conv_to_attention(conv))
+    analyzer = AttentionAnalyzer(model, {'0.weight': conv.weight.detach(), '0.bias': conv.bias.detach()})
+    analyzer.update(torch.randn(2, conv.in_channels, 8, 7))
+    (stats,) = analyzer.stats()
+    assert stats.identity_error <= 1e-6 and stats.weight_drift == 0

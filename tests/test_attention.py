@@ -6,6 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
+
 from timm_tcnn import GatedPositionalAttention2d, attention_to_conv, conv_to_attention
 from conftest import relative_error
 
@@ -144,3 +147,70 @@ def test_factory_kwargs(dtype):
     layer = GatedPositionalAttention2d(4, 6, 3, dtype=dtype)
     assert all(p.dtype == dtype for p in layer.parameters())
     assert layer(torch.randn(1, 4, 5, 5, dtype=dtype)).dtype == dtype
+
+
+GROUPED = [
+    # (C_in, C_out, groups, K): grouped, depthwise, depthwise with channel multiplier 2, ConvNeXt's 7x7 depthwise
+    (8, 12, 4, 3),
+    (6, 6, 6, 5),
+    (4, 8, 4, 3),
+    (5, 5, 5, 7),
+]
+
+
+@pytest.mark.parametrize('in_chs,out_chs,groups,kernel_size', GROUPED)
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('train', [False, True])
+def test_grouped_conversion_equals_grouped_conv(in_chs, out_chs, groups, kernel_size, stride, train):
+    conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups)
+    layer = conv_to_attention(conv).train(train)
+    assert layer.weight.shape == conv.weight.shape and layer.tap_major_weight().shape[0] == groups
+    for height, width in SIZES:
+        x = torch.randn(2, in_chs, height, width)
+        ref = F.conv2d(x, conv.weight, conv.bias, stride, kernel_size // 2, 1, groups)
+        with torch.enable_grad():
+            out = layer(x)  # the attention computation
+        assert out.shape == ref.shape
+        assert relative_error(out.detach(), ref) <= 1e-5, (height, width)
+
+
+@pytest.mark.parametrize('in_chs,out_chs,groups,kernel_size', [(4, 6, 1, 3), (6, 6, 6, 5), (4, 8, 2, 3)])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_same_padding_conversion_equals_timm_conv2d_same(in_chs, out_chs, groups, kernel_size, stride):
+    """timm's dynamic TF 'SAME' padding: for stride 2 the zeros before a dimension depend on its parity."""
+    conv = Conv2dSame(in_chs, out_chs, kernel_size, stride=stride, groups=groups)
+    layer = conv_to_attention(conv)
+    assert layer.same_padding
+    for height, width in SIZES + [(8, 8), (6, 9)]:
+        x = torch.randn(2, in_chs, height, width)
+        ref = F.conv2d(pad_same(x, [kernel_size] * 2, [stride] * 2), conv.weight, conv.bias, stride, 0, 1, groups)
+        with torch.enable_grad():
+            out = layer(x)
+        with torch.no_grad():
+            fast = layer(x)  # inference shortcut
+        assert out.shape == ref.shape
+        assert relative_error(out.detach(), ref) <= 1e-5 and relative_error(fast, ref) <= 1e-5, (height, width)
+    back = attention_to_conv(layer)
+    assert type(back) is Conv2dSame and back.groups == groups and torch.equal(back.weight, conv.weight)
+
+
+def test_grouped_gradients_match_grouped_conv():
+    conv = nn.Conv2d(6, 12, 3, stride=2, padding=1, groups=3)
+    layer = conv_to_attention(conv)
+    x = torch.randn(2, 6, 7, 5)
+    target = torch.randn(2, 12, 4, 3)
+    ((conv(x) - target) ** 2).sum().backward()
+    ((layer(x) - target) ** 2).sum().backward()
+    assert relative_error(layer.weight.grad, conv.weight.grad) <= 1e-5
+    assert relative_error(layer.bias.grad, conv.bias.grad) <= 1e-5
+
+
+def test_grouped_tap_projection_costs_the_grouped_conv():
+    """The projection GEMM's multiply-adds are those of the grouped convolution, not of a dense one."""
+    from torch.utils.flop_counter import FlopCounterMode
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    layer = conv_to_attention(conv)
+    mixed = torch.randn(1, 49, 9, 64)
+    with FlopCounterMode(display=False) as counter:
+        layer._project(mixed, layer.tap_major_weight())
+    assert counter.get_total_flops() == 2 * 49 * 9 * 64  # = the depthwise conv's, 64x less than dense

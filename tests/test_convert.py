@@ -1,11 +1,15 @@
 """ Model-level conversion against timm's own CNNs, state-dict conversion and error messages. """
+import math
+
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import StdConv2d
 
 from timm_tcnn import (
-    GatedPositionalAttention2d, attention_layers, conv_to_attention, convert_cnn_state_dict, transform_cnn,
+    GatedPositionalAttention2d, attention_layers, conv_stages, conv_to_attention, convert_cnn_state_dict,
+    transform_cnn,
 )
 from conftest import randomize_batchnorm, relative_error
 
@@ -52,7 +56,7 @@ def test_state_dict_converter_and_strict_loading_of_cnn_weights():
 
 
 @pytest.mark.parametrize('conv,reason', [
-    (nn.Conv2d(4, 4, 3, padding=1, groups=2), 'groups=2'),
+    (StdConv2d(4, 4, 3, padding=1), 'StdConv2d is not nn.Conv2d'),
     (nn.Conv2d(4, 4, 3, padding=2, dilation=2), 'dilation'),
     (nn.Conv2d(4, 4, 2, padding=1), 'kernel 2x2'),
     (nn.Conv2d(4, 4, 3, padding=0), 'padding=(0, 0)'),
@@ -60,18 +64,44 @@ def test_state_dict_converter_and_strict_loading_of_cnn_weights():
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'), 'padding_mode'),
 ])
 def test_unsupported_convolutions_raise(conv, reason):
-    with pytest.raises(ValueError, match='my.conv: cannot convert') as info:
+    with pytest.raises(ValueError, match='my.conv: ') as info:
         conv_to_attention(conv, name='my.conv')
     assert reason in str(info.value)
 
 
 def test_transform_cnn_errors_and_skip():
-    with pytest.raises(ValueError, match=r'stage index \[5\] out of range: this model has stages \[1, 2, 3, 4\]'):
+    with pytest.raises(ValueError, match=r'ResNet has no stage \[5\]: its stages are \[0, 1, 2, 3, 4\]'):
         transform_cnn(timm.create_model('resnet18'), stages=(3, 5))
-    with pytest.raises(ValueError, match='has no stages layer1'):
-        transform_cnn(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))
-    dilated = timm.create_model('resnet18', output_stride=8)  # layer3 and layer4 are dilated
-    with pytest.raises(ValueError, match='No convertible convolution'):
-        transform_cnn(dilated, stages=(4,), unsupported='skip')
-    with pytest.raises(ValueError, match=r"layer4.0.conv2: cannot convert .* groups=32 .*unsupported='skip'"):
-        transform_cnn(timm.create_model('resnext50_32x4d'), stages=(4,))
+    with pytest.raises(ValueError, match='has no stage'):
+        transform_cnn(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))  # full resolution: no stage
+    dilated = timm.create_model('resnet18', output_stride=8)  # layer3 and layer4 are dilated, at reduction 8
+    with pytest.raises(ValueError, match=r'has no stage \[4\]: its stages are \[0, 1, 2\]'):
+        transform_cnn(dilated, stages=(4,))
+    strided_and_dilated = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    with pytest.raises(ValueError, match=r'No convertible convolution'):
+        transform_cnn(strided_and_dilated, stages=0, convert_strided=False, unsupported='skip')
+
+
+def test_transform_cnn_is_all_or_nothing():
+    model = timm.create_model('resnet18', output_stride=16)  # stage 3: layer3 and layer4, mostly dilated
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer4\.0\.conv2: cannot convert .*dilation=\(2, 2\).*unsupported='skip'"):
+        transform_cnn(model, stages=(3,))
+    assert not list(attention_layers(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    transform_cnn(model, stages=(3,), unsupported='skip')
+    assert sorted(dict(attention_layers(model))) == [
+        'layer3.0.conv1', 'layer3.0.conv2', 'layer3.1.conv1', 'layer3.1.conv2', 'layer4.0.conv1']
+
+
+def test_stages_follow_reduction_on_every_family():
+    """Stage i = output reduction 2^(i+1), checked against timm's feature_info of each family."""
+    for name in ('resnet18', 'convnext_atto', 'efficientnet_b0', 'regnety_002', 'cspresnet50'):
+        model = timm.create_model(name, device='meta')
+        stages = conv_stages(model)
+        modules = dict(model.named_modules())
+        for info in model.feature_info:
+            inside = [n for n in stages if n.startswith(info['module'] + '.')]
+            stage = int(math.log2(info['reduction'])) - 1
+            # every spatial conv of a feature stage sits at its reduction, but a strided first conv of the next
+            assert all(stages[n] == stage or modules[n].stride != (1, 1) for n in inside), (name, info)

@@ -4,24 +4,29 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import timm_tcnn  # noqa: F401  registers the models
+import timm_tcnn  # registers the models
+from timm.models import get_pretrained_cfg
 from timm_tcnn import attention_layers
 from conftest import attention_path, relative_error
 
 DEPTHS = (50, 101, 152, 200, 270, 350, 420)
-VARIANTS = [f'tcnn_resnet{d}rs' for d in DEPTHS]
+RESNETRS = [f'tcnn_resnet{d}rs' for d in DEPTHS]
 
 
 def test_registry_lists_all_variants_and_tags():
-    assert set(timm.list_models('tcnn_*')) == set(VARIANTS)
-    assert set(timm.list_pretrained('tcnn_*')) == {f'{v}.tf_in1k' for v in VARIANTS}
-    for depth, variant in zip(DEPTHS, VARIANTS):
-        cfg = timm.models.get_pretrained_cfg(variant).to_dict()
-        cnn_cfg = timm.models.get_pretrained_cfg(f'resnetrs{depth}.tf_in1k').to_dict()
-        assert cfg['hf_hub_id'] == f'timm/resnetrs{depth}.tf_in1k'
-        for key in ('input_size', 'test_input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'pool_size'):
-            assert cfg[key] == cnn_cfg[key], key
-        assert 'arXiv:2106.05795' in cfg['paper_ids']
+    assert set(timm.list_models('tcnn_*')) == set(timm_tcnn.VARIANTS) >= set(RESNETRS)
+    for name, row in timm_tcnn.VARIANTS.items():
+        cnn_tags = [n.split('.', 1)[1] for n in timm.list_pretrained(f'{row.cnn}.*')]
+        assert [n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*')] == cnn_tags, name
+        assert get_pretrained_cfg(name).tag == get_pretrained_cfg(row.cnn).tag  # same default tag
+        for tag in cnn_tags:
+            cfg, cnn_cfg = get_pretrained_cfg(f'{name}.{tag}').to_dict(), get_pretrained_cfg(f'{row.cnn}.{tag}').to_dict()
+            assert cfg['hf_hub_id'] == f'timm/{row.cnn}.{tag}'
+            for key in ('input_size', 'test_input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'pool_size',
+                        'classifier', 'first_conv', 'num_classes'):
+                assert cfg.get(key) == cnn_cfg.get(key), (name, tag, key)
+            assert 'arXiv:2106.05795' in cfg['paper_ids']
+    assert get_pretrained_cfg('tcnn_resnet50rs').tag == 'tf_in1k'
 
 
 @pytest.fixture(scope='session')

@@ -26,7 +26,7 @@ from timm_tcnn.published import (
     PublishedWeightsError, load_published_weights, published_cfgs, register_published_weights, registry_entry,
     unregister_published_weights,
 )
-from timm_tcnn.tcnn_resnet import conversion_options
+from timm_tcnn.variants import conversion_options
 from conftest import randomize_batchnorm, relative_error
 
 REPO_ID = 'acme/tcnn_resnet50rs.ft_test'
@@ -156,7 +156,7 @@ def _entry(**changes):
 def test_registry_entries_validated():
     assert load_published_weights() == []  # no fine-tuned weights are published yet
     options = conversion_options()
-    cfgs = published_cfgs(options, ARCHS, [_entry()])
+    cfgs = published_cfgs({arch: options for arch in ARCHS}, [_entry()])
     assert cfgs['tcnn_resnet50rs.ft_x']['input_size'] == (3, 160, 160)
     merged = generate_default_cfgs({'tcnn_resnet50rs.tf_in1k': dict(hf_hub_id='timm/resnetrs50.tf_in1k'), **cfgs})
     assert list(merged['tcnn_resnet50rs'].tags) == ['tf_in1k', 'ft_x']  # tf_in1k stays the default
@@ -171,9 +171,9 @@ def test_registry_entries_validated():
     }
     for message, entry in bad.items():
         with pytest.raises(PublishedWeightsError, match=message):
-            published_cfgs(options, ARCHS, [entry])
+            published_cfgs({arch: options for arch in ARCHS}, [entry])
     with pytest.raises(PublishedWeightsError, match='listed twice'):
-        published_cfgs(options, ARCHS, [_entry(), _entry()])
+        published_cfgs({arch: options for arch in ARCHS}, [_entry(), _entry()])
 
 
 def test_model_card(published):
@@ -324,7 +324,8 @@ def test_mismatches_named():
     state_dict = tiny(num_classes=3).state_dict()
     with pytest.raises(PublishError, match='It has 3 classes, this model 5'):
         check_weights(state_dict, tiny(num_classes=5))
-    with pytest.raises(PublishError, match=r'blocks per stage \(1, 1, 1, 1\); this model has \(3, 4, 6, 3\)'):
+    with pytest.raises(PublishError, match=r'another architecture than tcnn_resnet50rs \(0 entries only in the '
+                                           r'checkpoint.*No registered T-CNN has this architecture'):
         check_weights(state_dict, timm.create_model('tcnn_resnet50rs', num_classes=3))
     with pytest.raises(PublishError, match=r'Converted layers differ.*only in model \[.layer3.0.conv2.\]'):
         check_weights(state_dict, tiny(num_classes=3, tcnn_stages=(3, 4)))

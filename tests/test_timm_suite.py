@@ -17,6 +17,8 @@ from typing import Dict, List, Tuple
 import pytest
 import timm
 
+import timm_tcnn
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # every per-model test function of timm's suite that applies to a tcnn_* model
@@ -145,4 +147,12 @@ def test_timm_suite(timm_suite_dir, offline_hub, variant):
 ])
 def test_timm_suite_deep(timm_suite_dir, variant):
     """The deeper variants; pretrained loading (same code path for every variant) is left to the two above."""
+    _check_suite(timm_suite_dir, variant, SUITE_FUNCTIONS, f'{variant} and not pretrained')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('variant', sorted(
+    set(timm_tcnn.VARIANTS) - {f'tcnn_resnet{d}rs' for d in (50, 101, 152, 200, 270, 350, 420)}))
+def test_timm_suite_families(timm_suite_dir, variant):
+    """The other families (ConvNeXt, EfficientNet, MobileNetV3, RegNet, CSPNet, ResNet/ResNeXt): the same tests."""
     _check_suite(timm_suite_dir, variant, SUITE_FUNCTIONS, f'{variant} and not pretrained')

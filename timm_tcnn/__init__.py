@@ -8,8 +8,11 @@ from .convert import (
     attention_layers,
     attention_to_conv,
     check_convertible,
+    conv_stages,
     conv_to_attention,
     convert_cnn_state_dict,
     transform_cnn,
 )
-from .tcnn_resnet import TcnnResNet
+from .options import TcnnOptions
+from .models import TcnnModel, TcnnResNet, tcnn_class
+from .variants import VARIANTS

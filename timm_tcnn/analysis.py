@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers.padding import pad_same
+
 from .attention import GatedPositionalAttention2d
 from .convert import attention_layers
 from .errors import InputError
@@ -103,27 +105,28 @@ def _neg_xlogx(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p)
 
 
-def _offset_profile(factor: torch.Tensor, stride: int) -> torch.Tensor:
+def _offset_profile(factor: torch.Tensor, stride: int, start: int = 0) -> torch.Tensor:
     """Per-query 1D Gaussian weights -> weights of each offset.
 
     Args:
-        factor: (heads, out_size, in_size), weight of key k for the query at `stride * i`.
+        factor: (heads, out_size, in_size), weight of key k for the query at `start + stride * i`.
     Returns:
         (heads, 2 * in_size - 1): weight of offsets -(in_size - 1) ... in_size - 1. The weights
         depend on the offset only, so each is read where some query sees it; with stride 2 the
-        most negative offset can be out of every query's sight and gets the mass that completes the
-        profile to 1 (the row softmax covers exactly these offsets, the out-of-image ones being
-        zero tokens).
+        most negative offset (the most positive one when queries start at 1, TF 'SAME' padding) can be
+        out of every query's sight and gets the mass that completes the profile to 1 (the row softmax
+        covers exactly these offsets, the out-of-image ones being zero tokens).
     """
     heads, out_size, in_size = factor.shape
-    offsets = torch.arange(in_size)[None, :] - stride * torch.arange(out_size)[:, None]
+    offsets = torch.arange(in_size)[None, :] - stride * torch.arange(out_size)[:, None] - start
     profile = factor.new_full((heads, 2 * in_size - 1), float('nan'))
     profile[:, (offsets + in_size - 1).flatten()] = factor.flatten(1)
     missing = profile.isnan()[0]
     if missing.any():
-        assert int(missing.sum()) == 1 and bool(missing[0]), 'only offset -(in_size - 1) can be unseen'
-        profile[:, 0] = 0.
-        profile[:, 0] = (1 - profile.sum(-1)).clamp_min(0)
+        end = 0 if bool(missing[0]) else -1
+        assert int(missing.sum()) == 1 and bool(missing[end]), 'only offset +-(in_size - 1) can be unseen'
+        profile[:, end] = 0.
+        profile[:, end] = (1 - profile.sum(-1)).clamp_min(0)
     return profile
 
 
@@ -139,8 +142,9 @@ def positional_offset_attention(layer: GatedPositionalAttention2d, height: int, 
     r_y, r_x = max(height - 1, p), max(width - 1, p)
     with torch.no_grad():
         rows, cols = layer.positional_gaussian(height, width)
-        rows = _offset_profile(rows.detach().float().cpu(), layer.stride)
-        cols = _offset_profile(cols.detach().float().cpu(), layer.stride)
+        row0, col0 = layer.query_start(height, width)
+        rows = _offset_profile(rows.detach().float().cpu(), layer.stride, row0)
+        cols = _offset_profile(cols.detach().float().cpu(), layer.stride, col0)
     gauss = torch.zeros(layer.num_heads, 2 * r_y + 1, 2 * r_x + 1)
     gauss[:, r_y - height + 1:r_y + height, r_x - width + 1:r_x + width] = rows[:, :, None] * cols[:, None, :]
     onehot = torch.zeros_like(gauss)
@@ -153,8 +157,9 @@ def positional_offset_attention(layer: GatedPositionalAttention2d, height: int, 
 def query_positions(layer: GatedPositionalAttention2d, height: int, width: int) -> torch.Tensor:
     """(H_out * W_out, 2) (row, col) of every query on the input grid, row-major."""
     out_h, out_w = layer.output_size(height, width)
+    row0, col0 = layer.query_start(height, width)
     rows, cols = torch.meshgrid(
-        torch.arange(out_h) * layer.stride, torch.arange(out_w) * layer.stride, indexing='ij')
+        torch.arange(out_h) * layer.stride + row0, torch.arange(out_w) * layer.stride + col0, indexing='ij')
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
 
 
@@ -285,7 +290,11 @@ class _LayerAccumulator:
         weight = layer.weight if self.cnn_weight is None else self.cnn_weight.to(layer.weight)
         bias = layer.bias if self.cnn_weight is None else self.cnn_bias
         bias = None if bias is None else bias.to(layer.weight)
-        ref = F.conv2d(x, weight, bias, layer.stride, layer.padding)
+        if layer.same_padding:
+            ref = F.conv2d(pad_same(x, [layer.kernel_size] * 2, [layer.stride] * 2), weight, bias, layer.stride, 0,
+                           1, layer.groups)
+        else:
+            ref = F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups)
         finite = bool(torch.isfinite(out).all() and torch.isfinite(ref).all())  # else the error is inf
         self.max_diff = max(self.max_diff, (out - ref).abs().max().item() if finite else math.inf)
         self.max_ref = max(self.max_ref, ref.abs().max().item() if finite else math.inf)

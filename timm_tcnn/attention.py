@@ -35,7 +35,7 @@ How it is computed (see docs/performance.md): the positional part P_h does not d
 input, so it is built once per call (once per map size and parameter update in inference) as a
 dense (Nq, heads, N) matrix from separable row and column factors, and added to the content
 softmax. One batched GEMM then mixes the full-width input for all heads, (Nq * heads, N) @ (N, C_in),
-and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out): the same multiply-adds
+and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out) (batched over groups for grouped kernels): the same multiply-adds
 as the convolution plus those of the attention, no per-head or per-sample copies of the values.
 Queries are processed in blocks (`attention_block_bytes`) so that the attention tensor of a block
 stays in cache. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot
@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import trunc_normal_
+from timm.layers.padding import pad_same
 
 __all__ = ['GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'gated', 'RATE_SCALED_PARAMS']
 
@@ -91,20 +92,28 @@ def _blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, 
     return out
 
 
+def _same_pad_before(size: int, kernel_size: int, stride: int) -> int:
+    """Zeros TF 'SAME' padding puts before a dimension of `size` (timm's `pad_same`: the smaller half)."""
+    out = (size - 1) // stride + 1
+    return max((out - 1) * stride + kernel_size - size, 0) // 2
+
+
 def _gaussian_1d(
         alpha: torch.Tensor,
         center: torch.Tensor,
         in_size: int,
         out_size: int,
         stride: int,
+        start: int = 0,
 ) -> torch.Tensor:
     """Row-stochastic 1D Gaussian attention of every head, in float32.
 
     Args:
         alpha: (heads,) locality strength, > 0.
         center: (heads,) attention centre, as an offset from the query, in pixels.
+        start: input position of the first query.
     Returns:
-        (heads, out_size, in_size): weight of key k for the query at `stride * i`. Each row is a
+        (heads, out_size, in_size): weight of key k for the query at `start + stride * i`. Each row is a
         softmax over all offsets in [-(in_size - 1), in_size - 1]; offsets outside the image are
         zero tokens, so rows of border queries sum to less than 1.
     """
@@ -113,16 +122,16 @@ def _gaussian_1d(
     offsets = torch.arange(-(in_size - 1), in_size, device=alpha.device, dtype=torch.float32)
     log_norm = torch.logsumexp(-alpha * (offsets - center) ** 2, dim=-1)  # heads
     keys = torch.arange(in_size, device=alpha.device, dtype=torch.float32)
-    queries = torch.arange(out_size, device=alpha.device, dtype=torch.float32) * stride
+    queries = torch.arange(out_size, device=alpha.device, dtype=torch.float32) * stride + start
     rel = keys[None, :] - queries[:, None]  # out_size, in_size
     logits = -alpha[:, :, None] * (rel[None] - center[:, :, None]) ** 2
     return torch.exp(logits - log_norm[:, None, None])
 
 
-def _onehot_1d(offsets: torch.Tensor, in_size: int, out_size: int, stride: int) -> torch.Tensor:
-    """(heads, out_size, in_size) float32: 1 where key k sits at `offsets[h]` from the query at `stride * i`."""
+def _onehot_1d(offsets: torch.Tensor, in_size: int, out_size: int, stride: int, start: int = 0) -> torch.Tensor:
+    """(heads, out_size, in_size) float32: 1 where key k sits at `offsets[h]` from the query at `start + stride * i`."""
     keys = torch.arange(in_size, device=offsets.device)
-    queries = torch.arange(out_size, device=offsets.device) * stride
+    queries = torch.arange(out_size, device=offsets.device) * stride + start
     rel = keys[None, :] - queries[:, None]
     return (rel[None] == offsets[:, None, None]).float()
 
@@ -154,9 +163,13 @@ class GatedPositionalAttention2d(nn.Module):
     """Gated positional self-attention with the interface of an `nn.Conv2d`.
 
     Input (B, C_in, H, W), output (B, C_out, H_out, W_out) with H_out = ceil(H / stride), exactly as
-    a KxK convolution with padding K // 2. Heads = K * K kernel taps. Parameters:
+    a KxK convolution with `groups` groups and padding K // 2 (or, with `same_padding`, TF 'SAME'
+    padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so
+    the queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head
+    reads the full-width input, and its tap's slice of the grouped kernel projects it group by group
+    (block-diagonal; diagonal for depthwise), at the cost of the grouped convolution. Parameters:
 
-        weight:        (C_out, C_in, K, K) value/output projection, one tap slice per head
+        weight:        (C_out, C_in / groups, K, K) value/output projection, one tap slice per head
         bias:          (C_out,) or None
         content_gate:  (heads,) content share before clamping to [0, 1]; 0 at conversion
         locality_gate: (heads,) Gaussian share of the positional attention; 0 at conversion
@@ -172,7 +185,8 @@ class GatedPositionalAttention2d(nn.Module):
     processed in blocks of that size (about the last-level cache), which keeps the memory-bound
     softmax and blend passes in cache. It changes speed only, never the result.
 
-    Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2)`.
+    Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2, 1, groups)`
+    (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride))` without padding).
     """
     __jit_ignored_attributes__ = ['_inference_cache']  # eager inference only
 
@@ -183,6 +197,8 @@ class GatedPositionalAttention2d(nn.Module):
             kernel_size: int = 3,
             stride: int = 1,
             bias: bool = True,
+            groups: int = 1,
+            same_padding: bool = False,
             qk_dim: int = 32,
             qk_init_std: float = 0.02,
             locality_init: float = 1.0,
@@ -198,6 +214,8 @@ class GatedPositionalAttention2d(nn.Module):
             raise ValueError(f'kernel_size must be odd, got {kernel_size}.')
         if stride not in (1, 2):
             raise ValueError(f'stride must be 1 or 2, got {stride}.')
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f'groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.')
         if locality_init <= 0:
             raise ValueError(f'locality_init must be > 0, got {locality_init}.')
         if not gate_lr_scale > 0:
@@ -210,6 +228,8 @@ class GatedPositionalAttention2d(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = kernel_size // 2
+        self.groups = groups
+        self.same_padding = same_padding
         self.num_heads = kernel_size * kernel_size
         self.qk_dim = qk_dim
         self.scale = qk_dim ** -0.5
@@ -219,7 +239,7 @@ class GatedPositionalAttention2d(nn.Module):
             raise ValueError(f'attention_block_bytes must be >= 1, got {attention_block_bytes}.')
         self.attention_block_bytes = attention_block_bytes
 
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size, **dd))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
         self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
         self.content_gate = nn.Parameter(torch.empty(self.num_heads, **dd))
         self.locality_gate = nn.Parameter(torch.empty(self.num_heads, **dd))
@@ -253,7 +273,7 @@ class GatedPositionalAttention2d(nn.Module):
             return
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # as nn.Conv2d
         if self.bias is not None:
-            bound = (self.in_channels * self.kernel_size ** 2) ** -0.5
+            bound = (self.in_channels // self.groups * self.kernel_size ** 2) ** -0.5
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_attention()
 
@@ -357,13 +377,24 @@ class GatedPositionalAttention2d(nn.Module):
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
 
+    def query_start(self, height: int, width: int) -> Tuple[int, int]:
+        """Input position (row, col) of the first query: the query of output (i, j) sits at start + stride * (i, j).
+
+        (0, 0) with padding K // 2; with TF 'SAME' padding, K // 2 minus the zeros before each dimension.
+        """
+        if not self.same_padding:
+            return 0, 0
+        k, s = self.kernel_size, self.stride
+        return self.padding - _same_pad_before(height, k, s), self.padding - _same_pad_before(width, k, s)
+
     def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention, float32."""
         alpha = rate_scaled(self.pos_log_alpha.float(), self.gate_lr_scale).exp()
         center = rate_scaled(self.pos_center.float(), self.gate_lr_scale)
         out_h, out_w = self.output_size(height, width)
-        rows = _gaussian_1d(alpha, center[:, 0], height, out_h, self.stride)
-        cols = _gaussian_1d(alpha, center[:, 1], width, out_w, self.stride)
+        row0, col0 = self.query_start(height, width)
+        rows = _gaussian_1d(alpha, center[:, 0], height, out_h, self.stride, row0)
+        cols = _gaussian_1d(alpha, center[:, 1], width, out_w, self.stride, col0)
         return rows, cols
 
     def positional_mixing(self, height: int, width: int) -> torch.Tensor:
@@ -377,8 +408,9 @@ class GatedPositionalAttention2d(nn.Module):
         out_h, out_w = self.output_size(height, width)
         taps = self.tap_offsets()
         gauss_rows, gauss_cols = self.positional_gaussian(height, width)
-        onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride)
-        onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride)
+        row0, col0 = self.query_start(height, width)
+        onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride, row0)
+        onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride, col0)
         keep = 1 - content
         onehot = torch.einsum('hiy,hjx->ijhyx', onehot_rows * (keep * (1 - locality))[:, None, None], onehot_cols)
         gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)  # H_out, W_out, heads, H, W
@@ -388,7 +420,8 @@ class GatedPositionalAttention2d(nn.Module):
     def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Scaled queries (B, h, Nq, d) and keys (B, h, d, N) of every head."""
         B = x.shape[0]
-        queries = x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
+        row0, col0 = self.query_start(x.shape[-2], x.shape[-1])
+        queries = x if self.stride == 1 else x[:, :, row0::self.stride, col0::self.stride]
         # (B, h * d, N) = W @ x per sample: reads NCHW or channels-last x in place, no token copies
         q = torch.bmm(self.q.weight.expand(B, -1, -1), queries.flatten(2)).unflatten(1, (self.num_heads, -1))
         k = torch.bmm(self.k.weight.expand(B, -1, -1), x.flatten(2)).unflatten(1, (self.num_heads, -1))
@@ -448,8 +481,24 @@ class GatedPositionalAttention2d(nn.Module):
         return out.flatten(3)
 
     def tap_major_weight(self) -> torch.Tensor:
-        """(C_out, heads * C_in) projection of the taps, head-major: what `forward`'s last GEMM reads."""
-        return self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        """(groups, C_out / groups, heads * C_in / groups) projection of the taps, per group and head-major:
+        what `forward`'s last (grouped) GEMM reads."""
+        weight = self.weight.unflatten(0, (self.groups, -1))  # G, O_g, C_g, K, K
+        return weight.permute(0, 1, 3, 4, 2).flatten(2)
+
+    def _project(self, mixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """bias + sum_h W_h (x A_h^T): (B, Nq, heads, C_in) mixed inputs, `tap_major_weight` -> (B, Nq, C_out).
+
+        Dense layers take one GEMM; grouped ones one batched GEMM over groups, (G, B * Nq, heads * C_g) @
+        (G, heads * C_g, O_g): the multiply-adds of the grouped convolution, no block-diagonal matrix.
+        """
+        if self.groups == 1:
+            return F.linear(mixed.flatten(2), weight[0], self.bias)
+        B, Nq, heads, C = mixed.shape
+        per_group = mixed.unflatten(3, (self.groups, -1)).permute(3, 0, 1, 2, 4).reshape(self.groups, B * Nq, -1)
+        out = torch.bmm(per_group, weight.transpose(1, 2))  # G, B * Nq, O_g
+        out = out.transpose(0, 1).reshape(B, Nq, self.out_channels)
+        return out if self.bias is None else out + self.bias
 
     def _mix_and_project(
             self,
@@ -478,7 +527,7 @@ class GatedPositionalAttention2d(nn.Module):
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
             mixed = _mix(x, attn.to(x.dtype))  # B, block, h, C_in
-            outs.append(F.linear(mixed.flatten(2), weight, self.bias))  # B, block, C_out
+            outs.append(self._project(mixed, weight))  # B, block, C_out
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.unflatten(1, (out_h, out_w)).permute(0, 3, 1, 2)  # channels-last layout
         if x.is_contiguous(memory_format=torch.channels_last):
@@ -523,11 +572,21 @@ class GatedPositionalAttention2d(nn.Module):
             self._inference_cache[key] = entry
         _, positional, weight, content_on, is_conv = entry
         if is_conv:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            return self._conv_forward(x)
         return self._mix_and_project(x, positional, weight, with_content=content_on)
 
+    @torch.jit.unused
+    def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution the layer equals while both gates are 0."""
+        if self.same_padding:
+            x = pad_same(x, [self.kernel_size] * 2, [self.stride] * 2)
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
     def extra_repr(self) -> str:
+        groups = f', groups={self.groups}' if self.groups > 1 else ''
+        same = ', padding=same' if self.same_padding else ''
         return (
-            f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
-            f'heads={self.num_heads}, qk_dim={self.qk_dim}, bias={self.bias is not None}'
+            f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}{groups}'
+            f'{same}, heads={self.num_heads}, qk_dim={self.qk_dim}, bias={self.bias is not None}'
         )

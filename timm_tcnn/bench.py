@@ -3,7 +3,7 @@
 Every number is a ratio measured in one run, interleaved (CNN, T-CNN, CNN, ...) and repeated,
 taking medians, so that machine load affects both sides alike:
 
-- `models`: `tcnn_resnet50rs` (several conversion configurations) vs `resnetrs50`: inference
+- `models`: a registered T-CNN (default `tcnn_resnet50rs`, several conversion configurations) vs its CNN: inference
   throughput (eval, no autograd), training-step throughput (forward + backward + optimizer step),
   FLOPs (`torch.utils.flop_counter`), arithmetic efficiency = throughput ratio / FLOP ratio, and
   peak memory of a training step.
@@ -30,14 +30,15 @@ from tqdm import tqdm
 import timm
 
 from .attention import GatedPositionalAttention2d
-from .convert import attention_layers
+from .convert import attention_layers, convolution_of
+from .variants import variant
 
 __all__ = [
     'CONFIGS', 'Result', 'fine_tune_like', 'create_pair', 'count_flops', 'peak_train_memory',
-    'bench_models', 'bench_layers', 'bench_gpsa', 'format_table',
+    'bench_variant', 'bench_models', 'bench_layers', 'bench_gpsa', 'format_table',
 ]
 
-# configuration name -> tcnn_resnet50rs keyword arguments
+# configuration name -> T-CNN keyword arguments
 CONFIGS: Dict[str, Dict] = {
     'default': dict(tcnn_stages=(4,), tcnn_convert_strided=True),
     's34-full': dict(tcnn_stages=(3, 4), tcnn_convert_strided=True),
@@ -108,17 +109,23 @@ def fine_tune_like(
     return model
 
 
-def create_pair(configs: Sequence[str], seed: int = 0, **finetune_kwargs) -> Dict[str, nn.Module]:
-    """`resnetrs50` ('cnn') and one `tcnn_resnet50rs` per configuration, from the same weights, the
+def create_pair(
+        configs: Sequence[str],
+        seed: int = 0,
+        model: str = 'tcnn_resnet50rs',
+        **finetune_kwargs,
+) -> Dict[str, nn.Module]:
+    """A registered T-CNN's CNN ('cnn') and the T-CNN in each configuration, from the same weights, the
     T-CNNs put in a fine-tuned-like state by `fine_tune_like(**finetune_kwargs)`."""
     unknown = [name for name in configs if name not in CONFIGS]
     if unknown:
         raise ValueError(f'unknown configuration {unknown}: choose from {list(CONFIGS)}.')
+    cnn = variant(model).cnn
     torch.manual_seed(seed)
-    models = {'cnn': timm.create_model('resnetrs50').eval()}
+    models = {'cnn': timm.create_model(cnn).eval()}
     state = models['cnn'].state_dict()
     for name in configs:
-        tcnn = timm.create_model('tcnn_resnet50rs', **CONFIGS[name])
+        tcnn = timm.create_model(model, **CONFIGS[name])
         tcnn.load_state_dict(state)  # CNN weights convert on load
         models[name] = fine_tune_like(tcnn, seed=seed, **finetune_kwargs)
     return models
@@ -222,6 +229,26 @@ def bench_models(
     return results
 
 
+def bench_variant(name: str, size: int = 224, batch_size: int = 8, reps: int = 3) -> Dict[str, object]:
+    """A registered T-CNN (default options, fine-tuned-like) vs its CNN: parameters, converted layers and
+    inference throughput ratio (T-CNN / CNN), timed interleaved."""
+    cnn_name = variant(name).cnn
+    cnn = timm.create_model(cnn_name).eval()
+    tcnn = timm.create_model(name)
+    tcnn.load_state_dict(cnn.state_dict())  # CNN weights convert on load
+    fine_tune_like(tcnn, steps=1, img_size=64, batch_size=2)
+    x = torch.randn(batch_size, 3, size, size)
+    times = _interleaved({'cnn': _infer_fn(cnn, x), 'tcnn': _infer_fn(tcnn, x)}, reps)
+    return dict(
+        cnn=cnn_name,
+        stages=tcnn.tcnn_options.stages,
+        layers=len(list(attention_layers(tcnn))),
+        cnn_params=sum(p.numel() for p in cnn.parameters()),
+        tcnn_params=sum(p.numel() for p in tcnn.parameters()),
+        ratio=times['cnn'] / times['tcnn'],
+    )
+
+
 def _converted_inputs(
         model: nn.Module, size: int, batch_size: int) -> List[Tuple[GatedPositionalAttention2d, torch.Size]]:
     """Every converted layer of `model` with its input shape at `size` px, for a batch of `batch_size`."""
@@ -235,19 +262,12 @@ def _converted_inputs(
     return [(m, torch.Size((batch_size,) + tuple(s[1:]))) for m, s in shapes]
 
 
-def _as_conv(layer: GatedPositionalAttention2d) -> nn.Conv2d:
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                     bias=layer.bias is not None)
-    conv.load_state_dict({k: v for k, v in layer.state_dict().items() if k in ('weight', 'bias')})
-    return conv
-
-
 def bench_layers(models: Dict[str, nn.Module], size: int = 224, batch_size: int = 8, reps: int = 3) -> List[Result]:
     """The converted layers of each T-CNN alone (at their shapes in the model) vs the convolutions they replaced."""
     results = []
     generator = torch.Generator().manual_seed(0)
     for name, model in tqdm([(n, m) for n, m in models.items() if n != 'cnn'], desc='layers', leave=False):
-        pairs = [(layer, _as_conv(layer), torch.randn(shape, generator=generator))
+        pairs = [(layer, convolution_of(layer), torch.randn(shape, generator=generator))
                  for layer, shape in _converted_inputs(model, size, batch_size)]
         for mode in ('infer', 'train'):
             def run(use_attention: bool, mode=mode):

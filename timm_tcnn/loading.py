@@ -6,19 +6,17 @@ from typing import Any, Mapping, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.models.resnet import ResNet
 
+from .checkpoints import describe_mismatch
 from .convert import convert_cnn_state_dict
 from .errors import InputError
 from .hub import require_hub_weights
 from .io import load_checkpoint_state_dict
 from .numerics import check_finite
-from .tcnn_resnet import describe_mismatch
 
 __all__ = ['unknown_model_hint', 'create_model', 'check_fits', 'create_model_with_weights']
 
 _UNKNOWN_MODEL = re.compile(r'Unknown model \((.+)\)')
-_STAGE_KEY = re.compile(r'layer\d+\.\d+\.')
 
 
 def unknown_model_hint(exc: BaseException) -> Optional[str]:
@@ -54,23 +52,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 def check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
     """Raise an `InputError` unless `state_dict` has exactly `model`'s keys and shapes, saying which
-    variant and class count it fits (T-CNNs) or which keys differ."""
+    registered T-CNN, class count or model kwargs it fits."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if not (missing or unexpected or shapes):
+    if set(own) == set(state_dict) and all(state_dict[k].shape == v.shape for k, v in own.items()):
         return
-    details = [f'{len(missing)} missing keys, e.g. {missing[:3]}' if missing else '',
-               f'{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}' if unexpected else '',
-               f'{len(shapes)} shapes differ, e.g. {shapes[:2]}' if shapes else '']
-    resnet_stages = isinstance(model, ResNet) and any(_STAGE_KEY.match(k) for k in state_dict)
-    hint = describe_mismatch(state_dict, model) + ' ' if resnet_stages else ''
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    raise InputError(
-        f'{source} does not fit {name} (another variant, class count or model kwargs?). '
-        f'{hint}Details: {"; ".join(d for d in details if d)}.')
+    raise InputError(f'{source} does not fit {name}: {describe_mismatch(state_dict, model)}')
 
 
 def create_model_with_weights(

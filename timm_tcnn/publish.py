@@ -24,7 +24,8 @@ from .errors import InputError, WorkError
 from .io import atomic_directory, read_mapping
 from .numerics import check_finite, relative_error
 from .published import PAPER_IDS, PAPER_NAME
-from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options, describe_mismatch
+from .checkpoints import describe_mismatch
+from .variants import VARIANTS, conversion_options
 from .version import __version__
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     'write_model_folder', 'HubTarget', 'check_hub_target', 'upload_model_folder',
 ]
 
-ARCHITECTURES = tuple(f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS)
+ARCHITECTURES = tuple(VARIANTS)
 HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 _CHECK_SIZE = 64  # side of the random images the written folder is checked on
 # connection failures of the HTTP library huggingface_hub uses (httpx2, httpx; requests' are OSErrors)
@@ -79,8 +80,8 @@ def resolve_model_args(
     kwargs = {**(train_args.get('model_kwargs') or {}), **(model_kwargs or {})}
     tcnn = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith('tcnn_')}
     try:
-        model_args = {**kwargs, **conversion_options(**tcnn)}
-    except TypeError as e:
+        model_args = {**kwargs, **conversion_options(arch, **tcnn)}
+    except (TypeError, ValueError) as e:
         raise PublishError(str(e)) from None
     input_size = train_args.get('input_size')
     found = dict(

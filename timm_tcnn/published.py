@@ -16,7 +16,8 @@ The registry is data: `published_weights.json`, shipped inside the package, hold
 Other keys are timm `PretrainedCfg` fields (`interpolation`, `mean`, `std`, `pool_size`, `license`, ...).
 `model_args` is the `model_args` of the repo's `config.json` and must spell out every T-CNN option.
 `timm-tcnn publish` prints the entry of what it published. Importing `timm_tcnn` turns every entry into
-the pretrained tag `architecture.tag`; `register_published_weights` adds entries at run time.
+the pretrained tag `architecture.tag`; `register_published_weights` adds entries at run time (re-registering
+the architecture with timm's public `register_model`, which replaces a registration with its tags).
 
 A pretrained tag rebuilds the architecture with its default options (only the class count comes from the
 tag), so an entry whose `model_args` differ from those defaults is refused: such weights load with
@@ -26,14 +27,18 @@ import dataclasses
 import inspect
 import json
 import re
+import sys
+import warnings
+from collections import deque
 from importlib import resources
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from timm.models import _registry
-from timm.models import PretrainedCfg, split_model_name_tag
+from timm.models import PretrainedCfg, is_model_pretrained, model_entrypoint, register_model, split_model_name_tag
 from timm.models.resnet import ResNet
+
+from .variants import VARIANTS
 
 __all__ = [
     'PublishedWeightsError', 'load_published_weights', 'published_cfgs', 'registry_entry', 'check_registry_entry',
@@ -78,7 +83,8 @@ def load_published_weights(path: Optional[Union[str, Path]] = None) -> List[Dict
 
 
 def _check_model_args(name: str, entry: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """`model_args` must spell out every T-CNN option, all equal to what the tag rebuilds."""
+    """`model_args` must spell out every T-CNN option, all equal to what the tag rebuilds (`options`: the
+    architecture's defaults)."""
     model_args = entry['model_args']
     if not isinstance(model_args, dict):
         raise PublishedWeightsError(f'{name}: model_args must be an object, got {type(model_args).__name__}.')
@@ -101,7 +107,7 @@ def _check_model_args(name: str, entry: Mapping[str, Any], options: Mapping[str,
                 f'instead of listing a tag.')
 
 
-def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection[str]) -> Dict[str, Any]:
+def _entry_cfg(entry: Any, architectures: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """Validate one entry and return its pretrained cfg (without `architecture` and `tag`)."""
     if not isinstance(entry, dict):
         raise PublishedWeightsError(f'Each registry entry must be an object, got {entry!r}.')
@@ -130,7 +136,7 @@ def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection
         raise PublishedWeightsError(f'{name}: hf_hub_id {hf_hub_id!r} must be ORG/NAME.')
     if not isinstance(entry['num_classes'], int) or entry['num_classes'] < 1:
         raise PublishedWeightsError(f'{name}: num_classes must be a positive integer, got {entry["num_classes"]!r}.')
-    _check_model_args(name, entry, options)
+    _check_model_args(name, entry, architectures[entry['architecture']])
     cfg = {k: v for k, v in entry.items() if k not in ('architecture', 'tag', 'model_args')}
     cfg.update({k: tuple(cfg[k]) for k in _TUPLE_FIELDS if cfg.get(k) is not None})
     cfg.setdefault('paper_ids', PAPER_IDS)
@@ -139,21 +145,19 @@ def _entry_cfg(entry: Any, options: Mapping[str, Any], architectures: Collection
 
 
 def published_cfgs(
-        options: Mapping[str, Any],
-        architectures: Collection[str],
+        architectures: Mapping[str, Mapping[str, Any]],
         entries: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Pretrained cfgs keyed `architecture.tag`, for `generate_default_cfgs`.
 
     Args:
-        options: every T-CNN option with the value the architectures are built with by default.
-        architectures: names entries may use.
+        architectures: names entries may use -> every T-CNN option with the value it is built with by default.
         entries: registry entries; default: the shipped registry.
     """
     entries = load_published_weights() if entries is None else entries
     cfgs: Dict[str, Dict[str, Any]] = {}
     for entry in entries:
-        cfg = _entry_cfg(entry, options, architectures)
+        cfg = _entry_cfg(entry, architectures)
         name = f'{entry["architecture"]}.{entry["tag"]}'
         if name in cfgs:
             raise PublishedWeightsError(f'{name} is listed twice.')
@@ -172,37 +176,47 @@ def registry_entry(config: Mapping[str, Any], tag: str, hf_hub_id: str) -> Dict[
     return entry
 
 
-def _tcnn_architectures() -> Tuple[Dict[str, Any], List[str]]:
-    """Default T-CNN options and the architecture names (tcnn_resnet imports this module: import late)."""
-    from .tcnn_resnet import RESNETRS_DEPTHS, conversion_options
-    return conversion_options(), [f'tcnn_resnet{d}rs' for d in RESNETRS_DEPTHS]
+def _tcnn_architectures() -> Dict[str, Dict[str, Any]]:
+    """Registered T-CNN names -> their default options."""
+    return {row.name: row.options.to_kwargs() for row in VARIANTS.values()}
 
 
 def check_registry_entry(entry: Mapping[str, Any]) -> None:
     """Raise a `PublishedWeightsError` unless `entry` can be listed as a pretrained tag."""
-    _entry_cfg(dict(entry), *_tcnn_architectures())
+    _entry_cfg(dict(entry), _tcnn_architectures())
+
+
+def _register_again(arch: str, tags: Mapping[str, Optional[PretrainedCfg]]) -> None:
+    """Re-register `arch` with timm's public `register_model`, its module's `default_cfgs` entry given new tags
+    (a None cfg removes the tag). timm replaces an existing registration, pretrained tags included."""
+    entrypoint = model_entrypoint(arch)
+    module = sys.modules[entrypoint.__module__]
+    old = module.default_cfgs[arch]
+    cfgs = {tag: cfg for tag, cfg in {**old.cfgs, **tags}.items() if cfg is not None}
+    order = [tag for tag in dict.fromkeys([*old.tags, *tags]) if tag in cfgs]  # existing tags first: same default
+    module.default_cfgs[arch] = dataclasses.replace(old, tags=deque(order), cfgs=cfgs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Overwriting', category=UserWarning)
+        register_model(entrypoint)
 
 
 def register_published_weights(entries: Union[Mapping[str, Any], Iterable[Mapping[str, Any]]]) -> List[str]:
     """Add registry entries (dicts as in `published_weights.json`) as pretrained tags now.
 
-    Returns the new `architecture.tag` names. Existing tags are never replaced.
+    Returns the new `architecture.tag` names. Existing tags are never replaced; the default tag stays.
     """
     entries = [entries] if isinstance(entries, Mapping) else list(entries)
-    cfgs = published_cfgs(*_tcnn_architectures(), entries)
-    taken = [name for name in cfgs if name in _registry._model_pretrained_cfgs]
+    cfgs = published_cfgs(_tcnn_architectures(), entries)
+    taken = [name for name in cfgs if is_model_pretrained(name)]
     if taken:
         raise PublishedWeightsError(f'Pretrained tags {taken} exist already; choose another tag.')
+    by_arch: Dict[str, Dict[str, PretrainedCfg]] = {}
     for name, cfg in cfgs.items():
         arch, tag = split_model_name_tag(name)
-        pretrained_cfg = PretrainedCfg(**cfg, architecture=arch, tag=tag)
-        default_cfg = _registry._model_default_cfgs[arch]  # the first tag stays the default
-        default_cfg.tags.append(tag)
-        default_cfg.cfgs[tag] = pretrained_cfg
-        _registry._model_pretrained_cfgs[name] = pretrained_cfg
-        _registry._model_has_pretrained.add(name)
-        _registry._model_with_tags[arch].append(name)
-        _runtime_names.add(name)
+        by_arch.setdefault(arch, {})[tag] = PretrainedCfg(**cfg)
+    for arch, tags in by_arch.items():
+        _register_again(arch, tags)
+    _runtime_names.update(cfgs)
     return list(cfgs)
 
 
@@ -212,12 +226,10 @@ def unregister_published_weights(names: Iterable[str]) -> None:
     unknown = [n for n in names if n not in _runtime_names]
     if unknown:
         raise PublishedWeightsError(f'{unknown} were not added by register_published_weights.')
+    by_arch: Dict[str, Dict[str, None]] = {}
     for name in names:
         arch, tag = split_model_name_tag(name)
-        default_cfg = _registry._model_default_cfgs[arch]
-        default_cfg.tags.remove(tag)
-        del default_cfg.cfgs[tag]
-        del _registry._model_pretrained_cfgs[name]
-        _registry._model_has_pretrained.discard(name)
-        _registry._model_with_tags[arch].remove(name)
-        _runtime_names.discard(name)
+        by_arch.setdefault(arch, {})[tag] = None
+    for arch, tags in by_arch.items():
+        _register_again(arch, tags)
+    _runtime_names.difference_update(names)

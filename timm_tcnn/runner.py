@@ -18,7 +18,7 @@ from typing import Iterator, List, Sequence
 import timm
 import torch
 
-from . import tcnn_resnet  # noqa: F401  registers the tcnn_* models
+from . import models  # noqa: F401  registers the tcnn_* models
 from .errors import InputError
 from .loading import unknown_model_hint
 

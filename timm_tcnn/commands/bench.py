@@ -9,6 +9,7 @@ import torch
 from ..bench import CONFIGS, bench_gpsa, bench_layers, bench_models, create_pair, format_table
 from ..errors import InputError
 from ..io import atomic_write, check_output_file
+from ..variants import VARIANTS
 
 PARTS = ('models', 'layers', 'gpsa')
 
@@ -17,12 +18,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'bench',
         help='measure T-CNN vs CNN throughput, FLOPs and memory ratios on this machine',
-        description='Benchmark tcnn_resnet50rs (fine-tuned-like state) against resnetrs50, its converted layers '
+        description='Benchmark a T-CNN (fine-tuned-like state) against its CNN, its converted layers '
                     'against the convolutions they replaced, and the attention layer against timm\'s ConViT GPSA. '
                     'Everything is timed round-robin in one run (medians), so ratios are robust to machine load; '
                     'the full default run is sized to take under 10 minutes on an idle 2-core CPU.',
     )
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS), help='what to measure')
+    parser.add_argument('--model', choices=list(VARIANTS), default='tcnn_resnet50rs',
+                        help='the T-CNN, measured against its CNN (default: tcnn_resnet50rs vs resnetrs50)')
     parser.add_argument('--configs', nargs='+', choices=list(CONFIGS), default=list(CONFIGS),
                         help='T-CNN configurations: default = stage 4 incl. its strided conv; s34-full = stages 3 '
                              'and 4 incl. strided; s34-stride1 = stages 3 and 4, stride-1 convs only; '
@@ -50,7 +53,7 @@ def _check(args: argparse.Namespace) -> None:
         args.configs, args.sizes, args.train_sizes = ['default'], [160], [160]
         args.memory_size, args.layer_size, args.reps, args.finetune_steps = 0, 160, 1, 1
     if min(args.sizes + args.train_sizes + [args.layer_size, args.memory_size or 32]) < 32:
-        raise InputError('image sizes must be >= 32 px (ResNet-RS downsamples 32x).')
+        raise InputError('image sizes must be >= 32 px (the CNNs downsample 32x).')
     if args.batch_size < 1 or args.reps < 1 or args.finetune_steps < 1:
         raise InputError('--batch-size, --reps and --finetune-steps must be >= 1.')
     if not 0 < args.gate < 1:
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     results = []
     if 'models' in args.parts or 'layers' in args.parts:
-        models = create_pair(args.configs, steps=args.finetune_steps, gate=args.gate, alpha=args.alpha,
+        models = create_pair(args.configs, model=args.model, steps=args.finetune_steps, gate=args.gate, alpha=args.alpha,
                              qk_std=args.qk_std)
         if 'models' in args.parts:
             results += bench_models(models, args.sizes, args.train_sizes, args.memory_size or None,

@@ -1,26 +1,17 @@
-""" Arguments and checks shared by the commands: model names, weights, device and output folders. """
+""" Arguments and checks shared by the commands: weights, device and output folders. """
 import argparse
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 from timm.utils import ParseKwargs
 
 from ..errors import InputError
-from ..tcnn_resnet import tcnn_and_cnn_names
 
-__all__ = ['conversion_names', 'add_weight_args', 'require_weights', 'add_device_arg', 'resolve_device',
+__all__ = ['add_weight_args', 'require_weights', 'add_device_arg', 'resolve_device',
            'add_output_args']
 
 _CHECKPOINT_HELP = ('weights of MODEL: .safetensors, state dict or train.py checkpoint (read with '
                     'weights_only=True); a CNN checkpoint given for a tcnn_* model is converted exactly')
-
-
-def conversion_names(model: str) -> Tuple[str, str]:
-    """(T-CNN name, CNN name) of a T-CNN or CNN name given on the command line."""
-    try:
-        return tcnn_and_cnn_names(model)
-    except ValueError as e:
-        raise InputError(str(e)) from None
 
 
 def add_weight_args(

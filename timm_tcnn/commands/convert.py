@@ -12,24 +12,26 @@ from tqdm import tqdm
 from ..convert import attention_layers, convert_cnn_state_dict
 from ..errors import InputError, WorkError
 from ..hub import require_hub_weights
+from ..checkpoints import checkpoint_options
 from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
 from ..loading import check_fits, create_model
 from ..numerics import check_finite, relative_error
-from ..tcnn_resnet import conversion_options
-from .common import add_output_args, add_weight_args, conversion_names
+from ..variants import conversion_options, tcnn_and_cnn_names
+from .common import add_output_args, add_weight_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'convert',
-        help='convert a pretrained ResNet-RS into an exactly equivalent T-CNN and save it',
-        description='Load ResNet-RS weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
+        help='convert a pretrained CNN into its exactly equivalent T-CNN and save it',
+        description='Load CNN weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
                     'them into the T-CNN, check on random inputs (and optional images) that both give the same '
                     'logits, and write model.safetensors + config.json, loadable with '
                     'timm.create_model("local-dir:OUT") after `import timm_tcnn`. Inputs and the output folder '
                     'are checked before any work; weights holding NaN or Inf are refused.',
     )
-    parser.add_argument('model', metavar='MODEL', help='tcnn_resnet{50,...,420}rs[.tag] or the CNN name resnetrs50[.tag]')
+    parser.add_argument('model', metavar='MODEL', help='a registered T-CNN (tcnn_resnet50rs, tcnn_convnext_tiny, ...)'
+                                                       '[.tag] or its CNN name (resnetrs50[.tag])')
     add_weight_args(
         parser, sources=('checkpoint', 'random_weights'),
         checkpoint_help='CNN weights: .safetensors, state dict or train.py checkpoint (default: the Hub weights)',
@@ -68,9 +70,11 @@ def _load_images(files: List[Path], model: torch.nn.Module, folder: str) -> Tupl
 def _random_cnn(cnn_name: str) -> torch.nn.Module:
     """A random CNN in which every block contributes: no zero-initialised last BatchNorm, and running
     statistics measured on random images so that the activations stay well scaled."""
-    cnn = timm.create_model(cnn_name, zero_init_last=False)
+    cnn = timm.create_model(cnn_name)
     norms = [m for m in cnn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
+        if m.affine and not m.weight.any():
+            torch.nn.init.ones_(m.weight)  # zero-initialised last norm of a residual block
         m.momentum = None  # cumulative average over the calibration batch
     cnn.train()(torch.randn(4, *cnn.pretrained_cfg['input_size']))
     for m in norms:
@@ -107,9 +111,9 @@ def _check_args(args: argparse.Namespace) -> List[Path]:
     return image_files(args.images)[:args.max_images] if args.images else []
 
 
-def _options(model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _options(tcnn_name: str, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     try:
-        return conversion_options(**model_kwargs)
+        return conversion_options(tcnn_name, **model_kwargs)
     except (TypeError, ValueError) as e:
         raise InputError(f'--model-kwargs: {e}') from None
 
@@ -120,8 +124,7 @@ def _load_cnn(args: argparse.Namespace, cnn_name: str) -> Tuple[torch.nn.Module,
     if args.checkpoint:
         state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
         check_finite(state_dict, f'checkpoint {args.checkpoint}')
-        num_classes = state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 1000
-        cnn = timm.create_model(arch, num_classes=num_classes)
+        cnn = timm.create_model(arch, **checkpoint_options(state_dict, timm.create_model(arch, device='meta')))
         check_fits(state_dict, cnn, f'checkpoint {args.checkpoint}')
         cnn.load_state_dict(state_dict)
         return cnn, args.checkpoint, _local_cfg(f'CNN checkpoint {Path(args.checkpoint).name}')
@@ -141,8 +144,8 @@ def _local_cfg(source: str) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    tcnn_name, cnn_name = conversion_names(args.model)
-    options = _options(args.model_kwargs)
+    tcnn_name, cnn_name = tcnn_and_cnn_names(args.model)
+    options = _options(tcnn_name, args.model_kwargs)
     files = _check_args(args)
 
     start = time.perf_counter()

@@ -1,10 +1,10 @@
 """ `timm-tcnn experiment`: the paper's experiment in one command, a T-CNN against its CNN control. """
 import argparse
 import hashlib
-import shlex
 import os
+import shlex
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict
 
 import timm
 from timm.data import ImageDataset
@@ -16,7 +16,7 @@ from ..experiment.parts import load_label_parts
 from ..io import check_writable, load_checkpoint_state_dict, read_mapping
 from ..loading import unknown_model_hint
 from ..numerics import check_finite
-from ..tcnn_resnet import tcnn_and_cnn_names
+from ..variants import variant
 from .common import resolve_device
 
 _DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / 'examples' / 'tcnn_resnet50rs_in1k_ft50.yaml'
@@ -85,18 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _model_names(model: str) -> Dict[str, str]:
     """{'tcnn': ..., 'cnn': ...} for a registered T-CNN name (closest names on a typo)."""
     if not timm.is_model(model):
-        hint = unknown_model_hint(RuntimeError(f'Unknown model ({model})'))
-        raise InputError(f'unknown model {model!r}. {hint}')
-    if not model.startswith('tcnn_'):
-        raise InputError(f'--model must be a T-CNN (tcnn_*), got {model!r}; its CNN is the control arm.')
-    try:
-        _, cnn = tcnn_and_cnn_names(model)
-        cnn = cnn.split('.')[0]
-    except ValueError:
-        cnn = model[len('tcnn_'):]
-    if not timm.is_model(cnn):
-        raise InputError(f'no CNN found for {model!r} (looked for {cnn!r}).')
-    return dict(tcnn=model, cnn=cnn)
+        raise InputError(f'unknown model {model!r}. {unknown_model_hint(RuntimeError(f"Unknown model ({model})"))}')
+    row = variant(model)
+    return dict(tcnn=row.name, cnn=row.cnn)
 
 
 def _check_split(data_dir: Path, split: str) -> None:

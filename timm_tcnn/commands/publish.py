@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('checkpoint', metavar='CHECKPOINT',
                         help='train.py checkpoint (model_best.pth.tar), plain state dict or .safetensors')
     parser.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='Hub model repo to publish to')
-    parser.add_argument('--model', metavar='NAME', help='tcnn_resnet{50,...,420}rs (default: args.yaml model)')
+    parser.add_argument('--model', metavar='NAME', help='a registered T-CNN, e.g. tcnn_resnet50rs (default: args.yaml model)')
     parser.add_argument('--args', metavar='FILE',
                         help="the run's train.py args.yaml (default: args.yaml beside the checkpoint, if any)")
     parser.add_argument('--num-classes', type=int, help='class count (default: args.yaml num_classes, else 1000)')

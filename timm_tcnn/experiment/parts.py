@@ -29,7 +29,8 @@ def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Di
     when its class has the true class's value of that part. Also the chance level of each part."""
     config = resolve_data_config(dict(img_size=img_size), model=model)
     dataset = ImageDataset(folder, transform=create_transform(**config))
-    classes = [name for name, _ in sorted(dataset.reader.class_to_idx.items(), key=lambda kv: kv[1])]
+    folders = {index: name for name, index in dataset.reader.class_to_idx.items()}  # this split's targets
+    classes = sorted(label_parts)  # the model's outputs: every class, in ImageFolder order
     parts = sorted(next(iter(label_parts.values())))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     hits = {p: 0 for p in parts}
@@ -38,7 +39,7 @@ def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Di
     for images, targets in tqdm(loader, desc='accuracy per label part', unit='batch', leave=False):
         predictions = model(images).argmax(-1)
         for target, prediction in zip(targets.tolist(), predictions.tolist()):
-            truth, guess = label_parts[classes[target]], label_parts[classes[prediction]]
+            truth, guess = label_parts[folders[target]], label_parts[classes[prediction]]
             for p in parts:
                 hits[p] += truth[p] == guess[p]
         total += len(targets)

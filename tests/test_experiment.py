@@ -1,0 +1,181 @@
+""" `timm-tcnn experiment` with stand-in train.py / validate.py (tests/standin_scripts): command lines, the full
+pipeline on a tiny T-CNN, resume, refusal to mix recipes, a failed arm, the report's arithmetic, bad input. """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from timm_tcnn.cli import main
+from timm_tcnn.experiment.report import compare
+from timm_tcnn.relational_shapes import write_dataset
+from timm_tcnn.options import GATE_LR_SCALE
+
+from conftest import randomize_batchnorm
+
+STANDIN = Path(__file__).parent / 'standin_scripts'
+KWARGS = dict(layers=(1, 1, 1, 1))
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """A tiny relational-shapes dataset, a CNN checkpoint of a 4-block resnetrs50 and a 2-epoch recipe."""
+    root = tmp_path_factory.mktemp('experiment')
+    write_dataset(root / 'data', seed=0, train_images=20, val_images=20, size=64)
+    cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=10, zero_init_last=False, **KWARGS),
+                              torch.Generator().manual_seed(0))
+    torch.save({'state_dict': cnn.state_dict(), 'epoch': 3}, root / 'cnn.pth.tar')
+    (root / 'recipe.yaml').write_text('epochs: 2\nbatch_size: 4\nopt: adamw\n')
+    return root
+
+
+def experiment_args(setup: Path, out: Path, *extra: str) -> list:
+    return [
+        'experiment', '--model', 'tcnn_resnet50rs', '--data-dir', str(setup / 'data'), '--out', str(out),
+        '--config', str(setup / 'recipe.yaml'), '--scripts-dir', str(STANDIN), '--seeds', '0', '1',
+        '--cnn-checkpoint', str(setup / 'cnn.pth.tar'), '--model-kwargs', 'layers=(1,1,1,1)', '--num-classes', '10',
+        '--train-size', '64', '--test-size', '64', '--corruptions', 'contrast', '--severities', '3',
+        '--analyze-images', '4', '--workers', '0', *extra,
+    ]
+
+
+def run_cli(args: list, env: dict = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'timm_tcnn', *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+@pytest.fixture(scope='module')
+def finished(setup):
+    """One full experiment (2 seeds, 2 epochs) with the stand-in scripts."""
+    out = setup / 'run'
+    log = setup / 'standin.log'
+    # epochs longer than the 2 s between looks at last.pth.tar, so that every epoch's gates are recorded
+    result = run_cli(experiment_args(setup, out), env={'STANDIN_LOG': str(log), 'STANDIN_EPOCH_SECONDS': '3'})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_dry_run_prints_every_command(setup, capsys):
+    assert main(experiment_args(setup, setup / 'dry', '--dry-run', '--', '--lr', '0.1')) == 0
+    out = capsys.readouterr().out
+    assert not (setup / 'dry').exists()
+    train = [line for line in out.splitlines() if 'train.py' in line]
+    assert len(train) == 4  # 2 arms x 2 seeds
+    for line in train:  # identical recipe, epochs and passed-through arguments for both arms
+        assert f'--config {setup / "recipe.yaml"}' in line and line.endswith('--lr 0.1')
+        assert f'--initial-checkpoint {setup / "cnn.pth.tar"}' in line
+    assert sum('--model tcnn_resnet50rs' in line and '--seed 1' in line for line in train) == 1
+    assert sum('--model resnetrs50' in line and '--seed 1' in line for line in train) == 1
+    assert sum('validate.py' in line for line in out.splitlines()) == 2 * 2 * 2  # arms, seeds, checkpoints
+    assert out.count('timm_tcnn robustness tcnn_resnet50rs') == 2 and out.count('timm_tcnn analyze') == 2
+
+
+def test_full_run_writes_report(finished, setup):
+    out, calls = finished
+    identity = json.loads((out / 'identity' / 'identity.json').read_text())
+    assert identity['passed'] and identity['max_relative_error'] <= 1e-4 and identity['top1_agreement'] == 1
+    results = json.loads((out / 'results.json').read_text())
+    table = results['comparison']
+    # stand-in validation: CNN 50 + seed + epoch, T-CNN 52 + 2 seed + epoch; last epoch 1
+    assert table['top1_last_64px']['cnn']['mean'] == pytest.approx(51.5)
+    assert table['top1_last_64px']['tcnn']['mean'] == pytest.approx(54.0)
+    assert table['top1_best_64px']['difference']['mean'] == pytest.approx(2.5)
+    assert table['top1_best_64px']['paired'] == [2.0, 3.0]
+    assert 'corrupted_accuracy' in table and 'part/relation' in table and 'part/shape' in table
+    gates = json.loads((out / 'gates' / 'tcnn-seed0.json').read_text())
+    assert sorted(gates) == ['0', '1']  # recorded after each epoch
+    assert gates['1']['layer4.0.conv2']['content_share'] == pytest.approx([min(1., 0.02 * GATE_LR_SCALE)] * 9, rel=1e-4)
+    report = (out / 'report.md').read_text()
+    assert '| top1_last_64px | 51.50 +- 0.71 | 54.00 +- 1.41 | +2.50 +- 0.71 |' in report
+    for name in ('validation_top1.png', 'corruption_accuracy.png', 'gates.png', 'attention_by_layer.png'):
+        assert (out / name).stat().st_size > 0
+    assert sum(c['script'] == 'train' for c in calls) == 4 and sum(c['script'] == 'validate' for c in calls) == 8
+
+
+def test_rerun_skips_finished_steps(finished, setup, capsys):
+    out, _ = finished
+    before = (out / 'experiment.json').read_text()
+    assert main(experiment_args(setup, out)) == 0
+    printed = capsys.readouterr().out
+    assert '[run]' not in printed and printed.count('[done]') == len(json.loads(before)['steps'])
+
+
+def test_other_recipe_is_refused(finished, setup, capsys):
+    out, _ = finished
+    assert main(experiment_args(setup, out, '--epochs', '3')) == 2
+    err = capsys.readouterr().err
+    assert 'error:' in err and 'another recipe' in err and 'epochs' in err
+
+
+def test_interrupted_training_resumes_from_last_checkpoint(finished, setup, tmp_path):
+    out, _ = finished
+    copy = tmp_path / 'run'
+    subprocess.run(['cp', '-r', str(out), str(copy)], check=True)
+    state = json.loads((out / 'experiment.json').read_text())
+    state['spec']['out'] = str(copy)
+    del state['steps']['train/tcnn/seed1']  # as if killed during training, after its first epoch
+    (copy / 'experiment.json').write_text(json.dumps(state))
+    log = tmp_path / 'standin.log'
+    result = run_cli(experiment_args(setup, copy), env={'STANDIN_LOG': str(log)})
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    train = [c for c in calls if c['script'] == 'train']
+    assert len(train) == 1 and train[0]['argv'][-2:] == ['--resume', str(copy / 'train' / 'tcnn-seed1' / 'last.pth.tar')]
+
+
+def test_failed_arm_keeps_the_other(setup, tmp_path):
+    out = tmp_path / 'run'
+    args = experiment_args(setup, out)
+    args[args.index('--seeds') + 1:args.index('--seeds') + 3] = ['0']
+    result = run_cli(args, env={'STANDIN_FAIL': 'resnetrs50'})
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'error:' in result.stderr and 'train/cnn/seed0' in result.stderr
+    steps = json.loads((out / 'experiment.json').read_text())['steps']
+    assert steps['train/cnn/seed0']['status'] == 'failed' and Path(steps['train/cnn/seed0']['log']).exists()
+    assert steps['train/tcnn/seed0']['status'] == 'done' and steps['validate/tcnn/seed0/last/64px']['status'] == 'done'
+    assert steps['robustness/seed0']['status'] == 'blocked'
+    report = (out / 'report.md').read_text()
+    assert 'train/cnn/seed0: failed' in report and 'top1_last_64px' in report
+
+
+def test_report_arithmetic():
+    runs = {f'{arm}-seed{s}': dict(metrics={'top1': value}) for arm, values in
+            (('cnn', (70., 71., 72.)), ('tcnn', (71., 73., 72.5))) for s, value in enumerate(values)}
+    row = compare(runs, [0, 1, 2])['top1']
+    assert row['cnn']['mean'] == pytest.approx(71.) and row['cnn']['std'] == pytest.approx(1.)
+    assert row['paired'] == [1., 2., 0.5]
+    assert row['difference']['mean'] == pytest.approx(3.5 / 3)
+    std = ((1 - 3.5 / 3) ** 2 + (2 - 3.5 / 3) ** 2 + (0.5 - 3.5 / 3) ** 2) / 2
+    assert row['difference']['std'] == pytest.approx(std ** 0.5)
+    # 1.167 > 2 * 0.764 / sqrt(3) = 0.882: beyond the seed spread
+    assert row['exceeds_seed_spread'] is True
+    runs['tcnn-seed2']['metrics']['top1'] = 70.
+    assert compare(runs, [0, 1, 2])['top1']['exceeds_seed_spread'] is False
+
+
+@pytest.mark.parametrize('problem, expect', [
+    ('no-scripts', 'clone https://github.com/huggingface/pytorch-image-models'),
+    ('empty-data', 'does not exist'),
+    ('unlabelled', 'not labelled'),
+    ('typo', "Did you mean 'tcnn_resnet50rs'"),
+])
+def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
+    args = experiment_args(setup, tmp_path / 'out', '--dry-run')
+    if problem == 'no-scripts':
+        args[args.index('--scripts-dir') + 1] = str(tmp_path)
+    elif problem == 'empty-data':
+        args[args.index('--data-dir') + 1] = str(tmp_path)
+    elif problem == 'unlabelled':
+        for split in ('train', 'validation'):
+            (tmp_path / 'flat' / split).mkdir(parents=True)
+        args[args.index('--data-dir') + 1] = str(tmp_path / 'flat')
+    else:
+        args[args.index('--model') + 1] = 'tcnn_resnet50_rs'
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and expect in err
+    assert not (tmp_path / 'out').exists()
