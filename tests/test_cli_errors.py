@@ -68,7 +68,7 @@ def _cases():
     analyze = ['analyze', 'tcnn_resnet50rs', *TINY, '--images', '{root}/images', '--out', '{out}', '--no-plots']
     return [
         ('convert-typo', ['convert', 'tcnn_resnet50_rs', '--random-weights'], 2,
-         ['not a ResNet-RS T-CNN or CNN name', 'tcnn_resnet50rs']),
+         ['neither a registered T-CNN nor its CNN', 'tcnn_resnet50rs']),
         ('convert-missing', [*convert, '--checkpoint', '{root}/missing.pth'], 2, ['does not exist', 'check the path']),
         ('convert-empty', [*convert, '--checkpoint', '{root}/empty.pth'], 2, ['empty (0 bytes)', 'complete file']),
         ('convert-random-bytes', [*convert, '--checkpoint', '{root}/random.pth'], 2,
