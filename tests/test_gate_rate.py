@@ -1,5 +1,4 @@
 """ The learning-rate multiplier of the gates and positional parameters (`gate_lr_scale`). """
-import copy
 
 import pytest
 import torch

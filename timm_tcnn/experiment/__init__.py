@@ -1,4 +1,8 @@
 """ The T-CNN vs CNN experiment: specification, resumable runner, identity check and report. """
+__all__ = [
+    'ARMS', 'ExperimentSpec', 'ExperimentState', 'Step', 'build_steps', 'identity_check', 'load_cnn', 'parts_step',
+    'run_steps', 'write_report',
+]
 from .identity import identity_check, load_cnn
 from .parts import parts_step
 from .report import write_report
