@@ -1,4 +1,5 @@
 """ `timm-tcnn convert`: offline Hub cache, local checkpoints, reloading, fast failure and errors. """
+import json
 import subprocess
 import sys
 import time
@@ -33,12 +34,13 @@ def test_convert_from_offline_hub_cache(offline_hub, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'hf-hub:timm/resnetrs50.tf_in1k' in printed and '3 images, 1 unreadable skipped' in printed
     assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'tf_in1k'
     cnn = timm.create_model('resnetrs50', pretrained=True).eval()
     tcnn = _reload_and_compare(out, cnn)
     assert tcnn.tcnn_stages == (4,)
     # an existing output folder is never replaced silently
-    with pytest.raises(FileExistsError, match='already exists'):
-        main(['convert', 'resnetrs50', '--out', str(out)])
+    assert main(['convert', 'resnetrs50', '--out', str(out)]) == 2
+    assert 'already exists: choose another folder or pass --overwrite' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('suffix', ['.pth.tar', '.safetensors'])
@@ -56,6 +58,8 @@ def test_convert_from_local_checkpoint_with_options(offline_hub, tmp_path, suffi
                  '--batch-size', '1', '--model-kwargs', 'tcnn_stages=(3, 4)', 'tcnn_convert_strided=False'])
     assert code == 0
     tcnn = _reload_and_compare(out, cnn.eval())
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']  # not labelled as timm's tf_in1k weights
+    assert cfg['tag'] == 'converted' and cfg['notes'] == [f'T-CNN converted from CNN checkpoint cnn{suffix} by timm-tcnn convert.']
     assert tcnn.num_classes == 4 and tcnn.tcnn_stages == (3, 4) and not tcnn.tcnn_convert_strided
 
 
@@ -68,7 +72,7 @@ def test_convert_fails_fast_without_weights(tmp_path):
         env={'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'empty_cache'), 'PATH': '/usr/bin:/bin'},
     )
     assert time.perf_counter() - start < 60
-    assert result.returncode != 0
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'Cannot get the weights of timm/resnetrs101.tf_in1k' in result.stderr
     assert '--random-weights' in result.stderr and not (tmp_path / 'out').exists()
 

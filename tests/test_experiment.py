@@ -176,5 +176,5 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
         args[args.index('--model') + 1] = 'tcnn_resnet50_rs'
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith('error: ') and expect in err
+    assert err.startswith('timm-tcnn experiment: error: ') and expect in err
     assert not (tmp_path / 'out').exists()

@@ -13,6 +13,7 @@ import timm
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load_file
 from timm.models import generate_default_cfgs, get_pretrained_cfg
 
@@ -20,7 +21,7 @@ import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import attention_layers
 from timm_tcnn.cli import main
 from timm_tcnn.io import load_checkpoint_state_dict
-from timm_tcnn.publish import PublishError, check_weights, upload_model_folder
+from timm_tcnn.publish import PublishError, check_hub_target, check_weights, upload_model_folder
 from timm_tcnn.published import (
     PublishedWeightsError, load_published_weights, published_cfgs, register_published_weights, registry_entry,
     unregister_published_weights,
@@ -195,19 +196,26 @@ def test_model_card(published):
 
 
 class FakeHub:
-    """Records the HfApi calls of an upload; `existing` are the files already in the repo."""
+    """Records the HfApi calls of an upload; `existing` are the files already in the repo (None: no repo)."""
 
-    def __init__(self, existing=('.gitattributes',)):
-        self.existing = list(existing)
+    def __init__(self, existing=('.gitattributes',), user='acme'):
+        self.existing = None if existing is None else list(existing)
+        self.user = user
         self.calls = []
 
     def install(self, monkeypatch):
+        def whoami(api, **kwargs):
+            self.calls.append(('whoami',))
+            return {'name': self.user, 'orgs': [{'name': 'team'}]}
+
         def create_repo(api, repo_id, **kwargs):
             self.calls.append(('create_repo', repo_id, kwargs))
             return SimpleNamespace(repo_id=repo_id)
 
         def list_repo_files(api, repo_id, revision=None, **kwargs):
             self.calls.append(('list_repo_files', repo_id, revision))
+            if self.existing is None:
+                raise RepositoryNotFoundError.__new__(RepositoryNotFoundError)
             return self.existing
 
         def upload_folder(api, *, repo_id, folder_path, revision=None, commit_message=None, **kwargs):
@@ -216,7 +224,7 @@ class FakeHub:
             self.calls.append(('upload_folder', repo_id, files, revision))
             return SimpleNamespace(commit_url=f'https://huggingface.co/{repo_id}/commit/0123')
 
-        for name, fn in dict(create_repo=create_repo, list_repo_files=list_repo_files,
+        for name, fn in dict(whoami=whoami, create_repo=create_repo, list_repo_files=list_repo_files,
                              upload_folder=upload_folder).items():
             monkeypatch.setattr(huggingface_hub.HfApi, name, fn)
 
@@ -229,8 +237,7 @@ def test_upload_through_hub_api(tiny_source, monkeypatch, capsys, caplog):
     code = main(['publish', str(tiny_source.checkpoint), '--repo-id', REPO_ID])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert [c[0] for c in hub.calls] == ['create_repo', 'list_repo_files', 'upload_folder']
-    assert hub.calls[0][1] == REPO_ID and hub.calls[0][2].get('exist_ok') is True
+    assert [c[0] for c in hub.calls] == ['whoami', 'list_repo_files', 'upload_folder']
     assert hub.calls[2][1:] == (REPO_ID, ['README.md', 'config.json', 'model.safetensors'], None)
     assert 'uploaded to' in captured.out
     assert 'cannot be listed as a pretrained tag' in captured.out  # layers differ from the architecture's
@@ -242,15 +249,22 @@ def test_upload_never_replaces_existing_files(published, monkeypatch):
     hub = FakeHub(existing=('.gitattributes', 'README.md'))
     hub.install(monkeypatch)
     with pytest.raises(PublishError, match=r"already has \['README.md'\].*--overwrite-hub"):
-        upload_model_folder(published, REPO_ID)
-    assert 'upload_folder' not in [c[0] for c in hub.calls]
-    upload_model_folder(published, REPO_ID, overwrite=True)
+        check_hub_target(REPO_ID)
+    assert [c[0] for c in hub.calls] == ['whoami', 'list_repo_files']
+    upload_model_folder(published, check_hub_target(REPO_ID, overwrite=True))
     assert hub.calls[-1][0] == 'upload_folder'
+    with pytest.raises(PublishError, match="'acme' cannot create repos under 'other'"):
+        check_hub_target('other/name')
+    hub.existing = None  # a new repo is created at upload, not before
+    target = check_hub_target('team/new')
+    assert 'create_repo' not in [c[0] for c in hub.calls]
+    upload_model_folder(published, target)
+    assert [c[0] for c in hub.calls[-2:]] == ['create_repo', 'upload_folder']
     monkeypatch.delenv('HF_TOKEN')
     monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(published / 'no-token'))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_STORED_TOKENS_PATH', str(published / 'no-tokens'))
     with pytest.raises(PublishError, match='Not logged in'):
-        upload_model_folder(published, REPO_ID)
+        check_hub_target(REPO_ID)
 
 
 def _publish_fails(source, tmp_path, capsys, checkpoint, *extra):

@@ -300,7 +300,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, imagenet_c, caps
     save_file({'weight': torch.zeros(3)}, str(path))
     code, _, err = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', path, '--imagenet-c', imagenet_c,
                         '--output', tmp_path / 'out')
-    assert code == 2 and 'does not match resnet18' in err
+    assert code == 2 and 'does not fit resnet18' in err and "only in the checkpoint, e.g. ['weight']" in err
 
 
 def test_broken_imagecorruptions_is_reported_before_evaluation(tmp_path, cnn, capsys, monkeypatch):

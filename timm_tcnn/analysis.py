@@ -33,6 +33,8 @@ from timm.layers.padding import pad_same
 
 from .attention import GatedPositionalAttention2d
 from .convert import attention_layers
+from .errors import InputError
+from .numerics import error_ratio
 
 __all__ = [
     'HeadStats', 'LayerStats', 'QueryAttention', 'AttentionMaps', 'AttentionAnalyzer',
@@ -212,10 +214,6 @@ def attention_maps(
     return AttentionMaps(positional=positional, content=content, mixed=mixed)
 
 
-def _relative_max_error(diff: float, ref: float) -> float:
-    return diff / ref if ref > 0 else (0. if diff == 0 else math.inf)
-
-
 class _LayerAccumulator:
     """Running sums, over images and queries, of one layer's per-head diagnostics."""
 
@@ -297,8 +295,9 @@ class _LayerAccumulator:
                            1, layer.groups)
         else:
             ref = F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups)
-        self.max_diff = max(self.max_diff, (out - ref).abs().max().item())
-        self.max_ref = max(self.max_ref, ref.abs().max().item())
+        finite = bool(torch.isfinite(out).all() and torch.isfinite(ref).all())  # else the error is inf
+        self.max_diff = max(self.max_diff, (out - ref).abs().max().item() if finite else math.inf)
+        self.max_ref = max(self.max_ref, ref.abs().max().item() if finite else math.inf)
 
     def stats(self, name: str) -> LayerStats:
         layer = self.layer
@@ -335,7 +334,7 @@ class _LayerAccumulator:
             images=self.images,
             is_convolution=is_conv,
             weight_drift=drift,
-            identity_error=_relative_max_error(self.max_diff, self.max_ref) if is_conv else None,
+            identity_error=error_ratio(self.max_diff, self.max_ref) if is_conv else None,
             identity_reference=('layer' if self.cnn_weight is None else 'cnn') if is_conv else None,
             heads=heads,
         )
@@ -349,12 +348,12 @@ def _cnn_entries(
     weight = cnn_state_dict.get(f'{name}.weight')
     if weight is None or tuple(weight.shape) != tuple(layer.weight.shape):
         found = 'missing' if weight is None else f'of shape {tuple(weight.shape)}'
-        raise ValueError(
+        raise InputError(
             f'The source CNN has no convolution {name}.weight of shape {tuple(layer.weight.shape)} ({found}): '
             f'give the CNN this T-CNN was converted from (same architecture).')
     bias = cnn_state_dict.get(f'{name}.bias')
     if (bias is None) != (layer.bias is None):
-        raise ValueError(
+        raise InputError(
             f'The source CNN convolution {name} {"has no" if bias is None else "has a"} bias, the converted layer '
             f'{"has one" if layer.bias is not None else "does not"}: give the CNN this T-CNN was converted from.')
     return weight.detach().float().cpu(), None if bias is None else bias.detach().float().cpu()
@@ -377,7 +376,7 @@ class AttentionAnalyzer:
         self.model = model
         self.layers = dict(attention_layers(model))
         if not self.layers:
-            raise ValueError(
+            raise InputError(
                 f'{type(model).__name__} has no converted layers (GatedPositionalAttention2d): analyse a tcnn_* '
                 f'model (e.g. tcnn_resnet50rs) or convert a CNN first with timm_tcnn.transform_cnn.')
         self._accumulators = {}

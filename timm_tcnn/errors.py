@@ -1,6 +1,7 @@
 """ Errors a user can act on: the command line prints them as `error: ...` without a traceback. """
+import sys
 
-__all__ = ['TcnnError', 'InputError', 'WorkError']
+__all__ = ['TcnnError', 'InputError', 'WorkError', 'report_error']
 
 
 class TcnnError(Exception):
@@ -16,3 +17,9 @@ class InputError(TcnnError, ValueError):
 class WorkError(TcnnError, RuntimeError):
     """The work itself failed on valid input, e.g. an identity check or a training run (exit code 1)."""
     exit_code = 1
+
+
+def report_error(command: str, error: TcnnError) -> int:
+    """Print `error` as `timm-tcnn COMMAND: error: ...` on stderr and return its exit code."""
+    print(f'timm-tcnn {command}: error: {error}', file=sys.stderr)
+    return error.exit_code

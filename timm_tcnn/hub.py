@@ -7,13 +7,15 @@ from urllib.parse import urlparse
 import huggingface_hub.constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
+from .errors import InputError
+
 __all__ = ['HubWeightsUnavailable', 'hub_unavailable_message', 'require_hub_weights']
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 _PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
 
 
-class HubWeightsUnavailable(RuntimeError):
+class HubWeightsUnavailable(InputError, RuntimeError):
     """The weights are neither in the local Hugging Face cache nor downloadable now."""
 
 

@@ -1,100 +1,229 @@
-""" Reading checkpoints safely and writing output folders atomically. """
+""" Reading checkpoints safely, checking output paths before work, and writing outputs all or nothing.
+
+Temporary outputs live beside their target as `.NAME.partial-PID-XXXX`: they are removed when a run
+fails or is interrupted (SIGINT, SIGTERM), and a later write to the same target removes those of
+runs that were killed outright. Files and folders are created with the user's umask.
+"""
 import argparse
 import contextlib
+import logging
 import os
 import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Union
+from typing import Any, Dict, Iterator, List, Union
 
 import torch
 import yaml
+from timm.data.readers import get_img_extensions
+from timm.models import load_state_dict
+
+from .errors import InputError
 
 __all__ = [
-    'CheckpointError', 'load_checkpoint_state_dict', 'read_mapping', 'atomic_directory', 'atomic_path', 'atomic_write',
+    'CheckpointError', 'load_checkpoint_state_dict', 'read_mapping', 'image_files', 'check_writable', 'check_output_dir',
+    'check_output_file', 'remove_stale_partials', 'atomic_directory', 'atomic_path', 'atomic_write',
 ]
 
+_logger = logging.getLogger(__name__)
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or holds something other than a state dict."""
+_EMA_KEYS = ('state_dict_ema', 'model_ema')
+_PARTIAL = '.partial-'
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, empty, unreadable or holds something other than a state dict."""
+
+
+def _has_ema(path: Path) -> bool:
+    """Whether a torch checkpoint holds EMA weights; memory-mapped, so the tensors are not read."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    return isinstance(checkpoint, dict) and any(isinstance(checkpoint.get(k), dict) for k in _EMA_KEYS)
 
 
 def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """State dict of a `.safetensors` file, a plain `torch.save`d state dict or a timm train.py checkpoint.
 
-    Never unpickles arbitrary objects (`torch.load(weights_only=True)`). With `use_ema`, a train.py
-    checkpoint's EMA weights are taken (an error if it has none). A `module.` prefix (DDP) is removed.
+    Read with timm's `load_state_dict` (`weights_only=True`: arbitrary objects are never unpickled), which
+    also strips the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes. With `use_ema` the EMA
+    weights of a train.py checkpoint are taken (a `CheckpointError` if it has none). Every failure is a
+    `CheckpointError` saying what is wrong with the file.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'Checkpoint {path} does not exist or is not a file.')
-    if path.suffix == '.safetensors':
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            checkpoint = load_file(str(path), device='cpu')
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f'Checkpoint {path} is not a readable safetensors file: {e}') from None
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as e:
+        raise CheckpointError(f'checkpoint {path} does not exist or is not a file: check the path.')
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted save or copy? Use the '
+                              'complete file.')
+    safetensors = path.suffix == '.safetensors'
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args
+            if use_ema and (safetensors or not _has_ema(path)):
+                raise CheckpointError(f'checkpoint {path} has no EMA weights (state_dict_ema): leave out --ema.')
+            state_dict = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+    except (CheckpointError, MemoryError):
+        raise
+    except AttributeError:  # timm's reader found something other than a mapping
+        raise CheckpointError(f'checkpoint {path} holds no state dict (a mapping of names to tensors): save '
+                              f'model.state_dict() or a train.py checkpoint.') from None
+    except Exception as e:  # torch, timm and safetensors fail on damaged files with many exception types
+        cause = e.__cause__ if isinstance(e.__cause__, pickle.UnpicklingError) else e
+        if 'Unsupported global' in str(cause):
             raise CheckpointError(
-                f'Checkpoint {path} holds objects other than tensors and plain containers, which are not loaded '
-                f'for safety ({str(e).splitlines()[0]}). Save a plain state dict (model.state_dict()) or safetensors.'
+                f'checkpoint {path} holds objects other than tensors and plain containers, which are not loaded '
+                f'for safety ({_global_name(cause)}). Save a plain state dict (model.state_dict()) or safetensors.'
             ) from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise CheckpointError(f'Checkpoint {path} is corrupt or not a PyTorch file: {e}') from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict.')
-    keys = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    else:
-        if use_ema:
-            raise CheckpointError(f'Checkpoint {path} has no EMA weights (state_dict_ema); leave out the EMA option.')
-    tensors = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
-    not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        detail = _first_line(e)
+        detail = f' ({type(e).__name__}: {detail})' if 'weights_only' not in detail else ''
+        kind = 'safetensors' if safetensors else 'PyTorch'
+        raise CheckpointError(
+            f'checkpoint {path} is corrupt, truncated or not a {kind} file{detail}. Use the complete file, saved '
+            f'with torch.save or safetensors.') from None
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(f'Checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors.')
-    return tensors
+        raise CheckpointError(f'checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors.')
+    return state_dict
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else 'no details'
+
+
+def _global_name(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if 'Unsupported global' in line:
+            return line.split('Unsupported global:', 1)[1].split(' was ')[0].strip()
+    return 'pickled objects'
 
 
 def read_mapping(path: Union[str, Path], what: str) -> Dict[str, Any]:
     """The mapping held by a YAML or JSON file (JSON is read as YAML); `what` names the file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{what} {path} does not exist.')
+        raise InputError(f'{what} {path} does not exist.')
     try:
         data = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except yaml.YAMLError as e:
-        raise ValueError(f'{what} {path} is not valid YAML or JSON: {e}') from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f'{what} {path} is not valid YAML or JSON: {e}') from None
     if not isinstance(data, dict):
-        raise ValueError(f'{what} {path} must hold a mapping (a YAML mapping or a JSON object), '
+        raise InputError(f'{what} {path} must hold a mapping (a YAML mapping or a JSON object), '
                          f'not {type(data).__name__}.')
     return data
+
+
+def image_files(folder: Union[str, Path], option: str = '--images') -> List[Path]:
+    """Image files under `folder` (recursively, timm's image extensions), sorted; an `InputError` if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f'{option} {folder} is not a folder: pass a folder of images.')
+    extensions = get_img_extensions(as_set=True)
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise InputError(f'{option} {folder} holds no image file ({", ".join(sorted(extensions))}).')
+    return files
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain `open`/`mkdir` would: `mkdtemp`, `mkstemp` and
+    safetensors create 0700 folders and 0600 files whatever the umask."""
+    umask = _umask()
+    paths = [root, *root.rglob('*')] if root.is_dir() else [root]
+    for path in paths:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def check_writable(folder: Union[str, Path], option: str) -> None:
+    """Before any work: this user can create files in `folder` (or, if missing, in its nearest existing
+    ancestor): a temporary folder is created there and removed."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f'{option}: {existing} is a file, so {folder} cannot be created; choose another path.')
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix='.timm-tcnn-probe-', dir=existing))
+    except OSError as e:
+        raise InputError(f'{option}: cannot write into {existing} ({e.strerror}); choose a writable folder.') from None
+
+
+def check_output_dir(out: Union[str, Path], overwrite: bool = False, option: str = '--out') -> None:
+    """Before any work: `out` must be creatable (or, with `overwrite`, replaceable) by this user."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f'{option} {out} is a file, not a folder: choose another path.')
+    if out.exists() and not overwrite:
+        raise InputError(f'{option} {out} already exists: choose another folder or pass --overwrite to replace it.')
+    check_writable(out.absolute().parent, option)
+
+
+def check_output_file(path: Union[str, Path], option: str = '--out') -> None:
+    """Before any work: `path` must be a file this user can create or replace."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f'{option} {path} is a folder: give a file name.')
+    check_writable(path.absolute().parent, option)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(target: Union[str, Path]) -> List[Path]:
+    """Remove the temporary outputs for `target` left by runs that were killed; returns what was removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for path in target.parent.glob(f'.{target.name}{_PARTIAL}*'):
+        pid = path.name[len(target.name) + 1 + len(_PARTIAL):].split('-', 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue  # not ours, or a run still in progress
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        removed.append(path)
+        _logger.warning('removed %s, the partial output of an interrupted run', path)
+    return removed
+
+
+def _partial_prefix(target: Path) -> str:
+    return f'.{target.name}{_PARTIAL}{os.getpid()}-'
 
 
 @contextlib.contextmanager
 def atomic_directory(out: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out` that becomes `out` only if the block succeeds.
 
-    An existing `out` is an error unless `overwrite`; it is then replaced only after the new folder
-    is complete. On failure nothing is left behind.
+    An existing `out` is an error unless `overwrite`; it is then replaced only after the new folder is
+    complete. On failure or interruption nothing is left behind.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f'{out} already exists: choose another output folder or allow overwriting.')
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old)
@@ -109,14 +238,14 @@ def atomic_directory(out: Union[str, Path], overwrite: bool = False) -> Iterator
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        _apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

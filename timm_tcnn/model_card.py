@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import yaml
+from huggingface_hub import ModelCardData
 
+from .errors import InputError
 from .io import read_mapping
 
 __all__ = ['ModelCardInfo', 'read_validate_results', 'read_robustness_results', 'render_model_card']
@@ -79,18 +80,18 @@ def read_validate_results(path: Union[str, Path]) -> List[Dict[str, Any]]:
     """Rows of a validate.py `--results-file` (CSV, or JSON with `--results-format json`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'Results file {path} does not exist.')
+        raise InputError(f'Results file {path} does not exist.')
     text = path.read_text(encoding='utf-8')
     if path.suffix.lower() == '.json':
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f'Results file {path} is not valid JSON: {e}') from None
+            raise InputError(f'Results file {path} is not valid JSON: {e}') from None
         rows = [rows] if isinstance(rows, dict) else rows
     else:
         rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(text.splitlines())]
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and 'top1' in r for r in rows):
-        raise ValueError(
+        raise InputError(
             f'Results file {path} is not a validate.py results file: expected rows with a top1 column '
             f'(validate.py --results-file FILE [--results-format json]).')
     return rows
@@ -127,17 +128,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _front_matter(info: ModelCardInfo) -> str:
-    meta = {
-        'tags': ['image-classification', 'timm', 'timm-tcnn', 'transformed-cnn', 'self-attention',
-                 *info.extra_tags],
-        'library_name': 'timm',
-        'pipeline_tag': 'image-classification',
-        'license': info.license,
-        'datasets': list(info.datasets),
-        'base_model': info.base_model,
-        'base_model_relation': 'finetune',
-    }
-    return '---\n' + yaml.safe_dump(meta, sort_keys=False) + '---\n'
+    data = ModelCardData(
+        tags=['image-classification', 'timm', 'timm-tcnn', 'transformed-cnn', 'self-attention', *info.extra_tags],
+        library_name='timm',
+        pipeline_tag='image-classification',
+        license=info.license,
+        datasets=list(info.datasets),
+        base_model=info.base_model,
+        base_model_relation='finetune',
+    )
+    return f'---\n{data.to_yaml()}\n---\n'
 
 
 def _details(info: ModelCardInfo) -> str:

@@ -5,19 +5,24 @@ a later change of a default never changes what the checkpoint rebuilds into) and
 `README.md`; `timm.create_model('local-dir:DIR')` and, once uploaded, `timm.create_model('hf-hub:ORG/NAME')`
 rebuild the model from it.
 """
+import contextlib
+import importlib
+import importlib.util
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .convert import attention_layers
+from .errors import InputError, WorkError
 from .io import atomic_directory, read_mapping
+from .numerics import check_finite, relative_error
 from .published import PAPER_IDS, PAPER_NAME
 from .checkpoints import describe_mismatch
 from .variants import VARIANTS, conversion_options
@@ -25,15 +30,18 @@ from .version import __version__
 
 __all__ = [
     'PublishError', 'read_train_args', 'resolve_model_args', 'published_pretrained_cfg', 'check_weights',
-    'write_model_folder', 'upload_model_folder',
+    'write_model_folder', 'HubTarget', 'check_hub_target', 'upload_model_folder',
 ]
 
 ARCHITECTURES = tuple(VARIANTS)
 HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
 _CHECK_SIZE = 64  # side of the random images the written folder is checked on
+# connection failures of the HTTP library huggingface_hub uses (httpx2, httpx; requests' are OSErrors)
+_NETWORK_ERRORS = (OSError, *(importlib.import_module(m).TransportError
+                              for m in ('httpx2', 'httpx') if importlib.util.find_spec(m)))
 
 
-class PublishError(ValueError):
+class PublishError(InputError):
     """Inputs that cannot be published as they are; the message says what is wrong and what to do."""
 
 
@@ -164,11 +172,7 @@ def check_weights(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> N
                    f'shapes differ: {"; ".join(shapes[:4])}' if shapes else '']
         lines.append('Details: ' + ', '.join(d for d in details if d) + '.')
         raise PublishError('The checkpoint does not fit the model. ' + ' '.join(lines))
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise PublishError(
-            f'{len(bad)} tensors of the checkpoint hold NaN or Inf values, e.g. {bad[:4]}: training diverged or '
-            f'the file is damaged; publish an earlier checkpoint.')
+    check_finite(state_dict, 'the checkpoint')
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -178,10 +182,9 @@ def _check_folder(folder: Path, model: nn.Module) -> None:
     rebuilt = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     x = torch.randn(2, model.pretrained_cfg['input_size'][0], _CHECK_SIZE, _CHECK_SIZE,
                     generator=torch.Generator().manual_seed(0))
-    ref = model.eval()(x)
-    error = ((rebuilt(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    error = relative_error(rebuilt(x), model.eval()(x))
     if not error <= 1e-6:
-        raise PublishError(f'The written folder rebuilds a different model (relative logit error {error:.1e}).')
+        raise WorkError(f'The written folder rebuilds a different model (relative logit error {error:.1e}).')
 
 
 def write_model_folder(
@@ -204,35 +207,81 @@ def write_model_folder(
     return out
 
 
-def upload_model_folder(
-        folder: Union[str, Path],
-        repo_id: str,
-        revision: Optional[str] = None,
-        private: bool = False,
-        overwrite: bool = False,
-        commit_message: str = 'Add T-CNN weights',
-) -> str:
-    """Upload `folder` to the Hub model repo `repo_id` (created if needed) and return the commit URL.
-
-    The token comes from the usual Hugging Face login (`hf auth login`) or `HF_TOKEN`; it is never printed.
-    Files already in the repo at `revision` (default: main) are replaced only with `overwrite`; a missing
-    `revision` branch is created.
-    """
-    folder = Path(folder)
-    if get_token() is None:
-        raise PublishError('Not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN.')
-    api = HfApi(library_name='timm-tcnn', library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+@contextlib.contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """Hub failures as errors that say what to do: a bad token or repo is the user's (2), no network is not (1)."""
     try:
-        existing = set(api.list_repo_files(repo_id, revision=revision))
-    except RevisionNotFoundError:
-        api.create_branch(repo_id, branch=revision)
-        existing = set()
-    clash = sorted(existing & {p.name for p in folder.iterdir()})
+        yield
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except HfHubHTTPError as e:
+        status = getattr(e.response, 'status_code', None)
+        if status in (401, 403):
+            raise PublishError(
+                f'The Hub refused access to {repo_id} (HTTP {status}): the token is invalid or may not write there. '
+                f'Run `hf auth login` with a write token, or choose another --repo-id.') from None
+        raise WorkError(f'The Hub request for {repo_id} failed: {str(e).splitlines()[0]}') from None
+    except _NETWORK_ERRORS as e:
+        raise WorkError(
+            f'Cannot reach the Hugging Face Hub ({type(e).__name__}: {e}); nothing was uploaded. Check the network, '
+            f'or write the folder only with --dry-run --out DIR and upload it later.') from None
+
+
+class HubTarget:
+    """A Hub repo and branch checked for publishing: login, write access and files already there."""
+
+    def __init__(self, repo_id: str, revision: Optional[str], api: HfApi, repo_exists: bool, branch_exists: bool):
+        self.repo_id, self.revision, self.api = repo_id, revision, api
+        self.repo_exists, self.branch_exists = repo_exists, branch_exists
+
+
+def check_hub_target(repo_id: str, revision: Optional[str] = None, overwrite: bool = False) -> HubTarget:
+    """Before any work: logged in, the token may write to `repo_id`'s namespace, and none of the files
+    `timm-tcnn publish` writes exists there at `revision` unless `overwrite`."""
+    if get_token() is None:
+        raise PublishError('Not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN '
+                           '(or write the folder only with --dry-run --out DIR).')
+    api = HfApi(library_name='timm-tcnn', library_version=__version__)
+    with _hub_errors(repo_id):
+        namespace = repo_id.split('/')[0]
+        who = api.whoami()
+        allowed = {who.get('name')} | {org.get('name') for org in who.get('orgs', [])}
+        if namespace not in allowed:
+            raise PublishError(f'The Hub account {who.get("name")!r} cannot create repos under {namespace!r} '
+                               f'(its namespaces: {", ".join(sorted(n for n in allowed if n))}); choose another --repo-id.')
+        repo_exists = branch_exists = True
+        try:
+            existing = set(api.list_repo_files(repo_id, revision=revision))
+        except RepositoryNotFoundError:
+            repo_exists = branch_exists = False
+            existing = set()
+        except RevisionNotFoundError:
+            branch_exists = False
+            existing = set()
+    clash = sorted(existing & set(HUB_FILES))
     if clash and not overwrite:
         raise PublishError(
             f'{repo_id} already has {clash} at revision {revision or "main"}; nothing was uploaded. Choose another '
             f'--repo-id or --revision, or pass --overwrite-hub to replace them with a new commit.')
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+    return HubTarget(repo_id, revision, api, repo_exists, branch_exists)
+
+
+def upload_model_folder(
+        folder: Union[str, Path],
+        target: HubTarget,
+        private: bool = False,
+        commit_message: str = 'Add T-CNN weights',
+) -> str:
+    """Upload `folder` to the checked `target` (repo and branch created if needed); returns the commit URL.
+
+    The token comes from the usual Hugging Face login (`hf auth login`) or `HF_TOKEN`; it is never printed.
+    """
+    api, repo_id = target.api, target.repo_id
+    with _hub_errors(repo_id):
+        if not target.repo_exists:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if not target.branch_exists and target.revision:
+            api.create_branch(repo_id, branch=target.revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), revision=target.revision, commit_message=commit_message)
     return commit.commit_url

@@ -19,6 +19,7 @@ import timm
 import torch
 
 from . import models  # noqa: F401  registers the tcnn_* models
+from .errors import InputError
 from .loading import unknown_model_hint
 
 __all__ = ['ScriptNotFoundError', 'resolve_script', 'run_script']
@@ -31,7 +32,7 @@ _TIMM_SCRIPTS_HINT = (
     'e.g. `timm-tcnn run pytorch-image-models/train.py ...`.')
 
 
-class ScriptNotFoundError(FileNotFoundError):
+class ScriptNotFoundError(InputError, FileNotFoundError):
     """The script to run does not exist or is not a file."""
 
 

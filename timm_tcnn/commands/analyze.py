@@ -11,14 +11,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
-from timm.utils import ParseKwargs
 from tqdm import tqdm
 
 from ..analysis import AttentionAnalyzer, LayerStats, head_rows
-from ..io import CheckpointError, atomic_write, load_checkpoint_state_dict
+from ..errors import InputError
+from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
 from ..loading import create_model_with_weights
+from ..numerics import check_finite
+from .common import add_output_args, add_weight_args, require_weights
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 OUTPUTS = {
     'json': 'attention_stats.json',
     'csv': 'attention_stats.csv',
@@ -40,18 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     + ' into --out.',
     )
     parser.add_argument('model', metavar='MODEL', help='timm model name, e.g. tcnn_resnet50rs')
-    parser.add_argument('--checkpoint', metavar='FILE',
-                        help='weights of MODEL (.safetensors, state dict or train.py checkpoint; a CNN checkpoint of '
-                             'the same architecture loads as its exact conversion)')
-    parser.add_argument('--ema', action='store_true', help="take a train.py checkpoint's EMA weights")
-    parser.add_argument('--pretrained', action='store_true', help="load MODEL's pretrained weights (Hub or cache)")
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='arguments of timm.create_model, e.g. tcnn_stages="(3, 4)"')
+    add_weight_args(parser, sources=('pretrained', 'checkpoint', 'random_weights'))
     parser.add_argument('--cnn', metavar='NAME_OR_FILE',
                         help='source CNN, for weight drift and identity error: a timm model name (loaded with '
                              'pretrained=True) or a checkpoint file')
     parser.add_argument('--images', metavar='DIR', required=True, help='folder of images (searched recursively)')
-    parser.add_argument('--out', metavar='DIR', required=True, help='output folder (created; files are replaced)')
+    add_output_args(parser, 'output folder', required=True)
     parser.add_argument('--max-images', type=int, default=32, metavar='N', help='analyse at most N readable images')
     parser.add_argument('--batch-size', type=int, default=8, metavar='N')
     parser.add_argument('--img-size', type=int, metavar='PIXELS',
@@ -64,22 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def image_files(folder: Path) -> List[Path]:
-    """Image files under `folder`, sorted; errors if there is no folder or no image file."""
-    if not folder.is_dir():
-        raise NotADirectoryError(f'--images {folder} is not a folder.')
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f'--images {folder} holds no image file ({", ".join(IMAGE_SUFFIXES)}).')
-    return files
-
-
 def read_images(files: List[Path], transform, limit: int, skipped: List[Path]) -> Iterator[torch.Tensor]:
     """Preprocessed (C, H, W) images, at most `limit`, with a progress bar over the files tried;
     unreadable files are appended to `skipped`."""
     from PIL import Image, UnidentifiedImageError
     read = 0
-    with tqdm(files, desc='images', unit='img') as progress:
+    with tqdm(files, desc='images', unit='img', disable=None) as progress:
         for path in progress:
             if read >= limit:
                 return
@@ -104,10 +89,12 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 def load_cnn_state_dict(source: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """State dict of the source CNN: a checkpoint file, or a timm model name loaded with pretrained=True."""
     if os.path.isfile(source):
-        return load_checkpoint_state_dict(source, use_ema=ema)
+        state_dict = load_checkpoint_state_dict(source, use_ema=ema)
+        check_finite(state_dict, f'--cnn {source}')
+        return state_dict
     if not timm.is_model(source):
-        raise ValueError(f'--cnn {source} is neither a file nor a timm model name (e.g. resnetrs50).')
-    return timm.create_model(source, pretrained=True).state_dict()
+        raise InputError(f'--cnn {source} is neither a file nor a timm model name (e.g. resnetrs50).')
+    return create_model_with_weights(source, pretrained=True).state_dict()
 
 
 def _csv_text(rows: List[Dict[str, object]]) -> str:
@@ -127,12 +114,17 @@ def _to_image(tensor: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, .
 def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, object]]:
     """Run the analysis; returns the per-layer statistics and the run's metadata (also written)."""
     if args.max_images < 1 or args.batch_size < 1:
-        raise ValueError('--max-images and --batch-size must be at least 1.')
+        raise InputError('--max-images and --batch-size must be at least 1.')
+    require_weights(args)
+    check_output_dir(args.out, args.overwrite)
     plots = None
     if not args.no_plots:
         from .. import plots
-        plots.require_matplotlib()
-    files = image_files(Path(args.images))
+        try:
+            plots.require_matplotlib()
+        except ImportError as e:
+            raise InputError(str(e)) from None
+    files = image_files(args.images)
     model = load_model(args)
     cnn_state_dict = load_cnn_state_dict(args.cnn, args.ema) if args.cnn else None
     analyzer = AttentionAnalyzer(model, cnn_state_dict)
@@ -142,7 +134,7 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
     img_h, img_w = data_config['input_size'][1:]
     pixel = tuple(args.query_pixel) if args.query_pixel else (img_h // 2, img_w // 2)
     if not (0 <= pixel[0] < img_h and 0 <= pixel[1] < img_w):
-        raise ValueError(f'--query-pixel {pixel[0]} {pixel[1]} lies outside the {img_h}x{img_w} model input.')
+        raise InputError(f'--query-pixel {pixel[0]} {pixel[1]} lies outside the {img_h}x{img_w} model input.')
 
     skipped: List[Path] = []
     first: Optional[torch.Tensor] = None
@@ -159,7 +151,7 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
         analyzer.update(torch.stack(batch))
         seen += len(batch)
     if first is None:
-        raise ValueError(f'--images {args.images}: none of the {len(files)} image files could be read.')
+        raise InputError(f'--images {args.images}: none of the {len(files)} image files could be read.')
     stats = analyzer.stats()
 
     meta = {
@@ -173,30 +165,26 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
         'input_size': list(data_config['input_size']),
         'query_pixel': list(pixel),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = dict(meta, layers=[asdict(layer) for layer in stats])
-    atomic_write(out / OUTPUTS['json'], json.dumps(report, indent=2) + '\n')
-    atomic_write(out / OUTPUTS['csv'], _csv_text(head_rows(stats)))
-    if plots is not None:
-        plots.plot_content_share(stats, out / OUTPUTS['content_share'])
-        plots.plot_attention_distance(stats, out / OUTPUTS['distance'])
-        plots.plot_query_attention(
-            _to_image(first, data_config['mean'], data_config['std']),
-            analyzer.query_attention(first, pixel),
-            pixel,
-            out / OUTPUTS['query'],
-            max_heads=args.plot_heads,
-            title=f'{args.model}: mixed attention of the query at pixel {pixel}',
-        )
+    with atomic_directory(args.out, overwrite=args.overwrite) as out:
+        (out / OUTPUTS['json']).write_text(json.dumps(report, indent=2) + '\n', encoding='utf-8')
+        (out / OUTPUTS['csv']).write_text(_csv_text(head_rows(stats)), encoding='utf-8')
+        if plots is not None:
+            plots.plot_content_share(stats, out / OUTPUTS['content_share'])
+            plots.plot_attention_distance(stats, out / OUTPUTS['distance'])
+            plots.plot_query_attention(
+                _to_image(first, data_config['mean'], data_config['std']),
+                analyzer.query_attention(first, pixel),
+                pixel,
+                out / OUTPUTS['query'],
+                max_heads=args.plot_heads,
+                title=f'{args.model}: mixed attention of the query at pixel {pixel}',
+            )
     return stats, meta
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        stats, meta = analyze(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, ImportError) as e:
-        raise SystemExit(f'timm-tcnn analyze: error: {e}') from None
+    stats, meta = analyze(args)
     if meta['skipped_images']:
         print(f'skipped {len(meta["skipped_images"])} unreadable image files, e.g. {meta["skipped_images"][0]}')
     print(f'{meta["images"]} images, {len(stats)} converted layers; wrote into {args.out}: '

@@ -2,13 +2,13 @@
 import argparse
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from ..bench import CONFIGS, bench_gpsa, bench_layers, bench_models, create_pair, format_table
+from ..errors import InputError
+from ..io import atomic_write, check_output_file
 from ..variants import VARIANTS
 
 PARTS = ('models', 'layers', 'gpsa')
@@ -53,29 +53,21 @@ def _check(args: argparse.Namespace) -> None:
         args.configs, args.sizes, args.train_sizes = ['default'], [160], [160]
         args.memory_size, args.layer_size, args.reps, args.finetune_steps = 0, 160, 1, 1
     if min(args.sizes + args.train_sizes + [args.layer_size, args.memory_size or 32]) < 32:
-        raise SystemExit('timm-tcnn bench: image sizes must be >= 32 px (the CNNs downsample 32x).')
+        raise InputError('image sizes must be >= 32 px (the CNNs downsample 32x).')
     if args.batch_size < 1 or args.reps < 1 or args.finetune_steps < 1:
-        raise SystemExit('timm-tcnn bench: --batch-size, --reps and --finetune-steps must be >= 1.')
+        raise InputError('--batch-size, --reps and --finetune-steps must be >= 1.')
     if not 0 < args.gate < 1:
-        raise SystemExit(f'timm-tcnn bench: --gate must be in (0, 1), got {args.gate}: gates at 0 or 1 are not '
-                         f'a fine-tuned-like state.')
+        raise InputError(f'--gate must be in (0, 1), got {args.gate}: gates at 0 or 1 are not a fine-tuned-like '
+                         f'state.')
+    if args.threads < 0:
+        raise InputError(f'--threads must be >= 0, got {args.threads}.')
+    if args.out:
+        check_output_file(args.out)
 
 
 def _machine() -> str:
     return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
             f'{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.system()}')
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,5 +94,5 @@ def run(args: argparse.Namespace) -> int:
               'efficiency = ratio / FLOP ratio.\n')
     print(header + table)
     if args.out:
-        _write_atomic(Path(args.out), header + '\n' + table + '\n')
+        atomic_write(args.out, header + '\n' + table + '\n')
     return 0

@@ -2,20 +2,22 @@
 import argparse
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
-from timm.utils import ParseKwargs
+from tqdm import tqdm
 
 from ..convert import attention_layers, convert_cnn_state_dict
+from ..errors import InputError, WorkError
 from ..hub import require_hub_weights
-from ..io import atomic_directory, load_checkpoint_state_dict
 from ..checkpoints import checkpoint_options
+from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
+from ..loading import check_fits, create_model
+from ..numerics import check_finite, relative_error
 from ..variants import conversion_options, tcnn_and_cnn_names
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+from .common import add_output_args, add_weight_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,18 +27,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description='Load CNN weights (Hugging Face Hub or cache, a local checkpoint, or random), convert '
                     'them into the T-CNN, check on random inputs (and optional images) that both give the same '
                     'logits, and write model.safetensors + config.json, loadable with '
-                    'timm.create_model("local-dir:OUT") after `import timm_tcnn`.',
+                    'timm.create_model("local-dir:OUT") after `import timm_tcnn`. Inputs and the output folder '
+                    'are checked before any work; weights holding NaN or Inf are refused.',
     )
-    parser.add_argument('model', metavar='MODEL', help='a registered T-CNN (tcnn_resnet50rs, tcnn_convnext_tiny, ...)[.tag] or its CNN name (resnetrs50[.tag])')
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument('--checkpoint', metavar='FILE', help='CNN weights: .safetensors, state dict or train.py checkpoint')
-    source.add_argument('--random-weights', action='store_true',
-                        help='random CNN weights, BatchNorm statistics measured on random images (no download)')
-    parser.add_argument('--ema', action='store_true', help="take a train.py checkpoint's EMA weights")
-    parser.add_argument('--out', metavar='DIR', help='output folder (must not exist unless --overwrite)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='T-CNN options, e.g. tcnn_stages="(3, 4)" tcnn_convert_strided=False')
+    parser.add_argument('model', metavar='MODEL', help='a registered T-CNN (tcnn_resnet50rs, tcnn_convnext_tiny, ...)'
+                                                       '[.tag] or its CNN name (resnetrs50[.tag])')
+    add_weight_args(
+        parser, sources=('checkpoint', 'random_weights'),
+        checkpoint_help='CNN weights: .safetensors, state dict or train.py checkpoint (default: the Hub weights)',
+        model_kwargs_help='T-CNN options, e.g. tcnn_stages="(3, 4)" tcnn_convert_strided=False')
+    add_output_args(parser, 'output folder')
     parser.add_argument('--images', metavar='DIR', help='also check the identity on the images in DIR (recursive)')
     parser.add_argument('--max-images', type=int, default=32, help='at most this many images from --images')
     parser.add_argument('--batch-size', type=int, default=2, help='random inputs per check')
@@ -46,21 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _load_images(folder: Path, model: torch.nn.Module, limit: int) -> Tuple[torch.Tensor, int]:
+def _load_images(files: List[Path], model: torch.nn.Module, folder: str) -> Tuple[torch.Tensor, int]:
     """(N, 3, H, W) preprocessed with the model's eval transform, and the number of unreadable files."""
     from PIL import Image, UnidentifiedImageError
-    if not folder.is_dir():
-        raise NotADirectoryError(f'--images {folder} is not a folder.')
     transform = create_transform(**resolve_data_config(model=model))
-    files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     images, unreadable = [], 0
     for path in files:
         try:
@@ -69,8 +62,7 @@ def _load_images(folder: Path, model: torch.nn.Module, limit: int) -> Tuple[torc
         except (UnidentifiedImageError, OSError):
             unreadable += 1
     if not images:
-        raise FileNotFoundError(f'--images {folder}: no readable image among {len(files)} files '
-                                f'(looked for {", ".join(IMAGE_SUFFIXES)}).')
+        raise InputError(f'--images {folder}: none of the {len(files)} image files could be read.')
     return torch.stack(images), unreadable
 
 
@@ -90,7 +82,7 @@ def _random_cnn(cnn_name: str) -> torch.nn.Module:
     return cnn
 
 
-def _checks(args: argparse.Namespace, model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
+def _checks(args: argparse.Namespace, model: torch.nn.Module, files: List[Path]) -> List[Tuple[str, torch.Tensor]]:
     """Named input batches: random at the train size, the test size and a non-square size; images."""
     generator = torch.Generator().manual_seed(args.seed)
     cfg = model.pretrained_cfg
@@ -99,37 +91,69 @@ def _checks(args: argparse.Namespace, model: torch.nn.Module) -> List[Tuple[str,
     shapes = {f'random {train_h}x{train_h}': (train_h, train_h), f'random {test_h}x{test_h}': (test_h, test_h),
               f'random {train_h}x{test_h}': (train_h, test_h)}
     checks = [(name, torch.randn(args.batch_size, 3, h, w, generator=generator)) for name, (h, w) in shapes.items()]
-    if args.images:
-        images, unreadable = _load_images(Path(args.images), model, args.max_images)
+    if files:
+        images, unreadable = _load_images(files, model, args.images)
         skipped = f', {unreadable} unreadable skipped' if unreadable else ''
         checks.append((f'{len(images)} images{skipped}', images))
     return checks
 
 
-def run(args: argparse.Namespace) -> int:
-    tcnn_name, cnn_name = tcnn_and_cnn_names(args.model)
-    options = conversion_options(tcnn_name, **args.model_kwargs)
+def _check_args(args: argparse.Namespace) -> List[Path]:
+    """Everything checkable before loading: numbers, the output folder, the image folder (its files)."""
+    if args.batch_size < 1 or args.max_images < 1:
+        raise InputError('--batch-size and --max-images must be at least 1.')
+    if not args.tolerance > 0:
+        raise InputError(f'--tolerance must be positive, got {args.tolerance}.')
+    if args.ema and not args.checkpoint:
+        raise InputError('--ema takes the EMA weights of a train.py checkpoint: pass --checkpoint FILE too.')
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    return image_files(args.images)[:args.max_images] if args.images else []
 
-    start = time.perf_counter()
+
+def _options(tcnn_name: str, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        return conversion_options(tcnn_name, **model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise InputError(f'--model-kwargs: {e}') from None
+
+
+def _load_cnn(args: argparse.Namespace, cnn_name: str) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
+    """The CNN with its weights, where they came from, and the pretrained cfg the T-CNN is labelled with."""
+    arch = cnn_name.split('.')[0]
     if args.checkpoint:
         state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
-        cnn = timm.create_model(cnn_name.split('.')[0], device='meta')
-        cnn = timm.create_model(cnn_name.split('.')[0], **checkpoint_options(state_dict, cnn))
+        check_finite(state_dict, f'checkpoint {args.checkpoint}')
+        cnn = timm.create_model(arch, **checkpoint_options(state_dict, timm.create_model(arch, device='meta')))
+        check_fits(state_dict, cnn, f'checkpoint {args.checkpoint}')
         cnn.load_state_dict(state_dict)
-        source = args.checkpoint
-    elif args.random_weights:
+        return cnn, args.checkpoint, _local_cfg(f'CNN checkpoint {Path(args.checkpoint).name}')
+    if args.random_weights:
         torch.manual_seed(args.seed)
-        cnn = _random_cnn(cnn_name)
-        source = 'random weights'
-    else:
-        hf_hub_id = timm.models.get_pretrained_cfg(cnn_name).hf_hub_id
-        require_hub_weights(hf_hub_id)
-        cnn = timm.create_model(cnn_name, pretrained=True)
-        source = f'hf-hub:{hf_hub_id}'
+        return _random_cnn(cnn_name), 'random weights', _local_cfg('random CNN weights (not pretrained)')
+    hf_hub_id = timm.models.get_pretrained_cfg(cnn_name).hf_hub_id
+    require_hub_weights(hf_hub_id)
+    cnn = timm.create_model(cnn_name, pretrained=True)
+    check_finite(cnn.state_dict(), f'the weights of {hf_hub_id}')
+    return cnn, f'hf-hub:{hf_hub_id}', {}
+
+
+def _local_cfg(source: str) -> Dict[str, Any]:
+    """Pretrained cfg overlay of weights that are not the Hub's: no Hub id, a tag and a note saying what they are."""
+    return dict(hf_hub_id=None, tag='converted', notes=(f'T-CNN converted from {source} by timm-tcnn convert.',))
+
+
+def run(args: argparse.Namespace) -> int:
+    tcnn_name, cnn_name = tcnn_and_cnn_names(args.model)
+    options = _options(tcnn_name, args.model_kwargs)
+    files = _check_args(args)
+
+    start = time.perf_counter()
+    cnn, source, cfg_overlay = _load_cnn(args, cnn_name)
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    tcnn = timm.create_model(tcnn_name, num_classes=cnn.num_classes, **options)
+    tcnn = create_model(tcnn_name, num_classes=cnn.num_classes, pretrained_cfg_overlay=cfg_overlay, **options)
     tcnn.load_state_dict(convert_cnn_state_dict(cnn.state_dict(), tcnn))
     convert_time = time.perf_counter() - start
     cnn.eval()
@@ -143,21 +167,21 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     worst = 0.
     print(f'{"input":<28} {"max rel. error":>15} {"top-1 agree":>12}')
-    for name, x in _checks(args, tcnn):
+    for name, x in tqdm(_checks(args, tcnn, files), desc='identity check', unit='batch', leave=False, disable=None):
         with torch.no_grad():
             ref = cnn(x)
         with torch.enable_grad():  # the attention computation itself, not the inference shortcut to conv2d
             out = tcnn(x).detach()
-        error = _relative_error(out, ref)
+        error = relative_error(out, ref)  # inf when anything is NaN or Inf
         agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
         worst = max(worst, error)
-        print(f'{name:<28} {error:>15.2e} {agree:>11.0%}')
+        tqdm.write(f'{name:<28} {error:>15.2e} {agree:>11.0%}')
     verify_time = time.perf_counter() - start
     print(f'time: load {load_time:.1f}s, convert {convert_time:.1f}s, verify {verify_time:.1f}s')
 
-    if worst > args.tolerance:
-        print(f'FAILED: max relative error {worst:.2e} > tolerance {args.tolerance:.0e}; nothing written.')
-        return 1
+    if not worst <= args.tolerance:
+        raise WorkError(f'the identity does not hold: max relative error {worst:.2e} > tolerance '
+                        f'{args.tolerance:.0e}; nothing was written. Report it with the command line used.')
     print(f'identity holds: max relative error {worst:.2e} <= {args.tolerance:.0e}')
     if args.out:
         with atomic_directory(args.out, overwrite=args.overwrite) as tmp:

@@ -13,9 +13,11 @@ from timm.utils import ParseKwargs
 from ..errors import InputError, WorkError
 from ..experiment import ExperimentSpec, build_steps, identity_check, parts_step, run_steps, write_report
 from ..experiment.parts import load_label_parts
-from ..io import read_mapping
+from ..io import check_writable, load_checkpoint_state_dict, read_mapping
 from ..loading import unknown_model_hint
+from ..numerics import check_finite
 from ..variants import variant
+from .common import resolve_device
 
 _DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / 'examples' / 'tcnn_resnet50rs_in1k_ft50.yaml'
 _SCRIPTS_HINT = ("timm's train.py and validate.py are not in the timm package: clone "
@@ -114,8 +116,10 @@ def _spec(args: argparse.Namespace) -> ExperimentSpec:
     data_dir = Path(args.data_dir)
     for split in (args.train_split, args.val_split):
         _check_split(data_dir, split)
-    if args.cnn_checkpoint and not Path(args.cnn_checkpoint).is_file():
-        raise InputError(f'--cnn-checkpoint {args.cnn_checkpoint} does not exist.')
+    if args.cnn_checkpoint:  # damaged or diverged weights fail now, not after the first training run
+        check_finite(load_checkpoint_state_dict(args.cnn_checkpoint), f'--cnn-checkpoint {args.cnn_checkpoint}')
+    resolve_device(args.device)
+    check_writable(args.out, '--out')
     if len(set(args.seeds)) != len(args.seeds) or (args.epochs is not None and args.epochs < 1) or args.nproc < 1:
         raise InputError('--seeds must be distinct, --epochs and --nproc >= 1.')
     cfg = timm.models.get_pretrained_cfg(names['cnn']) or {}

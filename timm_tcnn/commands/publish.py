@@ -1,24 +1,24 @@
 """ `timm-tcnn publish`: a fine-tuned T-CNN checkpoint -> Hugging Face Hub repo (or a local folder). """
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
 import timm
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from timm.utils import ParseKwargs
 
 from ..convert import attention_layers
-from ..io import CheckpointError, load_checkpoint_state_dict
+from ..io import check_output_dir, load_checkpoint_state_dict
+from ..loading import create_model
 from ..model_card import ModelCardInfo, read_robustness_results, read_validate_results, render_model_card
+from ..numerics import check_finite
 from ..publish import (
-    PublishError, check_weights, published_pretrained_cfg, read_train_args, resolve_model_args,
+    PublishError, check_hub_target, check_weights, published_pretrained_cfg, read_train_args, resolve_model_args,
     upload_model_folder, write_model_folder,
 )
 from ..published import PublishedWeightsError, check_registry_entry, registry_entry
+from .common import add_output_args, add_weight_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--model', metavar='NAME', help='a registered T-CNN, e.g. tcnn_resnet50rs (default: args.yaml model)')
     parser.add_argument('--args', metavar='FILE',
                         help="the run's train.py args.yaml (default: args.yaml beside the checkpoint, if any)")
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='T-CNN options as in training, overriding args.yaml, e.g. tcnn_stages="(3, 4)"')
     parser.add_argument('--num-classes', type=int, help='class count (default: args.yaml num_classes, else 1000)')
-    parser.add_argument('--ema', action='store_true', help="publish a train.py checkpoint's EMA weights")
     parser.add_argument('--img-size', type=int, help='train image size (default: args.yaml, else the CNN\'s)')
     parser.add_argument('--test-img-size', type=int, help="recommended test image size (default: the CNN's)")
     parser.add_argument('--crop-pct', type=float, help="test crop fraction (default: args.yaml, else the CNN's)")
@@ -53,8 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--license', default='apache-2.0', help='license for the card metadata')
     parser.add_argument('--tag', help="pretrained tag for the printed registry entry (default: from a repo name "
                                       "'ARCH.TAG')")
-    parser.add_argument('--out', metavar='DIR', help='also keep the folder here (must not exist unless --overwrite)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
+    add_weight_args(parser, sources=(), model_kwargs_help='T-CNN options as in training, overriding args.yaml, '
+                                                          'e.g. tcnn_stages="(3, 4)"')
+    add_output_args(parser, 'also keep the folder here')
     parser.add_argument('--dry-run', action='store_true', help='write --out only, upload nothing')
     parser.add_argument('--revision', help='Hub branch to commit to (default: main; created if missing)')
     parser.add_argument('--private', action='store_true', help='create the repo as private')
@@ -82,7 +80,7 @@ def _tag(args: argparse.Namespace, arch: str) -> str:
     return name.split('.', 1)[1] if name.startswith(f'{arch}.') else ''
 
 
-def _publish(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         validate_repo_id(args.repo_id)
     except HFValidationError as e:
@@ -91,8 +89,9 @@ def _publish(args: argparse.Namespace) -> int:
         raise PublishError(f'--repo-id must be ORG/NAME (user or organisation, then name), got {args.repo_id!r}.')
     if args.dry_run and not args.out:
         raise PublishError('--dry-run writes the folder only: pass --out DIR.')
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise PublishError(f'--out {args.out} already exists: choose another folder or pass --overwrite.')
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    target = None if args.dry_run else check_hub_target(args.repo_id, args.revision, args.overwrite_hub)
 
     # read every small input first, so that a bad one fails before the model is built
     checkpoint = Path(args.checkpoint)
@@ -102,11 +101,12 @@ def _publish(args: argparse.Namespace) -> int:
     robustness = read_robustness_results(args.robustness) if args.robustness else None
     arch, model_args = resolve_model_args(args.model, train_args, args.model_kwargs, args.num_classes)
     state_dict = load_checkpoint_state_dict(checkpoint, use_ema=args.ema)
+    check_finite(state_dict, f'checkpoint {checkpoint}')
 
     cfg = published_pretrained_cfg(
         arch, model_args, train_args, args.img_size, args.test_img_size, args.crop_pct, args.license)
     base_model = timm.models.get_pretrained_cfg(arch).hf_hub_id
-    model = timm.create_model(arch, pretrained_cfg=cfg, **model_args)
+    model = create_model(arch, pretrained_cfg=cfg, **model_args)
     check_weights(state_dict, model)
     layers = [name for name, _ in attention_layers(model)]
     tag = _tag(args, arch)
@@ -127,8 +127,7 @@ def _publish(args: argparse.Namespace) -> int:
               'folder written and checked: it rebuilds the same logits')
         entry = registry_entry(json.loads((folder / 'config.json').read_text()), tag or 'your_tag', args.repo_id)
         if not args.dry_run:
-            url = upload_model_folder(folder, args.repo_id, revision=args.revision, private=args.private,
-                                      overwrite=args.overwrite_hub, commit_message=args.commit_message)
+            url = upload_model_folder(folder, target, private=args.private, commit_message=args.commit_message)
             print(f'uploaded to https://huggingface.co/{args.repo_id} ({url}); load with '
                   f'timm.create_model("hf-hub:{args.repo_id}", pretrained=True) after `import timm_tcnn`')
 
@@ -141,13 +140,3 @@ def _publish(args: argparse.Namespace) -> int:
         print(f'These weights cannot be listed as a pretrained tag: {e}')
     return 0
 
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _publish(args)
-    except (PublishError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f'timm-tcnn publish: error: {e}', file=sys.stderr)
-        return 2
-    except HfHubHTTPError as e:
-        print(f'timm-tcnn publish: error: the Hub request failed: {e}', file=sys.stderr)
-        return 1

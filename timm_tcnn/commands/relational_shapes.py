@@ -3,6 +3,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import atomic_directory, check_output_dir
 from ..relational_shapes import DATASET_FILE, write_dataset
 
 
@@ -12,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description='Write an ImageFolder (train/, validation/, 10 classes) of generated images: a large shape '
                     '(5 kinds) and two small marks that are of the same kind or not. Class = shape_relation. '
                     'The same arguments always give the same images.')
-    parser.add_argument('--out', required=True, metavar='DIR', help='output folder (must not hold a dataset yet)')
+    parser.add_argument('--out', required=True, metavar='DIR',
+                        help='output folder, written all or nothing (must be missing or empty)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--train-images', type=int, default=4000)
     parser.add_argument('--val-images', type=int, default=500)
@@ -24,9 +26,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / DATASET_FILE).exists() or (out / 'train').exists():
         raise InputError(f'{out} already holds a dataset: choose another --out or remove it.')
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f'{out} is not empty: choose a new or empty --out.')
     if args.train_images < 10 or args.val_images < 10 or args.size < 64:
         raise InputError('--train-images and --val-images must be >= 10 and --size >= 64.')
-    info = write_dataset(out, args.seed, args.train_images, args.val_images, args.size)
+    check_output_dir(out, overwrite=True)  # an empty folder is replaced
+    with atomic_directory(out, overwrite=True) as tmp:
+        info = write_dataset(tmp, args.seed, args.train_images, args.val_images, args.size)
     print(f'wrote {args.train_images} training and {args.val_images} validation images of {len(info["classes"])} '
           f'classes to {out}')
     return 0

@@ -4,11 +4,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-import torch
 from timm.utils import ParseKwargs
 
+from ..errors import InputError
+from ..io import check_writable
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, ModelSpec, ResultsStore, evaluate_model, \
     plan_cells
+from .common import add_device_arg, add_weight_args, require_weights, resolve_device
 
 DESCRIPTION = """\
 Measure the robustness of a timm model (tcnn_* included): ImageNet-C top-1 per corruption and
@@ -24,13 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         'robustness', help='ImageNet-C mCE, ImageNet-A/R and on-the-fly corruption robustness',
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('model', metavar='MODEL', help='timm model name, e.g. tcnn_resnet50rs or resnetrs50')
-    parser.add_argument('--checkpoint', metavar='FILE', help='weights (.safetensors, state dict or train.py '
-                        'checkpoint, loaded with weights_only=True); a CNN checkpoint for a tcnn_* model is converted on load')
-    parser.add_argument('--pretrained', action='store_true', help="start from timm's pretrained weights")
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='extra timm.create_model arguments')
-    parser.add_argument('--ema', dest='use_ema', action='store_true',
-                        help="take the EMA weights of train.py checkpoints (both models)")
+    add_weight_args(parser)
 
     data = parser.add_argument_group('datasets (at least one)')
     data.add_argument('--imagenet-c', metavar='DIR', help='ImageNet-C: DIR/<corruption>/<severity>/<synset>/*')
@@ -79,32 +75,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help='results directory (default: ./robustness-results)')
     run.add_argument('--batch-size', type=int, default=64)
     run.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
-    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add_device_arg(run)
     parser.set_defaults(func=main)
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if not any((args.imagenet_c, args.imagenet_a, args.imagenet_r, args.imagenet_val, args.corrupt)):
-        raise ValueError('nothing to evaluate: give at least one of --imagenet-c, --imagenet-a, --imagenet-r, '
+        raise InputError('nothing to evaluate: give at least one of --imagenet-c, --imagenet-a, --imagenet-r, '
                          '--imagenet-val, --corrupt')
-    for name, pretrained, checkpoint in ((args.model, args.pretrained, args.checkpoint),
-                                         (args.compare, args.compare_pretrained, args.compare_checkpoint)):
-        if name and not (pretrained or checkpoint):
-            raise ValueError(f'{name} has no weights: pass --pretrained or --checkpoint FILE '
-                             '(--compare-pretrained or --compare-checkpoint for OTHER_MODEL)')
+    require_weights(args)
+    if args.compare and not (args.compare_pretrained or args.compare_checkpoint):
+        raise InputError(f'{args.compare} has no weights: pass --compare-pretrained or --compare-checkpoint FILE.')
     known = CORRUPTIONS + EXTRA_CORRUPTIONS
     unknown = [c for c in args.corruptions or () if c not in known]
     if unknown:
-        raise ValueError(f'unknown corruption(s) {", ".join(unknown)}; known: {", ".join(known)}')
+        raise InputError(f'unknown corruption(s) {", ".join(unknown)}; known: {", ".join(known)}')
     bad = [s for s in args.severities or () if s not in SEVERITIES]
     if bad:
-        raise ValueError(f'severities must be in 1..5, got {", ".join(map(str, bad))}')
+        raise InputError(f'severities must be in 1..5, got {", ".join(map(str, bad))}')
     for value in (args.clean_accuracy, args.compare_clean_accuracy):
         if value is not None and not 0 <= value <= 100:
-            raise ValueError(f'clean accuracy is a percentage in [0, 100], got {value}')
+            raise InputError(f'clean accuracy is a percentage in [0, 100], got {value}')
     if args.batch_size < 1 or args.workers < 0 or args.corrupt_size < 32:
-        raise ValueError('--batch-size must be >= 1, --workers >= 0 and --corrupt-size >= 32')
+        raise InputError('--batch-size must be >= 1, --workers >= 0 and --corrupt-size >= 32')
 
 
 def _pct(x: Optional[float], digits: int = 2) -> str:
@@ -183,39 +177,36 @@ def format_comparison(first: Dict[str, Any], second: Dict[str, Any]) -> List[str
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        _check_args(args)
-        plan = plan_cells(
-            imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
-            imagenet_val=args.imagenet_val, corrupt=args.corrupt, corruptions=args.corruptions,
-            severities=args.severities, c_input=args.c_input, corrupt_size=args.corrupt_size, seed=args.seed,
-            class_map=args.class_map,
-        )
-        for note in plan.notes:
-            print(f'note: {note}')
-        for problem in plan.problems:
-            print(f'warning: {problem}', file=sys.stderr)
-        if not plan.tasks:
-            raise ValueError('no usable images found in the given folders (see the warnings above)')
-        store = ResultsStore(args.output)
-        overrides = {k: getattr(args, k) for k in ('img_size', 'input_size', 'crop_pct', 'interpolation', 'mean',
-                                                   'std') if getattr(args, k) is not None}
-        specs = [(ModelSpec(args.model, args.pretrained, args.checkpoint, args.model_kwargs, args.use_ema),
-                  args.clean_accuracy)]
-        if args.compare:
-            specs.append((ModelSpec(args.compare, args.compare_pretrained, args.compare_checkpoint,
-                                    args.compare_model_kwargs, args.use_ema), args.compare_clean_accuracy))
-        entries = []
-        for spec, clean in specs:
-            entry = evaluate_model(
-                spec, plan, store, torch.device(args.device), args.batch_size, args.workers, overrides,
-                None if clean is None else clean / 100)
-            if entry['skipped_cells']:
-                print(f'{spec.name}: {entry["skipped_cells"]} cell(s) already in {store.json_path}, not re-evaluated')
-            entries.append(entry)
-    except (ValueError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    _check_args(args)
+    device = resolve_device(args.device)
+    check_writable(args.output, '--output')
+    plan = plan_cells(
+        imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
+        imagenet_val=args.imagenet_val, corrupt=args.corrupt, corruptions=args.corruptions,
+        severities=args.severities, c_input=args.c_input, corrupt_size=args.corrupt_size, seed=args.seed,
+        class_map=args.class_map,
+    )
+    for note in plan.notes:
+        print(f'note: {note}')
+    for problem in plan.problems:
+        print(f'warning: {problem}', file=sys.stderr)
+    if not plan.tasks:
+        raise InputError('no usable images found in the given folders (see the warnings above)')
+    store = ResultsStore(args.output)
+    overrides = {k: getattr(args, k) for k in ('img_size', 'input_size', 'crop_pct', 'interpolation', 'mean',
+                                               'std') if getattr(args, k) is not None}
+    specs = [(ModelSpec(args.model, args.pretrained, args.checkpoint, args.model_kwargs, args.ema),
+              args.clean_accuracy)]
+    if args.compare:
+        specs.append((ModelSpec(args.compare, args.compare_pretrained, args.compare_checkpoint,
+                                args.compare_model_kwargs, args.ema), args.compare_clean_accuracy))
+    entries = []
+    for spec, clean in specs:
+        entry = evaluate_model(
+            spec, plan, store, device, args.batch_size, args.workers, overrides, None if clean is None else clean / 100)
+        if entry['skipped_cells']:
+            print(f'{spec.name}: {entry["skipped_cells"]} cell(s) already in {store.json_path}, not re-evaluated')
+        entries.append(entry)
     for entry in entries:
         print('\n'.join(_format_summary(entry)))
     if len(entries) == 2:

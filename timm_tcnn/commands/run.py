@@ -1,7 +1,7 @@
 """ `timm-tcnn run SCRIPT [args...]`: run one of timm's scripts with the T-CNN models registered. """
 import argparse
-from functools import partial
 
+from ..errors import report_error
 from ..runner import ScriptNotFoundError, resolve_script, run_script
 
 _EXAMPLES = """\
@@ -30,13 +30,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('script', metavar='SCRIPT', help='path of the script to run')
     parser.add_argument('script_args', nargs=argparse.REMAINDER, metavar='ARGS',
                         help="the script's own arguments, passed through untouched")
-    parser.set_defaults(func=partial(run, parser))
+    parser.set_defaults(func=run)
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         script = resolve_script(args.script)
     except ScriptNotFoundError as e:
-        parser.error(str(e))
-    run_script(script, args.script_args)
+        if args.debug:
+            raise
+        return report_error('run', e)
+    run_script(script, args.script_args)  # the script's own exit code and exceptions pass through
     return 0

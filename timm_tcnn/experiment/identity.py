@@ -11,6 +11,7 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 from ..convert import attention_layers, convert_cnn_state_dict
 from ..hub import require_hub_weights
 from ..io import atomic_path, atomic_write, load_checkpoint_state_dict
+from ..numerics import relative_error
 from .spec import ExperimentSpec, Step, analyze_argv
 
 __all__ = ['load_cnn', 'identity_check', 'TOLERANCE']
@@ -62,9 +63,9 @@ def identity_check(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
     ref = cnn(images).detach()
     with torch.enable_grad():  # the attention computation itself, not the inference shortcut to conv2d
         logits = tcnn(images).detach()
-    error = ((logits - ref).abs().max() / ref.abs().max()).item()
+    error = relative_error(logits, ref)  # inf for NaN or Inf
     agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    passed = bool(error <= TOLERANCE)  # False for NaN
+    passed = error <= TOLERANCE
     result = dict(
         passed=passed, max_relative_error=error, top1_agreement=agree, tolerance=TOLERANCE,
         images=len(images), input_size=list(images.shape[1:]), converted_layers=len(list(attention_layers(tcnn))),

@@ -178,7 +178,7 @@ def analyze_argv(spec: ExperimentSpec, checkpoint: str, out: Path, model_kwargs:
     return [
         'analyze', spec.model, '--checkpoint', checkpoint, *_kwargs_args(model_kwargs),
         '--cnn', str(spec.root / 'identity' / 'cnn.safetensors'),
-        '--images', str(Path(spec.data_dir) / spec.val_split), '--out', str(out),
+        '--images', str(Path(spec.data_dir) / spec.val_split), '--out', str(out), '--overwrite',
         '--max-images', str(spec.analyze_images), '--img-size', str(spec.test_size), '--no-plots',
     ]
 

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms
 
+from ..errors import InputError
+
 __all__ = ['import_imagecorruptions', 'check_corruptions', 'CorruptImage']
 
 _INSTALL_HINT = (
@@ -28,7 +30,7 @@ def import_imagecorruptions() -> ModuleType:
     try:
         import imagecorruptions
     except ImportError as e:
-        raise RuntimeError(f'--corrupt needs the imagecorruptions package, which failed to import ({e}). '
+        raise InputError(f'--corrupt needs the imagecorruptions package, which failed to import ({e}). '
                            f'{_INSTALL_HINT}') from e
     return imagecorruptions
 
@@ -38,14 +40,14 @@ def check_corruptions(names: Sequence[str], severities: Sequence[int]) -> None:
     available = import_imagecorruptions().get_corruption_names('all')
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise ValueError(f'unknown corruption(s) {", ".join(unknown)}; available: {", ".join(available)}')
+        raise InputError(f'unknown corruption(s) {", ".join(unknown)}; available: {", ".join(available)}')
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     for name in names:
         for severity in severities:
             try:
                 CorruptImage(name, severity, size=64)(probe, 0)
             except Exception as e:
-                raise RuntimeError(f'imagecorruptions failed on {name} severity {severity}: '
+                raise InputError(f'imagecorruptions failed on {name} severity {severity}: '
                                    f'{type(e).__name__}: {e}. {_INSTALL_HINT}') from e
 
 

@@ -20,6 +20,7 @@ import time
 import warnings
 from typing import Any, Dict, Optional
 
+from ..errors import InputError
 from ..io import atomic_write
 from .protocol import FAMILIES, corruption_family, summarize_imagenet_c
 
@@ -78,7 +79,6 @@ class ResultsStore:
     """Results of one or more models in `directory`/robustness.{json,csv,png}."""
 
     def __init__(self, directory: str, plot_interval: float = 60.):
-        os.makedirs(directory, exist_ok=True)
         self.plot_interval = plot_interval  # seconds between PNG redraws (JSON and CSV: every cell)
         self._last_plot = time.monotonic()
         self.json_path = os.path.join(directory, 'robustness.json')
@@ -90,10 +90,10 @@ class ResultsStore:
                 with open(self.json_path, encoding='utf-8') as f:
                     data = json.load(f)
             except (OSError, ValueError) as e:
-                raise ValueError(f'{self.json_path} is not a readable results file ({e}); '
+                raise InputError(f'{self.json_path} is not a readable results file ({e}); '
                                  'move it away or choose another --output directory') from e
             if not isinstance(data, dict) or data.get('format') != FORMAT:
-                raise ValueError(f'{self.json_path} is not a {FORMAT} results file; '
+                raise InputError(f'{self.json_path} is not a {FORMAT} results file; '
                                  'move it away or choose another --output directory')
             self.data = data
 

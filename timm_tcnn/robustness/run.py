@@ -8,6 +8,7 @@ import torch
 from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
+from ..errors import InputError
 from .corruptions import CorruptImage, check_corruptions
 from .datasets import (
     Sample, SampleDataset, imagenet_class_to_idx, scan_class_folders, scan_imagenet_c, subset_indices,
@@ -66,7 +67,7 @@ def _folder_classes(root: str, class_map: Optional[str], notes: List[str]) -> Tu
     """Class name -> index for an arbitrary labelled folder, and whether the indices are ImageNet-1k's."""
     if class_map:
         if not os.path.isfile(class_map) or os.path.splitext(class_map)[1] not in ('.txt', '.pkl'):
-            raise ValueError(f'class map {class_map!r} is not a .txt (one class name per line) or .pkl file')
+            raise InputError(f'class map {class_map!r} is not a .txt (one class name per line) or .pkl file')
         notes.append(f'{root}: class indices from the class map {class_map}')
         return dict(load_class_map(class_map)), False
     imagenet = imagenet_class_to_idx()
@@ -157,11 +158,11 @@ def evaluate_model(
     num_classes = getattr(model, 'num_classes', None)
     for task in plan.tasks:
         if task.needs_imagenet and num_classes != 1000:
-            raise ValueError(f'{spec.name} has {num_classes} classes; {task.benchmark} needs an ImageNet-1k '
+            raise InputError(f'{spec.name} has {num_classes} classes; {task.benchmark} needs an ImageNet-1k '
                              'classifier (1000 classes)')
         if not task.needs_imagenet and num_classes is not None and task.samples \
                 and max(t for _, t in task.samples) >= num_classes:
-            raise ValueError(f'{task.folder}: class indices reach {max(t for _, t in task.samples)} but '
+            raise InputError(f'{task.folder}: class indices reach {max(t for _, t in task.samples)} but '
                              f'{spec.name} has {num_classes} classes; pass --class-map')
     fingerprint = model_fingerprint(spec, data_config)
     entry = store.model(fingerprint, _label(spec), clean_accuracy)
