@@ -105,3 +105,15 @@ def test_stages_follow_reduction_on_every_family():
             stage = int(math.log2(info['reduction'])) - 1
             # every spatial conv of a feature stage sits at its reduction, but a strided first conv of the next
             assert all(stages[n] == stage or modules[n].stride != (1, 1) for n in inside), (name, info)
+
+
+def test_building_a_tcnn_draws_what_its_cnn_draws():
+    """Same seed, same classifier initialisation and the same generator state afterwards (train.py's data order)."""
+    torch.manual_seed(3)
+    cnn = timm.create_model('resnet18', num_classes=7)
+    after_cnn = torch.randn(4)
+    torch.manual_seed(3)
+    tcnn = timm.create_model('tcnn_resnet18', num_classes=7)
+    after_tcnn = torch.randn(4)
+    assert torch.equal(after_cnn, after_tcnn)
+    assert torch.equal(cnn.fc.weight, tcnn.fc.weight) and torch.equal(cnn.layer4[1].conv2.weight, tcnn.layer4[1].conv2.weight)

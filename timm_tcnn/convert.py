@@ -228,8 +228,11 @@ def transform_cnn(
         raise InputError(
             f'No convertible convolution in stages {stages} of {type(model).__name__} '
             f'(convert_strided={convert_strided}): nothing to transform.')
-    # build every layer before replacing any: a failure leaves the model untouched
-    new = [(name, conv_to_attention(conv, name, **layer_kwargs)) for name, conv in layers]
+    # build every layer before replacing any: a failure leaves the model untouched. The layers draw their random
+    # Q/K from a fork of the generator, so building a T-CNN draws what building its CNN draws: with one seed both
+    # get the same classifier initialisation, and train.py gives both the same data order
+    with torch.random.fork_rng(devices=[]):
+        new = [(name, conv_to_attention(conv, name, **layer_kwargs)) for name, conv in layers]
     for name, layer in new:
         model.set_submodule(name, layer)
     return model
