@@ -401,8 +401,9 @@ def test_analyze_command_bad_inputs(checkpoints, image_folder, tmp_path, capsys)
     assert 'none of the 1 image files could be read' in analyze('tcnn_resnet50rs', images=unreadable)
     assert 'not a folder' in analyze('tcnn_resnet50rs', images=tmp_path / 'missing')
     assert 'no converted layers' in analyze('resnet18')
-    assert 'another variant' in analyze('tcnn_resnet50rs', '--model-kwargs', 'num_classes=10', '--checkpoint',
-                                        str(checkpoints / 'tuned.pth'), weights=())
+    mismatch = analyze('tcnn_resnet50rs', '--model-kwargs', 'num_classes=10', '--checkpoint',
+                       str(checkpoints / 'tuned.pth'), weights=())
+    assert 'does not fit tcnn_resnet50rs' in mismatch and 'pass the architecture kwargs it was trained with' in mismatch
     assert 'neither a file nor a timm model name' in analyze('tcnn_resnet50rs', '--cnn', 'no_such_cnn')
     assert 'outside the 64x64 model input' in analyze('tcnn_resnet50rs', '--query-pixel', '64', '3')
     assert 'has no weights: pass one of --pretrained, --checkpoint FILE, --random-weights' in analyze(
