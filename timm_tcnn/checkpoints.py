@@ -9,14 +9,15 @@ import torch.nn as nn
 from .convert import conv_stages
 from .variants import VARIANTS
 
-__all__ = ['checkpoint_options', 'fitting_variants', 'describe_mismatch']
+__all__ = ['attention_layer_names', 'checkpoint_options', 'fitting_variants', 'describe_mismatch']
 
 # entries a converted layer holds beyond its convolution's `weight` and `bias`
 _ATTENTION_ENTRIES = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'gate_lr_scale', 'q.weight',
                       'k.weight')
 
 
-def _attention_layers(state_dict: Mapping[str, Any]) -> List[str]:
+def attention_layer_names(state_dict: Mapping[str, Any]) -> List[str]:
+    """Names of the converted layers whose entries a T-CNN state dict holds, in its order."""
     return [k[:-len('.content_gate')] for k in state_dict if k.endswith('.content_gate')]
 
 
@@ -45,7 +46,7 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
     num_classes = _num_classes(state_dict, _classifier(model))
     if num_classes is not None:
         options['num_classes'] = num_classes
-    converted = set(_attention_layers(state_dict))
+    converted = set(attention_layer_names(state_dict))
     stage_of = {name: stage for name, stage in conv_stages(model).items() if f'{name}.weight' in state_dict}
     layers = [name for name in stage_of if name in converted]
     if not layers:
@@ -66,7 +67,7 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
 
 def _cnn_signature(state_dict: Mapping[str, Any], classifier: Optional[str]) -> Dict[str, Tuple[int, ...]]:
     """Entry name -> shape, without the classifier and the attention-only entries."""
-    converted = _attention_layers(state_dict)
+    converted = attention_layer_names(state_dict)
     extra = {f'{layer}.{entry}' for layer in converted for entry in _ATTENTION_ENTRIES}
     skip = (f'{classifier}.weight', f'{classifier}.bias') if classifier else ()
     return {k: tuple(v.shape) for k, v in state_dict.items() if k not in extra and k not in skip}
@@ -100,7 +101,7 @@ def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
 @torch.no_grad()
 def describe_mismatch(state_dict: Mapping[str, Any], model: nn.Module) -> str:
     """Why a checkpoint does not fit `model`, and the model kwargs (`--model-kwargs`) that rebuild it."""
-    kind = 'a T-CNN' if _attention_layers(state_dict) else 'a CNN'
+    kind = 'a T-CNN' if attention_layer_names(state_dict) else 'a CNN'
     classifier = _classifier(model)
     ckpt, own = _cnn_signature(state_dict, classifier), _cnn_signature(model.state_dict(), classifier)
     if ckpt != own:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from ..checkpoints import attention_layer_names
 from ..errors import InputError
 from ..io import atomic_write
 from .spec import ExperimentSpec, Step
@@ -64,10 +65,7 @@ def spec_json(spec: ExperimentSpec) -> Dict[str, Any]:
 def gate_summary(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, List[float]]]:
     """Per converted layer: content and locality share and alpha of every head, from a T-CNN state dict."""
     layers = {}
-    for key in state_dict:
-        if not key.endswith('.content_gate'):
-            continue
-        name = key[:-len('.content_gate')]
+    for name in attention_layer_names(state_dict):
         scale = state_dict.get(f'{name}.gate_lr_scale', torch.tensor(1.)).float()
         value = {p: state_dict[f'{name}.{p}'].float() * scale for p in ('content_gate', 'locality_gate', 'pos_log_alpha')}
         layers[name] = dict(
