@@ -92,6 +92,41 @@ def _blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, 
     return out
 
 
+# Subnormal floats (below float32's smallest normal, ~1.2e-38) can make CPU arithmetic, GEMMs above all, many
+# times slower. The attention never produces one, by construction: positional factors are 0 or >= 1e-15 (so a
+# product of two factors and a gate >= 1e-8 stays normal); content logits more than 40 below their row's
+# maximum are raised to that level (probabilities >= exp(-40) / N, a change of < 1e-17 each); weights cast to
+# float16 are 0 or >= its smallest normal. Defaults are arguments so that TorchScript reads them as constants.
+
+
+def _exp_without_subnormals(logits: torch.Tensor, floor: float = 1e-15) -> torch.Tensor:
+    """exp(logits), with values below `floor` set to 0; no intermediate value is subnormal."""
+    return F.threshold(logits.clamp(min=math.log(floor) - 1.).exp(), floor, 0.)
+
+
+def _raise_to_range_(logits: torch.Tensor, logit_range: float = 40.) -> torch.Tensor:
+    """Fresh logits raised in place to at least `logit_range` below their row's (last dimension's) maximum, so
+    that a softmax or logsumexp over them computes no subnormal exponential: each weight is >= exp(-logit_range)
+    / N and moves by less than that. The raise is invisible to autograd (a straight-through estimate of a
+    gradient that is < exp(-logit_range) anyway), so backward passes are those of the plain softmax."""
+    with torch.no_grad():
+        logits.clamp_(min=logits.amax(dim=-1, keepdim=True) - logit_range)
+    return logits
+
+
+def _softmax_without_subnormals_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of fresh float32 logits (`_raise_to_range_`), never subnormal."""
+    return _raise_to_range_(logits).softmax(dim=-1)
+
+
+def _cast_without_subnormals(attn: torch.Tensor, dtype: torch.dtype, float16_tiny: float = 6.103515625e-05) -> torch.Tensor:
+    """Attention weights (float32, >= 0) cast to the compute dtype. For float16, whose smallest normal is
+    6.1e-5, smaller weights are set to 0 first (float32 and bfloat16 share float32's range)."""
+    if dtype == torch.float16:
+        attn = F.threshold(attn, float16_tiny, 0.)
+    return attn.to(dtype)
+
+
 def _same_pad_before(size: int, kernel_size: int, stride: int) -> int:
     """Zeros TF 'SAME' padding puts before a dimension of `size` (timm's `pad_same`: the smaller half)."""
     out = (size - 1) // stride + 1
@@ -115,17 +150,17 @@ def _gaussian_1d(
     Returns:
         (heads, out_size, in_size): weight of key k for the query at `start + stride * i`. Each row is a
         softmax over all offsets in [-(in_size - 1), in_size - 1]; offsets outside the image are
-        zero tokens, so rows of border queries sum to less than 1.
+        zero tokens, so rows of border queries sum to less than 1. Weights are 0 or >= 1e-15 (`_exp_without_subnormals`).
     """
     alpha = alpha.float()[:, None]
     center = center.float()[:, None]
     offsets = torch.arange(-(in_size - 1), in_size, device=alpha.device, dtype=torch.float32)
-    log_norm = torch.logsumexp(-alpha * (offsets - center) ** 2, dim=-1)  # heads
+    log_norm = torch.logsumexp(_raise_to_range_(-alpha * (offsets - center) ** 2), dim=-1)  # heads
     keys = torch.arange(in_size, device=alpha.device, dtype=torch.float32)
     queries = torch.arange(out_size, device=alpha.device, dtype=torch.float32) * stride + start
     rel = keys[None, :] - queries[:, None]  # out_size, in_size
     logits = -alpha[:, :, None] * (rel[None] - center[:, :, None]) ** 2
-    return torch.exp(logits - log_norm[:, None, None])
+    return _exp_without_subnormals(logits - log_norm[:, None, None])
 
 
 def _onehot_1d(offsets: torch.Tensor, in_size: int, out_size: int, stride: int, start: int = 0) -> torch.Tensor:
@@ -147,6 +182,19 @@ def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _float32_matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     with torch.autocast(a.device.type, enabled=False):
         return a.float() @ b.float()
+
+
+def _mixing_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the mixing GEMM computes in: autocast's for x's device where it is enabled, else x's own."""
+    if torch.jit.is_scripting():
+        return x.dtype  # scripted code does not autocast
+    return _autocast_dtype(x)
+
+
+@torch.jit.unused
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _mix(x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -412,10 +460,14 @@ class GatedPositionalAttention2d(nn.Module):
         onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride, row0)
         onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride, col0)
         keep = 1 - content
+        gauss_share = (keep * locality)[:, None, None]
+        # each head's share multiplies its row factor before the outer product: no product goes subnormal
         onehot = torch.einsum('hiy,hjx->ijhyx', onehot_rows * (keep * (1 - locality))[:, None, None], onehot_cols)
-        gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)  # H_out, W_out, heads, H, W
-        dense = onehot + gated(gauss, (keep * locality)[:, None, None], self.grad_floor)
-        return dense.reshape(out_h * out_w, self.num_heads, height * width)
+        gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows * gauss_share, gauss_cols)  # H_out, W_out, heads, H, W
+        if self.grad_floor > 0 and gauss_rows.requires_grad:
+            unit = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)
+            gauss = gauss + _floor_lift(unit, gauss_share, self.grad_floor)  # as gated(unit, share, grad_floor)
+        return (onehot + gauss).reshape(out_h * out_w, self.num_heads, height * width)
 
     def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Scaled queries (B, h, Nq, d) and keys (B, h, d, N) of every head."""
@@ -452,7 +504,8 @@ class GatedPositionalAttention2d(nn.Module):
         content = self._content_gate()
         positional = self.positional_mixing(x.shape[-2], x.shape[-1])
         # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
-        return _blend(positional, self.content_logits(x).softmax(dim=-1).transpose(1, 2), content[:, None], self.grad_floor)
+        probs = _softmax_without_subnormals_(self.content_logits(x))
+        return _blend(positional, probs.transpose(1, 2), content[:, None], self.grad_floor)
 
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Content attention of every head applied to the full-width input.
@@ -462,7 +515,7 @@ class GatedPositionalAttention2d(nn.Module):
         Returns:
             (B, C_in, heads, H_out * W_out): for head h, the attention-weighted input x S_h^T.
         """
-        attn = self.content_logits(x).softmax(dim=-1).transpose(1, 2).to(x.dtype)
+        attn = _cast_without_subnormals(_softmax_without_subnormals_(self.content_logits(x)).transpose(1, 2), _mixing_dtype(x))
         return _mix(x, attn).permute(0, 3, 2, 1)
 
     def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -474,7 +527,7 @@ class GatedPositionalAttention2d(nn.Module):
             (B, C_in, heads, H_out * W_out)
         """
         rows, cols = self.positional_gaussian(x.shape[-2], x.shape[-1])
-        rows, cols = rows.to(x.dtype), cols.to(x.dtype)
+        rows, cols = _cast_without_subnormals(rows, x.dtype), _cast_without_subnormals(cols, x.dtype)
         # separable: first along columns, then along rows
         t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
         out = torch.einsum('bchyj,hiy->bchij', t, rows)  # B, C, h, H_out, W_out
@@ -521,12 +574,12 @@ class GatedPositionalAttention2d(nn.Module):
         for start in range(0, num_queries, block):
             stop = min(start + block, num_queries)
             if with_content:
-                attn = _float32_matmul(q[:, :, start:stop], k).softmax(dim=-1)
+                attn = _softmax_without_subnormals_(_float32_matmul(q[:, :, start:stop], k))
                 # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
                 attn = _blend(positional[start:stop], attn.transpose(1, 2), content, self.grad_floor)
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
-            mixed = _mix(x, attn.to(x.dtype))  # B, block, h, C_in
+            mixed = _mix(x, _cast_without_subnormals(attn, _mixing_dtype(x)))  # B, block, h, C_in
             outs.append(self._project(mixed, weight))  # B, block, C_out
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.unflatten(1, (out_h, out_w)).permute(0, 3, 1, 2)  # channels-last layout
