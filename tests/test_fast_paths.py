@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.attention import rate_scaled, straight_through_clamp
+from timm_tcnn.attention import default_block_bytes, rate_scaled, straight_through_clamp
 from conftest import relative_error
 
 
@@ -85,6 +85,22 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
         assert relative_error(layer(x), ref) <= 1e-5
         layer.set_attention_values(content_gate=0.)  # positional-only inference path, in blocks too
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+def test_gpu_block_size_runs_on_cpu_with_the_same_results():
+    """The GPU's default blocks (one block for a batch that a CPU splits into many), run on CPU."""
+    layer = fine_tuned_layer(in_chs=8, out_chs=8, stride=2)
+    x = torch.randn(4, 8, 40, 40, requires_grad=True)
+    cpu_bytes, cuda_bytes = default_block_bytes(torch.device('cpu')), default_block_bytes(torch.device('cuda'))
+    assert cuda_bytes > 4 * 20 * 20 * 9 * 40 * 40 * 4 > cpu_bytes / 8
+    layer.attention_block_bytes = cpu_bytes // 8  # several blocks
+    blocked = layer(x)
+    layer.attention_block_bytes = cuda_bytes
+    whole = layer(x)
+    ref = plain_forward(layer, x)
+    assert relative_error(whole, ref) <= 1e-5 and relative_error(blocked, ref) <= 1e-5
+    target = torch.randn_like(ref)
+    assert_same_grads(grads(layer, x, whole, target), grads(layer, x, ref, target))
 
 
 def test_gradients_match_at_conversion():

@@ -37,8 +37,8 @@ dense (Nq, heads, N) matrix from separable row and column factors, and added to 
 softmax. One batched GEMM then mixes the full-width input for all heads, (Nq * heads, N) @ (N, C_in),
 and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out) (batched over groups for grouped kernels): the same multiply-adds
 as the convolution plus those of the attention, no per-head or per-sample copies of the values.
-Queries are processed in blocks (`attention_block_bytes`) so that the attention tensor of a block
-stays in cache. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot
+Queries are processed in blocks (`attention_block_bytes`, by default per device type: `default_block_bytes`) so
+that the attention tensor of a block stays in a CPU's cache, or, on a GPU, in few large kernels. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot
 overflow them.
 In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`.
 """
@@ -52,7 +52,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
-__all__ = ['GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'gated', 'RATE_SCALED_PARAMS']
+__all__ = [
+    'GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'gated', 'default_block_bytes',
+    'RATE_SCALED_PARAMS',
+]
 
 # parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
 RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
@@ -125,6 +128,13 @@ def _cast_without_subnormals(attn: torch.Tensor, dtype: torch.dtype, float16_tin
     if dtype == torch.float16:
         attn = F.threshold(attn, float16_tiny, 0.)
     return attn.to(dtype)
+
+
+def default_block_bytes(device: torch.device, cpu: int = 8 * 2 ** 20, cuda: int = 512 * 2 ** 20) -> int:
+    """Default bound on the float32 attention materialised at once (`attention_block_bytes`) on `device`:
+    about a CPU's last-level cache; on a GPU (tens of MB of L2, launch-bound at small kernels), 512 MiB, which
+    keeps a batch of 128 at ResNet-50 stage-3 shapes in one or two blocks."""
+    return cuda if device.type == 'cuda' else cpu
 
 
 def _same_pad_before(size: int, kernel_size: int, stride: int) -> int:
@@ -230,8 +240,9 @@ class GatedPositionalAttention2d(nn.Module):
     `set_attention_values()` sets them.
 
     `attention_block_bytes` bounds the float32 attention tensor materialised at once: queries are
-    processed in blocks of that size (about the last-level cache), which keeps the memory-bound
-    softmax and blend passes in cache. It changes speed only, never the result.
+    processed in blocks of that size. None (default) chooses per device type (`default_block_bytes`): about
+    a CPU's last-level cache, which keeps the memory-bound softmax and blend passes in cache, and on a GPU
+    blocks large enough for few, large kernels. It changes speed only, never the result.
 
     Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2, 1, groups)`
     (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride))` without padding).
@@ -252,7 +263,7 @@ class GatedPositionalAttention2d(nn.Module):
             locality_init: float = 1.0,
             gate_lr_scale: float = 1.0,
             grad_floor: float = 0.0,
-            attention_block_bytes: int = 8 * 2 ** 20,
+            attention_block_bytes: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -283,7 +294,7 @@ class GatedPositionalAttention2d(nn.Module):
         self.scale = qk_dim ** -0.5
         self.qk_init_std = qk_init_std
         self.locality_init = locality_init
-        if attention_block_bytes < 1:
+        if attention_block_bytes is not None and attention_block_bytes < 1:
             raise ValueError(f'attention_block_bytes must be >= 1, got {attention_block_bytes}.')
         self.attention_block_bytes = attention_block_bytes
 
@@ -561,12 +572,15 @@ class GatedPositionalAttention2d(nn.Module):
             with_content: bool = True,
     ) -> torch.Tensor:
         """y = bias + sum_h W_h (x A_h^T) from x (B, C_in, H, W), `positional_mixing` and `tap_major_weight`,
-        in blocks of queries of at most `attention_block_bytes` of attention."""
+        in blocks of queries of at most `attention_block_bytes` (or `default_block_bytes`) of attention."""
         B, C, H, W = x.shape
         out_h, out_w = self.output_size(H, W)
         num_queries = out_h * out_w
         per_query = 4 * B * self.num_heads * H * W
-        num_blocks = -(-num_queries * per_query // self.attention_block_bytes)  # ceil
+        block_bytes = self.attention_block_bytes
+        if block_bytes is None:
+            block_bytes = default_block_bytes(x.device)
+        num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
         content = self._content_gate()[:, None]
         q, k = self._queries_keys(x) if with_content else (x, x)  # (x, x): unused without content
