@@ -114,6 +114,8 @@ def _cases():
                                   '{root}/existing'], 2, ['already exists', '--overwrite']),
         ('bench-gate', ['bench', '--quick', '--gate', '1'], 2, ['--gate must be in (0, 1)']),
         ('bench-out-is-folder', ['bench', '--quick', '--out', '{root}/existing'], 2, ['is a folder']),
+        ('bench-no-cuda', ['bench', '--quick', '--device', 'cuda'], 2, ['no CUDA device', '--device cpu']),
+        ('bench-fp16-on-cpu', ['bench', '--quick', '--amp', 'fp16'], 2, ['--amp fp16 is for GPUs', 'bf16']),
         ('experiment-no-scripts', ['experiment', '--model', 'tcnn_resnet50rs', '--data-dir', '{root}/data',
                                    '--out', '{out}', '--scripts-dir', '{root}'], 2,
          ['has no train.py and validate.py', 'pytorch-image-models']),

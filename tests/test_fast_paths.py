@@ -200,3 +200,29 @@ def test_benchmark_state_is_fine_tuned_like():
         alpha = layer.attention_values()['pos_log_alpha']
         assert not torch.equal(alpha, torch.full_like(alpha, -0.6931471805599453))
         assert not layer.is_convolution()
+
+
+def test_benchmark_spread_state():
+    """The default benchmark state: per-head strengths over [0.25, 4] with 1 among them, half the content gates
+    closed (exactly 0 after clamping) and the rest open, content logits of std 4 on each layer's own inputs;
+    the content branch runs in inference, so no shortcut of the conversion state applies."""
+    import math
+    import timm
+    from timm_tcnn.bench import _layer_inputs, spread_state
+    from timm_tcnn.convert import attention_layers
+    model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
+    spread_state(model, img_size=64, seed=0)
+    assert not model.training
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for layer, layer_input in _layer_inputs(model, x):
+        alpha = layer.attention_values()['pos_log_alpha'].exp()
+        assert math.isclose(alpha.min(), 0.25, rel_tol=1e-5) and math.isclose(alpha.max(), 4., rel_tol=1e-5)
+        assert (alpha == 1).sum() == 1
+        content = layer.content_share()
+        assert (content == 0).sum() == layer.num_heads // 2
+        assert ((content[content > 0] >= 0.05) & (content[content > 0] <= 0.3)).all()
+        locality = layer.locality_share()
+        assert ((locality >= 0.05) & (locality <= 0.3)).all()
+        with torch.no_grad():
+            assert math.isclose(layer.content_logits(layer_input).std(), 4., rel_tol=1e-3)
+    assert len(list(attention_layers(model))) == 3

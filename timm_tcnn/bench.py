@@ -36,6 +36,7 @@ import timm
 
 from .attention import GatedPositionalAttention2d
 from .convert import attention_layers, conv_to_attention, convolution_of
+from .options import GATE_LR_SCALE, GRAD_FLOOR
 from .variants import variant
 
 __all__ = [
@@ -476,13 +477,14 @@ def bench_shapes(
         setup: BenchSetup = BenchSetup(),
         state: str = 'spread',
 ) -> List[Result]:
-    """One layer vs its convolution at each of `LAYER_SHAPES`, in state `state` (calibrated on the input)."""
+    """One layer (the T-CNNs' default options) vs its convolution at each of `LAYER_SHAPES`, in state `state`
+    (calibrated on the input)."""
     results = []
     generator = torch.Generator().manual_seed(0)
     for shape in tqdm(shapes, desc='shapes', leave=False):
         channels, size, stride, kernel_size, groups = LAYER_SHAPES[shape]
         conv = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2, groups=groups)
-        layer = conv_to_attention(conv)
+        layer = conv_to_attention(conv, gate_lr_scale=GATE_LR_SCALE, grad_floor=GRAD_FLOOR)  # as in T-CNNs
         x = torch.randn(batch_size, channels, size, size, generator=generator)
         if state == 'spread':
             _spread_layer(layer, x, generator, logit_std=4., closed_share=0.5)

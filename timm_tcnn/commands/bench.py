@@ -11,6 +11,7 @@ from ..bench import (
     format_table,
 )
 from ..errors import InputError
+from .common import resolve_device
 from ..io import atomic_write, check_output_file
 from ..variants import VARIANTS
 
@@ -66,18 +67,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f'--device {name!r} is not a torch device ({e}); use e.g. cpu or cuda.') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {name}: no CUDA device is available here; use --device cpu.')
-    if device.type not in ('cpu', 'cuda'):
-        raise InputError(f'--device {name}: only cpu and cuda are supported.')
-    return device
-
-
 def _check(args: argparse.Namespace) -> None:
     if args.quick:
         args.configs, args.sizes, args.train_sizes = ['default'], [160], [160]
@@ -92,7 +81,7 @@ def _check(args: argparse.Namespace) -> None:
                          f'state.')
     if args.threads < 0:
         raise InputError(f'--threads must be >= 0, got {args.threads}.')
-    args.device = _device(args.device)
+    args.device = resolve_device(args.device)
     if args.amp == 'fp16' and args.device.type == 'cpu':
         raise InputError('--amp fp16 is for GPUs; on CPU use --amp bf16 or none.')
     if args.out:
