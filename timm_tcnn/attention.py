@@ -112,6 +112,9 @@ def _raise_to_range_(logits: torch.Tensor, logit_range: float = 40.) -> torch.Te
     that a softmax or logsumexp over them computes no subnormal exponential: each weight is >= exp(-logit_range)
     / N and moves by less than that. The raise is invisible to autograd (a straight-through estimate of a
     gradient that is < exp(-logit_range) anyway), so backward passes are those of the plain softmax."""
+    if torch.compiler.is_compiling():  # compiled graphs are functional: the same raise, out of place (fused)
+        floor = logits.detach().amax(dim=-1, keepdim=True) - logit_range
+        return logits + (torch.maximum(logits, floor) - logits).detach()
     with torch.no_grad():
         logits.clamp_(min=logits.amax(dim=-1, keepdim=True) - logit_range)
     return logits
