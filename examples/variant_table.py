@@ -1,5 +1,5 @@
 """ The README's table of registered T-CNNs: parameters of CNN and T-CNN, and T-CNN/CNN inference throughput at
-the default stages (batch 8, 224 px, interleaved, median of 3), T-CNNs in a fine-tuned-like state.
+the default stages (batch 8, 224 px, interleaved, median of 3), T-CNNs in the benchmark's `spread` state.
 
     python examples/variant_table.py [NAME ...] > table.md
 """
