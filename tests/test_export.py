@@ -110,7 +110,8 @@ def test_compiled_gradients_match_eager():
     assert (layer.content_logits(x).detach().amax(-1) - layer.content_logits(x).detach().amin(-1) > 40).any()
     compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
     target = torch.randn(2, 5, 9, 7)
-    grads = [torch.autograd.grad((module(x) * target).sum(), [x] + list(layer.parameters())) for module in (layer, compiled)]
+    params = [x] + list(layer.parameters())
+    grads = [torch.autograd.grad((module(x) * target).sum(), params) for module in (layer, compiled)]
     assert relative_error(compiled(x), layer(x)) <= 1e-6
     for eager_grad, compiled_grad in zip(*grads):
         assert relative_error(compiled_grad, eager_grad) <= 1e-5

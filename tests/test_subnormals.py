@@ -12,8 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn import attention as attention_module
-from conftest import relative_error
-from test_fast_paths import assert_same_grads, grads, plain_forward
+from test_fast_paths import assert_matches_plain_reference
 
 
 def count_subnormals(t: torch.Tensor) -> int:
@@ -131,10 +130,4 @@ def test_plain_attention_has_subnormals_in_these_states():
 def test_hard_states_match_plain_reference(content, stride):
     x = torch.randn(2, 8, 16, 16)
     layer = hard_layer(content, stride, 10., x, grad_floor=0.)  # the reference has no gradient floor
-    x.requires_grad_()
-    ref, out = plain_forward(layer, x), layer(x)
-    assert relative_error(out, ref) <= 1e-5
-    target = torch.randn_like(ref)
-    assert_same_grads(grads(layer, x, out, target), grads(layer, x, ref, target))
-    with torch.no_grad():
-        assert relative_error(layer(x), ref) <= 1e-5
+    assert_matches_plain_reference(layer, x.requires_grad_())

@@ -37,9 +37,10 @@ dense (Nq, heads, N) matrix from separable row and column factors, and added to 
 softmax. One batched GEMM then mixes the full-width input for all heads, (Nq * heads, N) @ (N, C_in),
 and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out) (batched over groups for grouped kernels): the same multiply-adds
 as the convolution plus those of the attention, no per-head or per-sample copies of the values.
-Queries are processed in blocks (`attention_block_bytes`, by default per device type: `default_block_bytes`) so
-that the attention tensor of a block stays in a CPU's cache, or, on a GPU, in few large kernels. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot
-overflow them.
+Queries are processed in blocks (`attention_block_bytes`, by default per device type: `default_block_bytes`)
+so that the attention tensor of a block stays in a CPU's cache, or, on a GPU, runs in few large kernels.
+Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot overflow them, and no
+tensor of the attention holds a subnormal number (slow on many CPUs; see `_raise_to_range_`).
 In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`.
 """
 import math
@@ -125,7 +126,8 @@ def _softmax_without_subnormals_(logits: torch.Tensor) -> torch.Tensor:
     return _raise_to_range_(logits).softmax(dim=-1)
 
 
-def _cast_without_subnormals(attn: torch.Tensor, dtype: torch.dtype, float16_tiny: float = 6.103515625e-05) -> torch.Tensor:
+def _cast_without_subnormals(
+        attn: torch.Tensor, dtype: torch.dtype, float16_tiny: float = 6.103515625e-05) -> torch.Tensor:
     """Attention weights (float32, >= 0) cast to the compute dtype. For float16, whose smallest normal is
     6.1e-5, smaller weights are set to 0 first (float32 and bfloat16 share float32's range)."""
     if dtype == torch.float16:
@@ -163,7 +165,8 @@ def _gaussian_1d(
     Returns:
         (heads, out_size, in_size): weight of key k for the query at `start + stride * i`. Each row is a
         softmax over all offsets in [-(in_size - 1), in_size - 1]; offsets outside the image are
-        zero tokens, so rows of border queries sum to less than 1. Weights are 0 or >= 1e-15 (`_exp_without_subnormals`).
+        zero tokens, so rows of border queries sum to less than 1. Weights are 0 or >= 1e-15
+        (`_exp_without_subnormals`).
     """
     alpha = alpha.float()[:, None]
     center = center.float()[:, None]
@@ -207,7 +210,9 @@ def _mixing_dtype(x: torch.Tensor) -> torch.dtype:
 @torch.jit.unused
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype  # autocast off, or no autocast for this device type (meta)
 
 
 def _mix(x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -483,14 +488,20 @@ class GatedPositionalAttention2d(nn.Module):
             gauss = gauss + _floor_lift(unit, gauss_share, self.grad_floor)  # as gated(unit, share, grad_floor)
         return (onehot + gauss).reshape(out_h * out_w, self.num_heads, height * width)
 
-    def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Scaled queries (B, h, Nq, d) and keys (B, h, d, N) of every head."""
+    def _queries_keys(
+            self, x: torch.Tensor, heads: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Scaled queries (B, h, Nq, d) and keys (B, h, d, N) of every head, or of `heads` (indices) only."""
         B = x.shape[0]
         row0, col0 = self.query_start(x.shape[-2], x.shape[-1])
         queries = x if self.stride == 1 else x[:, :, row0::self.stride, col0::self.stride]
+        q_weight, k_weight = self.q.weight, self.k.weight
+        if heads is not None:
+            q_weight = q_weight.unflatten(0, (self.num_heads, -1))[heads].flatten(0, 1)
+            k_weight = k_weight.unflatten(0, (self.num_heads, -1))[heads].flatten(0, 1)
+        num_heads = q_weight.shape[0] // self.qk_dim
         # (B, h * d, N) = W @ x per sample: reads NCHW or channels-last x in place, no token copies
-        q = torch.bmm(self.q.weight.expand(B, -1, -1), queries.flatten(2)).unflatten(1, (self.num_heads, -1))
-        k = torch.bmm(self.k.weight.expand(B, -1, -1), x.flatten(2)).unflatten(1, (self.num_heads, -1))
+        q = torch.bmm(q_weight.expand(B, -1, -1), queries.flatten(2)).unflatten(1, (num_heads, -1))
+        k = torch.bmm(k_weight.expand(B, -1, -1), x.flatten(2)).unflatten(1, (num_heads, -1))
         return q.transpose(-2, -1) * self.scale, k
 
     def content_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -529,7 +540,8 @@ class GatedPositionalAttention2d(nn.Module):
         Returns:
             (B, C_in, heads, H_out * W_out): for head h, the attention-weighted input x S_h^T.
         """
-        attn = _cast_without_subnormals(_softmax_without_subnormals_(self.content_logits(x)).transpose(1, 2), _mixing_dtype(x))
+        probs = _softmax_without_subnormals_(self.content_logits(x)).transpose(1, 2)
+        attn = _cast_without_subnormals(probs, _mixing_dtype(x))
         return _mix(x, attn).permute(0, 3, 2, 1)
 
     def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -573,9 +585,14 @@ class GatedPositionalAttention2d(nn.Module):
             positional: torch.Tensor,
             weight: torch.Tensor,
             with_content: bool = True,
+            content_heads: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """y = bias + sum_h W_h (x A_h^T) from x (B, C_in, H, W), `positional_mixing` and `tap_major_weight`,
-        in blocks of queries of at most `attention_block_bytes` (or `default_block_bytes`) of attention."""
+        in blocks of queries of at most `attention_block_bytes` (or `default_block_bytes`) of attention.
+
+        Without content the attention is the positional part alone; with `content_heads` (indices, inference
+        only) the content attention is computed for those heads alone, the others' content gates being 0.
+        """
         B, C, H, W = x.shape
         out_h, out_w = self.output_size(H, W)
         num_queries = out_h * out_w
@@ -586,14 +603,19 @@ class GatedPositionalAttention2d(nn.Module):
         num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
         content = self._content_gate()[:, None]
-        q, k = self._queries_keys(x) if with_content else (x, x)  # (x, x): unused without content
+        q, k = self._queries_keys(x, content_heads) if with_content else (x, x)  # (x, x): unused without content
         outs = []
         for start in range(0, num_queries, block):
             stop = min(start + block, num_queries)
             if with_content:
-                attn = _softmax_without_subnormals_(_float32_matmul(q[:, :, start:stop], k))
-                # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
-                attn = _blend(positional[start:stop], attn.transpose(1, 2), content, self.grad_floor)
+                probs = _softmax_without_subnormals_(_float32_matmul(q[:, :, start:stop], k)).transpose(1, 2)
+                if content_heads is None:
+                    # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
+                    attn = _blend(positional[start:stop], probs, content, self.grad_floor)
+                else:
+                    attn = positional[start:stop].expand(B, -1, -1, -1).contiguous()
+                    attn[:, :, content_heads] = torch.addcmul(
+                        positional[start:stop, content_heads], probs, content[content_heads])
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
             mixed = _mix(x, _cast_without_subnormals(attn, _mixing_dtype(x)))  # B, block, h, C_in
@@ -619,8 +641,8 @@ class GatedPositionalAttention2d(nn.Module):
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd, reusing what does not depend on the input until a parameter changes.
 
-        Skips the content attention while every content gate is exactly 0, and runs the convolution
-        itself while the layer is exactly its convolution.
+        Computes the content attention only for heads whose content gate is open (none while every gate is
+        exactly 0), and runs the convolution itself while the layer is exactly its convolution.
         """
         height, width = x.shape[-2:]
         params = (self.weight, self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center,
@@ -629,21 +651,23 @@ class GatedPositionalAttention2d(nn.Module):
         key = (height, width, str(x.device))
         entry: Optional[Tuple] = self._inference_cache.get(key)
         if entry is None or entry[0] != versions:
-            content_on = bool((self.content_share() > 0).any())
+            open_heads = (self.content_share() > 0).nonzero().flatten()
+            content_on = open_heads.numel() > 0
             entry = (
                 versions,
                 self.positional_mixing(height, width),
                 self.tap_major_weight().contiguous(),
                 content_on,
+                None if open_heads.numel() == self.num_heads else open_heads,
                 not content_on and bool((self.locality_share() == 0).all()),
             )
             if len(self._inference_cache) >= 8:
                 self._inference_cache.pop(next(iter(self._inference_cache)))
             self._inference_cache[key] = entry
-        _, positional, weight, content_on, is_conv = entry
+        _, positional, weight, content_on, content_heads, is_conv = entry
         if is_conv:
             return self._conv_forward(x)
-        return self._mix_and_project(x, positional, weight, with_content=content_on)
+        return self._mix_and_project(x, positional, weight, with_content=content_on, content_heads=content_heads)
 
     @torch.jit.unused
     def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:

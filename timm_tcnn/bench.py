@@ -323,7 +323,8 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-add) of matmuls, convolutions and attention ops run by `fn`."""
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as counter:
+    custom = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -436,10 +437,15 @@ def _layer_fns(
     return {'conv': lambda: run(False), 'attn': lambda: run(True)}
 
 
+def _grad_input(setup: BenchSetup, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    return setup.input(*shape, generator=generator).requires_grad_()
+
+
 def _layer_result(
         part: str, config: str, setting: str, pairs, flop_pairs, mode: str, setup: BenchSetup, reps: int,
 ) -> Result:
-    flops = {k: count_flops(fn) for k, fn in _layer_fns(flop_pairs, mode, BenchSetup(setup.device, setup.amp_dtype)).items()}
+    eager = BenchSetup(setup.device, setup.amp_dtype)
+    flops = {k: count_flops(fn) for k, fn in _layer_fns(flop_pairs, mode, eager).items()}
     times = _interleaved(_layer_fns(pairs, mode, setup), reps, setup)
     return Result(f'{part}-{mode}', config, setting, times['conv'] / times['attn'], flops['conv'] / flops['attn'],
                   f'{1e3 * times["attn"]:.1f} vs {1e3 * times["conv"]:.1f} ms')
@@ -460,7 +466,7 @@ def bench_layers(
         for layer, x in _layer_inputs(model, torch.zeros(1, 3, size, size)):
             x = torch.randn((batch_size,) + tuple(x.shape[1:]), generator=generator).to(x.device)
             eager.append((layer, convolution_of(layer), x))
-        pairs = [(setup.prepare(layer), setup.prepare(conv), setup.input(*x.shape, generator=generator).requires_grad_())
+        pairs = [(setup.prepare(layer), setup.prepare(conv), _grad_input(setup, x.shape, generator))
                  for layer, conv, x in eager]
         flop_pairs = [(layer.to(setup.device), conv.to(setup.device), x.to(setup.device).requires_grad_())
                       for layer, conv, x in eager]
@@ -492,7 +498,7 @@ def bench_shapes(
             _open_attention(layer, 0.3, 0.5, 0.1, generator)
         layer.eval()
         flop_pair = [(layer.to(setup.device), conv.to(setup.device), x.to(setup.device).requires_grad_())]
-        pair = [(setup.prepare(layer), setup.prepare(conv), setup.input(*x.shape, generator=generator).requires_grad_())]
+        pair = [(setup.prepare(layer), setup.prepare(conv), _grad_input(setup, x.shape, generator))]
         setting = f'{shape}, {channels} ch, batch {batch_size}'
         for mode in ('infer', 'train'):
             results.append(_layer_result('shape', f'{layer.num_heads} heads', setting, pair, flop_pair, mode, setup,
