@@ -604,6 +604,7 @@ class GatedPositionalAttention2d(nn.Module):
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
         content = self._content_gate()[:, None]
         q, k = self._queries_keys(x, content_heads) if with_content else (x, x)  # (x, x): unused without content
+        mixing_dtype = _mixing_dtype(x)
         outs = []
         for start in range(0, num_queries, block):
             stop = min(start + block, num_queries)
@@ -618,7 +619,7 @@ class GatedPositionalAttention2d(nn.Module):
                         positional[start:stop, content_heads], probs, content[content_heads])
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
-            mixed = _mix(x, _cast_without_subnormals(attn, _mixing_dtype(x)))  # B, block, h, C_in
+            mixed = _mix(x, _cast_without_subnormals(attn, mixing_dtype))  # B, block, h, C_in
             outs.append(self._project(mixed, weight))  # B, block, C_out
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.unflatten(1, (out_h, out_w)).permute(0, 3, 1, 2)  # channels-last layout
