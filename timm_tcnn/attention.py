@@ -441,6 +441,7 @@ class GatedPositionalAttention2d(nn.Module):
         stored = (self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center)
         return {name: p.detach() * self.gate_lr_scale for name, p in zip(RATE_SCALED_PARAMS, stored)}
 
+    @torch.jit.unused
     @torch.no_grad()
     def set_attention_values(self, **values: Any) -> None:
         """Set gates and positional parameters by value (tensors or numbers, broadcast to their shapes),
