@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description='Benchmark a T-CNN against its CNN, its converted layers against the convolutions they '
                     'replaced, single layers at ResNet-50-RS and ConvNeXt shapes, and the attention layer against '
                     'timm\'s ConViT GPSA. Everything is timed round-robin in one run (medians), so ratios are robust '
-                    'to machine load; the full default run is sized to take under 10 minutes on an idle 2-core CPU. '
+                    'to machine load; the full default run takes 10-15 minutes on a 2-core CPU. '
                     'On a GPU, timm\'s usual training set-up is e.g. --device cuda --amp bf16 --channels-last '
                     '--batch-size 128 (add --compile for torch.compile).',
     )
