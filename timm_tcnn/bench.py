@@ -231,7 +231,7 @@ def set_state(model: nn.Module, state: str, seed: int = 0, **uniform_kwargs) -> 
                 'gates closed (0), the others and the locality gates in [0.05, 0.3], content logits std 4')
     if state == 'uniform':
         fine_tune_like(model, seed=seed, **uniform_kwargs)
-        options = dict(dict(gate=0.3, alpha=0.5, steps=3), **uniform_kwargs)
+        options = {'gate': 0.3, 'alpha': 0.5, 'steps': 3, **uniform_kwargs}
         return (f'T-CNN state "uniform": every gate {options["gate"]}, every locality strength {options["alpha"]}, '
                 f'then {options["steps"]} Adam steps')
     raise ValueError(f'unknown state {state!r}: choose from {STATES}.')
