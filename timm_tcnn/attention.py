@@ -26,7 +26,7 @@ layer (`gate_lr_scale` buffer); loading a state dict saved with another scale ke
 A closed gate also stops what it gates from learning: at g_h = 0 the queries and keys get no gradient,
 so a head whose content attention is still random (a blur that raises the loss) closes and stays closed.
 With `grad_floor` > 0, the content attention and the Gaussian learn as if their gate were at least
-`grad_floor` (`gated`): the forward pass is unchanged, so is exactness, and the gates get their true
+`grad_floor` (`_blend`): the forward pass is unchanged, so is exactness, and the gates get their true
 gradients; only the gradients of Q/K, alpha and the centre of nearly closed heads are raised. The one-hot part
 is an exact 0/1 matrix, never a saturated softmax, and the learnable locality (alpha, centre)
 lives in the Gaussian that the locality gate blends in.
@@ -54,7 +54,7 @@ from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
 __all__ = [
-    'GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'gated', 'default_block_bytes',
+    'GatedPositionalAttention2d', 'straight_through_clamp', 'rate_scaled', 'default_block_bytes',
     'RATE_SCALED_PARAMS',
 ]
 
@@ -77,15 +77,6 @@ def _floor_lift(x: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch
     """Exactly 0 in the forward pass; in the backward pass it gives x the gradient it would get from
     (max(gate, grad_floor) - gate) * x, the part of its gradient that a gate below the floor withholds."""
     return (x - x.detach()) * (gate.detach().clamp(min=grad_floor) - gate.detach())
-
-
-def gated(x: torch.Tensor, gate: torch.Tensor, grad_floor: float = 0.) -> torch.Tensor:
-    """`gate * x` (gate broadcast over x); in the backward pass x gets the gradient of max(gate, grad_floor) * x
-    and the gate its true gradient. The forward value is exactly `gate * x`."""
-    out = x * gate
-    if grad_floor > 0 and x.requires_grad:
-        out = out + _floor_lift(x, gate, grad_floor)
-    return out
 
 
 class _FlooredBlend(torch.autograd.Function):
@@ -114,7 +105,8 @@ class _FlooredBlend(torch.autograd.Function):
 
 
 def _blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
-    """positional + `gated(content, gate, grad_floor)`, written in `positional`'s layout."""
+    """positional + gate * content (gate broadcast), written in `positional`'s layout; in the backward pass
+    content gets the gradient of max(gate, grad_floor) * content, gate and positional their true gradients."""
     if grad_floor > 0 and content.requires_grad:
         if not torch.jit.is_scripting():
             return _floored_blend(positional, content, gate, grad_floor)
@@ -129,7 +121,7 @@ def _floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.
 
 # Subnormal floats (below float32's smallest normal, ~1.2e-38) can make CPU arithmetic, GEMMs above all, many
 # times slower. The attention never produces one, by construction: positional factors are 0 or >= 1e-15 (so a
-# product of two factors and a gate >= 1e-8 stays normal); content logits more than 40 below their row's
+# product of two factors and a gate >= 2e-8 stays normal); content logits more than 40 below their row's
 # maximum are raised to that level (probabilities >= exp(-40) / N, a change of < 1e-17 each); weights cast to
 # float16 are 0 or >= its smallest normal. Defaults are arguments so that TorchScript reads them as constants.
 
@@ -511,14 +503,11 @@ class GatedPositionalAttention2d(nn.Module):
         onehot_rows = _onehot_1d(taps[:, 0], height, out_h, self.stride, row0)
         onehot_cols = _onehot_1d(taps[:, 1], width, out_w, self.stride, col0)
         keep = 1 - content
-        gauss_share = (keep * locality)[:, None, None]
-        # each head's share multiplies its row factor before the outer product: no product goes subnormal
         onehot = torch.einsum('hiy,hjx->ijhyx', onehot_rows * (keep * (1 - locality))[:, None, None], onehot_cols)
-        gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows * gauss_share, gauss_cols)  # H_out, W_out, heads, H, W
-        if self.grad_floor > 0 and gauss_rows.requires_grad:
-            unit = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)
-            gauss = gauss + _floor_lift(unit, gauss_share, self.grad_floor)  # as gated(unit, share, grad_floor)
-        return (onehot + gauss).reshape(out_h * out_w, self.num_heads, height * width)
+        gauss = torch.einsum('hiy,hjx->ijhyx', gauss_rows, gauss_cols)  # H_out, W_out, heads, H, W; 0 or >= 1e-30
+        # the Gaussian's share in one fused pass, with the gradient floor: 0 or normal for shares >= 2e-8
+        dense = _blend(onehot, gauss, (keep * locality)[:, None, None], self.grad_floor)
+        return dense.reshape(out_h * out_w, self.num_heads, height * width)
 
     def _queries_keys(
             self, x: torch.Tensor, heads: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
