@@ -3,15 +3,18 @@
 Fine-tunes the same CNN checkpoint as a T-CNN with timm's train.py once per setting (same recipe, seed and
 data), records the gates after every epoch from train.py's checkpoints, and prints per setting the mean and
 largest content share, the mean locality share and alpha, and the final validation top-1; `--cnn` adds the
-CNN fine-tuned with the same recipe as the reference. Everything goes to OUT/sweep.json.
+CNN fine-tuned with the same recipe as the reference. On data with label parts (`timm-tcnn relational-shapes`),
+`--img-size` also gives each run's accuracy per label part and pair distance. Everything goes to OUT/sweep.json.
 
     python examples/gate_rate_sweep.py --scripts-dir pytorch-image-models --data-dir DATA \
         --model tcnn_resnet18 --cnn-checkpoint cnn.pth.tar --config examples/relational_shapes_ft.yaml \
-        --settings 1:0 30:0 30:0.1 --out sweep -- --model-kwargs "channels=(32,64,128,256)" "tcnn_stages=(3,)"
+        --settings 1:0 30:0 30:0.1 --img-size 64 --out sweep \
+        -- --model-kwargs "channels=(32,64,128,256)" "tcnn_stages=(2,)"
 
 Arguments after `--` go to train.py (model kwargs are merged with the setting's options).
 """
 import argparse
+import ast
 import json
 import statistics
 import subprocess
@@ -19,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from timm_tcnn.experiment.parts import evaluate_parts, load_image_groups, load_label_parts
 from timm_tcnn.experiment.report import read_summary
 from timm_tcnn.experiment.runner import GateRecorder
 
@@ -29,6 +33,8 @@ def _train(args: argparse.Namespace, name: str, model: str, kwargs: list, out: P
             '--config', args.config, '--data-dir', args.data_dir, '--model', model,
             '--initial-checkpoint', args.cnn_checkpoint, '--seed', str(args.seed), '--output', str(out / 'train'),
             '--experiment', name, '--checkpoint-hist', '1', '--device', args.device, *args.train_args]
+    if args.img_size:
+        argv += ['--img-size', str(args.img_size)]
     if kwargs:
         argv += ['--model-kwargs', *kwargs]
     recorder = GateRecorder(run_dir, out / 'gates' / f'{name}.json')
@@ -42,12 +48,24 @@ def _train(args: argparse.Namespace, name: str, model: str, kwargs: list, out: P
     if process.returncode:
         raise SystemExit(f'{name}: train.py failed, see {out / f"{name}.log"}')
     epochs = read_summary(run_dir / 'summary.csv')
-    return dict(gates=recorder.records, top1=[row['eval_top1'] for row in epochs], seconds=time.time() - start)
+    result = dict(gates=recorder.records, top1=[row['eval_top1'] for row in epochs], seconds=time.time() - start)
+    label_parts = load_label_parts(args.data_dir)
+    if label_parts and args.img_size:
+        model_kwargs = {k: ast.literal_eval(v) for k, v in (item.split('=', 1) for item in kwargs)}
+        result['parts'] = evaluate_parts(
+            model, str(run_dir / 'last.pth.tar'), str(Path(args.data_dir) / 'validation'), label_parts,
+            args.img_size, load_image_groups(args.data_dir, 'validation'), num_classes=len(label_parts),
+            **model_kwargs)['accuracy']
+    return result
 
 
 def _describe(name: str, result: dict) -> str:
     line = f'{name:<18} top-1 per epoch {[round(t, 1) for t in result["top1"]]}  ({result["seconds"]:.0f} s)'
-    for epoch, layers in sorted(result.get('gates', {}).items(), key=lambda kv: int(kv[0])):
+    if 'parts' in result:
+        line += '\n    last epoch, % per label part: ' + ', '.join(f'{k} {v:.1f}' for k, v in result['parts'].items())
+    for epoch, layers in sorted(result['gates'].items(), key=lambda kv: int(kv[0])):
+        if not layers:  # a CNN has no gates
+            continue
         content = [s for layer in layers.values() for s in layer['content_share']]
         locality = [s for layer in layers.values() for s in layer['locality_share']]
         alpha = [a for layer in layers.values() for a in layer['alpha']]
@@ -69,6 +87,7 @@ def main() -> None:
                         help='GATE_LR_SCALE:GRAD_FLOOR pairs')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--img-size', type=int, help='train.py --img-size, and the size of the accuracy per label part')
     parser.add_argument('--out', required=True)
     parser.add_argument('train_args', nargs='*')
     args = parser.parse_args()

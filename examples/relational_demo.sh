@@ -12,7 +12,7 @@ scripts=${TIMM_SCRIPTS_DIR:?set TIMM_SCRIPTS_DIR to a clone of https://github.co
 start=$(date +%s)
 
 if [ ! -f "$out/data/dataset.json" ]; then
-    timm-tcnn relational-shapes --out "$out/data" --train-images 3000 --val-images 500
+    timm-tcnn relational-shapes --out "$out/data" --train-images 6000 --val-images 500 --size 64
 fi
 if [ ! -f "$out/pretrain/cnn/model_best.pth.tar" ]; then
     timm-tcnn run "$scripts/train.py" --config "$here/relational_shapes_pretrain.yaml" --data-dir "$out/data" \
@@ -22,7 +22,7 @@ echo "data and CNN: $(( $(date +%s) - start )) s"
 
 timm-tcnn experiment --model tcnn_resnet18 --data-dir "$out/data" --out "$out/experiment" \
     --cnn-checkpoint "$out/pretrain/cnn/model_best.pth.tar" --config "$here/relational_shapes_ft.yaml" \
-    --model-kwargs "channels=(32,64,128,256)" --tcnn-kwargs "tcnn_stages=(3,)" --num-classes 10 \
-    --train-size 128 --test-size 160 --seeds 0 1 2 --scripts-dir "$scripts" \
+    --model-kwargs "channels=(32,64,128,256)" --tcnn-kwargs "tcnn_stages=(2,)" --num-classes 10 \
+    --train-size 64 --test-size 64 --seeds 0 1 2 --scripts-dir "$scripts" \
     --corruptions gaussian_noise defocus_blur contrast jpeg_compression --severities 3 --analyze-images 16
 echo "demonstration: $(( $(date +%s) - start )) s in total; report: $out/experiment/report.md"

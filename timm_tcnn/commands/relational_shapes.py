@@ -11,14 +11,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'relational-shapes', help='generate a small image task whose labels relate distant regions',
         description='Write an ImageFolder (train/, validation/, 10 classes) of generated images: a large shape '
-                    '(5 kinds) and two small marks that are of the same kind or not. Class = shape_relation. '
-                    'The same arguments always give the same images.')
+                    '(5 kinds) and two small dots that have the same colour or not, half of them nearly touching '
+                    'and half far apart. Class = shape_relation; dataset.json lists the label parts and each '
+                    "image's pair distance (near or far). The same arguments always give the same images.")
     parser.add_argument('--out', required=True, metavar='DIR',
                         help='output folder, written all or nothing (must be missing or empty)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--train-images', type=int, default=4000)
+    parser.add_argument('--train-images', type=int, default=6000)
     parser.add_argument('--val-images', type=int, default=500)
-    parser.add_argument('--size', type=int, default=128, help='image side in pixels')
+    parser.add_argument('--size', type=int, default=64, help='image side in pixels')
     parser.set_defaults(func=run)
 
 
