@@ -22,7 +22,7 @@ echo "data and CNN: $(( $(date +%s) - start )) s"
 
 timm-tcnn experiment --model tcnn_resnet18 --data-dir "$out/data" --out "$out/experiment" \
     --cnn-checkpoint "$out/pretrain/cnn/model_best.pth.tar" --config "$here/relational_shapes_ft.yaml" \
-    --model-kwargs "channels=(32,64,128,256)" --tcnn-kwargs "tcnn_stages=(2,)" --num-classes 10 \
+    --model-kwargs "channels=(32,64,128,256)" --tcnn-kwargs "tcnn_stages=(2,)" "tcnn_qk_dim=16" --num-classes 10 \
     --train-size 64 --test-size 64 --seeds 0 1 2 --scripts-dir "$scripts" \
     --corruptions gaussian_noise defocus_blur contrast jpeg_compression --severities 3 --analyze-images 16
 echo "demonstration: $(( $(date +%s) - start )) s in total; report: $out/experiment/report.md"
