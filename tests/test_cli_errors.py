@@ -221,8 +221,9 @@ def _hang_in_analyze_output(monkeypatch, signum=None):
         if signum is None:
             print('ready', flush=True)
             time.sleep(120)
-        os.kill(os.getpid(), signum)
-        time.sleep(5)  # the signal handler raises here
+        # to this thread: os.kill lets the kernel pick any thread (torch's included), which can delay the handler
+        signal.raise_signal(signum)
+        raise AssertionError(f'{signum!r} did not interrupt the command')
 
     monkeypatch.setattr(analyze, '_csv_text', csv_text)
 
