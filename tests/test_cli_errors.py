@@ -232,8 +232,13 @@ def _hang_in_analyze_output(monkeypatch, signum=None):
 def test_interrupted_command_leaves_nothing(bad, tmp_path, capsys, monkeypatch, signum):
     _hang_in_analyze_output(monkeypatch, signum)
     out = tmp_path / 'out'
-    code = main(['analyze', 'tcnn_resnet50rs', *TINY, '--random-weights', '--images', str(bad / 'images'),
-                 '--out', str(out), '--no-plots', '--img-size', '64'])
+    # Python's own SIGINT handler, as in a terminal: a shell starts background jobs with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(['analyze', 'tcnn_resnet50rs', *TINY, '--random-weights', '--images', str(bad / 'images'),
+                     '--out', str(out), '--no-plots', '--img-size', '64'])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 128 + signum
     err = capsys.readouterr().err
     assert f'interrupted ({signal.Signals(signum).name})' in err and 'Traceback' not in err
