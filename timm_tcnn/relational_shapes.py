@@ -111,7 +111,7 @@ def _place_shape(rng: np.random.Generator, size: int, radius: float) -> Tuple[fl
 def _place_dots(rng: np.random.Generator, size: int, radius: float, pair: str,
                 taken: List[Tuple[float, float, float]]) -> Tuple[Tuple[float, float], Tuple[float, float]]:
     """Two dot centres inside the image, clear of `taken` (x, y, radius) disks: `near` 2.3-3 radii apart
-    (1-2 px gaps at 64 px), `far` at least FAR_DISTANCE x size apart."""
+    (gaps of 0.3-1 radius between the dots), `far` at least FAR_DISTANCE x size apart."""
     low = radius + 1
     for _ in range(10000):
         x0, y0 = rng.uniform(low, size - low, 2)
