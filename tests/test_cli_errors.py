@@ -221,7 +221,7 @@ def _hang_in_analyze_output(monkeypatch, signum=None):
         if signum is None:
             print('ready', flush=True)
             time.sleep(120)
-        # to this thread: os.kill lets the kernel pick any thread (torch's included), which can delay the handler
+        # to this thread: Python runs the handler before raise_signal returns
         signal.raise_signal(signum)
         raise AssertionError(f'{signum!r} did not interrupt the command')
 
