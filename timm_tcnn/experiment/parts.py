@@ -44,7 +44,8 @@ def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Di
     groups = [image_groups[Path(dataset.filename(i)).as_posix()] for i in range(len(dataset))] if image_groups else []
     classes = sorted(label_parts)  # the model's outputs: every class, in ImageFolder order
     parts = sorted(next(iter(label_parts.values())))
-    keys = parts + [f'{p} ({g})' for p in parts for g in sorted(set(groups))]
+    scopes = {p: [p, *(f'{p} ({g})' for g in sorted(set(groups)))] for p in parts}  # part -> its result keys
+    keys = [key for p in parts for key in scopes[p]]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     hits = dict.fromkeys(keys, 0)
     counts = dict.fromkeys(keys, 0)
@@ -59,9 +60,9 @@ def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Di
                     hits[key] += truth[p] == guess[p]
                     counts[key] += 1
             index += 1
-    chance = {k: 100 / len({v[k.split(' (')[0]] for v in label_parts.values()}) for k in keys}
+    chance = {key: 100 / len({v[p] for v in label_parts.values()}) for p in parts for key in scopes[p]}
     return dict(accuracy={k: 100 * hits[k] / counts[k] for k in keys}, chance=chance, images=index,
-                images_per_group={k: counts[k] for k in keys if k not in parts})
+                images_per_group={k: counts[k] for k in keys if k not in scopes})
 
 
 def evaluate_parts(model_name: str, checkpoint: str, folder: str, label_parts: Dict[str, Dict[str, str]],
