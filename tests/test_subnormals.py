@@ -21,7 +21,8 @@ def count_subnormals(t: torch.Tensor) -> int:
 
 class SubnormalRecorder(TorchDispatchMode):
     """Records every op whose output (of one of `dtypes`) holds a value that is nonzero and below its dtype's
-    smallest normal."""
+    smallest normal. Allocations (`empty*`) are not computed values and are skipped: what an op writes into
+    them with `out=` is recorded as that op's output."""
 
     def __init__(self, dtypes=(torch.float32, torch.bfloat16)):
         super().__init__()
@@ -30,6 +31,8 @@ class SubnormalRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__.startswith(('empty', 'new_empty')):
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.dtype in self.dtypes and t.numel():
                 count = count_subnormals(t)

@@ -149,6 +149,62 @@ def _softmax_without_subnormals_(logits: torch.Tensor) -> torch.Tensor:
     return _raise_to_range_(logits).softmax(dim=-1)
 
 
+class _ContentBlend(torch.autograd.Function):
+    """positional + gate * softmax(q k) (`_softmax_without_subnormals_`, float32), written (B, Nq, heads, N).
+
+    The backward pass is that of `_blend` (content gets the gradient of max(gate, grad_floor) * content), the
+    softmax and the logits' GEMM, in fewer passes over the attention tensor: the softmax's row sums r = <grad, p>
+    also give the gate's gradient (sum of r), the gradient of the logits p * (grad - r) is written once, in the
+    layout of the logits, and the per-head factor max(gate, grad_floor) scales the gradients of q and k instead.
+    """
+
+    @staticmethod
+    def forward(ctx, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
+                grad_floor: float) -> torch.Tensor:
+        probs = _softmax_without_subnormals_(_float32_matmul(q, k))  # B, h, Nq, N
+        ctx.save_for_backward(q, k, probs, gate)
+        ctx.positional_shape = positional.shape
+        ctx.grad_floor = grad_floor
+        B, heads, num_queries, N = probs.shape
+        out = probs.new_empty(B, num_queries, heads, N)  # the layout `_mix` reads, whatever positional's
+        return torch.addcmul(positional, probs.transpose(1, 2), gate, out=out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, probs, gate = ctx.saved_tensors
+        grad = grad.transpose(1, 2)  # B, h, Nq, N view
+        row_sums = (grad * probs).sum(-1, keepdim=True)  # B, h, Nq, 1
+        grad_positional = grad_q = grad_k = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_positional = grad.transpose(1, 2).sum_to_size(ctx.positional_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_logits = torch.sub(grad, row_sums, out=torch.empty_like(probs)).mul_(probs)
+            scale = gate.clamp(min=ctx.grad_floor)[:, :, None]  # h, 1, 1
+            if ctx.needs_input_grad[1]:
+                grad_q = (_float32_matmul(grad_logits, k.transpose(-2, -1)) * scale).to(q.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_k = (_float32_matmul(q.transpose(-2, -1), grad_logits) * scale).to(k.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_gate = row_sums.sum((0, 2)).view(gate.shape)
+        return grad_positional, grad_q, grad_k, grad_gate, None
+
+
+def _content_blend(positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
+                   grad_floor: float) -> torch.Tensor:
+    """positional (Nq, heads, N) + gate (heads, 1) * softmax(q k): queries (B, heads, Nq, d), keys (B, heads,
+    d, N) -> (B, Nq, heads, N) float32; content learns as if its gate were at least `grad_floor`."""
+    if torch.jit.is_scripting():
+        probs = _softmax_without_subnormals_(_float32_matmul(q, k)).transpose(1, 2)
+        return _blend(positional, probs, gate, grad_floor)
+    return _content_blend_function(positional, q, k, gate, grad_floor)
+
+
+@torch.jit.unused
+def _content_blend_function(positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
+                            grad_floor: float) -> torch.Tensor:
+    return _ContentBlend.apply(positional, q, k, gate, grad_floor)
+
+
 def _cast_without_subnormals(
         attn: torch.Tensor, dtype: torch.dtype, float16_tiny: float = 6.103515625e-05) -> torch.Tensor:
     """Attention weights (float32, >= 0) cast to the compute dtype. For float16, whose smallest normal is
@@ -629,15 +685,13 @@ class GatedPositionalAttention2d(nn.Module):
         outs = []
         for start in range(0, num_queries, block):
             stop = min(start + block, num_queries)
-            if with_content:
+            if with_content and content_heads is None:
+                attn = _content_blend(positional[start:stop], q[:, :, start:stop], k, content, self.grad_floor)
+            elif with_content:
                 probs = _softmax_without_subnormals_(_float32_matmul(q[:, :, start:stop], k)).transpose(1, 2)
-                if content_heads is None:
-                    # reading the (B, Nq, h, N) view, addcmul writes A contiguous in that layout (no extra copy)
-                    attn = _blend(positional[start:stop], probs, content, self.grad_floor)
-                else:
-                    attn = positional[start:stop].expand(B, -1, -1, -1).contiguous()
-                    attn[:, :, content_heads] = torch.addcmul(
-                        positional[start:stop, content_heads], probs, content[content_heads])
+                attn = positional[start:stop].expand(B, -1, -1, -1).contiguous()
+                attn[:, :, content_heads] = torch.addcmul(
+                    positional[start:stop, content_heads], probs, content[content_heads])
             else:
                 attn = positional[start:stop].expand(B, -1, -1, -1)
             mixed = _mix(x, _cast_without_subnormals(attn, mixing_dtype))  # B, block, h, C_in
