@@ -14,7 +14,7 @@ from conftest import relative_error
 def plain_forward(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
     """The layer's definition, written directly: unfolded one-hot taps, separable Gaussian
     (`positional_attention`, checked against the dense definition in test_attention.py), content
-    attention by an explicit softmax over all keys, then the tap projection."""
+    attention by an explicit softmax over all keys, then the tap projection (within each group)."""
     B, C, H, W = x.shape
     heads, s = layer.num_heads, layer.stride
     content = straight_through_clamp(rate_scaled(layer.content_gate, layer.gate_lr_scale))
@@ -29,15 +29,16 @@ def plain_forward(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.T
     content_out = torch.einsum('bhnm,bmc->bchn', attn, tokens)
     mixed = (onehot * ((1 - content) * (1 - locality))[:, None] + gauss * ((1 - content) * locality)[:, None]
              + content_out * content[:, None])
-    out = torch.einsum('ocl,bcln->bon', layer.weight.flatten(2), mixed)
+    weight = layer.weight.flatten(2).unflatten(0, (layer.groups, -1))  # G, O_g, C_g, heads
+    out = torch.einsum('gocl,bgcln->bgon', weight, mixed.unflatten(1, (layer.groups, -1))).flatten(1, 2)
     if layer.bias is not None:
         out = out + layer.bias[:, None]
     out_h, out_w = layer.output_size(H, W)
     return out.unflatten(-1, (out_h, out_w))
 
 
-def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True) -> GatedPositionalAttention2d:
-    layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias))
+def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True, groups=1) -> GatedPositionalAttention2d:
+    layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias, groups=groups))
     with torch.no_grad():
         layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.9))
         layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.1, 0.9))
@@ -162,6 +163,21 @@ def test_inference_shortcuts_match_reference():
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
         layer.set_attention_values(content_gate=torch.eye(9)[2])  # one content head: the full path
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+@pytest.mark.parametrize('groups,stride', [(1, 1), (2, 2)])
+@pytest.mark.parametrize('block_bytes', [None, 3000])
+def test_inference_with_closed_heads_matches_plain_reference(groups, stride, block_bytes):
+    """Inference mixes the heads whose content gate is 0 with one positional matrix for the whole batch and
+    the others with their content, then sums both projections; in one block and in several."""
+    layer = fine_tuned_layer(out_chs=4, stride=stride, groups=groups)
+    layer.attention_block_bytes = block_bytes
+    with torch.no_grad():
+        layer.set_attention_values(content_gate=layer.content_share() * (torch.arange(9) % 3 == 0))
+    assert 0 < int((layer.content_share() > 0).sum()) < layer.num_heads
+    for x in (torch.randn(3, 6, 7, 9), torch.randn(3, 6, 7, 9).to(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
 
 
 @pytest.mark.parametrize('stride', [1, 2])

@@ -41,10 +41,11 @@ Queries are processed in blocks (`attention_block_bytes`, by default per device 
 so that the attention tensor of a block stays in a CPU's cache, or, on a GPU, runs in few large kernels.
 Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot overflow them, and no
 tensor of the attention holds a subnormal number (slow on many CPUs; see `_raise_to_range_`).
-In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`.
+In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`, and heads
+whose content gate is 0 mix with their positional attention alone, one matrix read by every sample's GEMM.
 """
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -192,8 +193,9 @@ class _ContentBlend(torch.autograd.Function):
 def _content_blend(positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
                    grad_floor: float) -> torch.Tensor:
     """positional (Nq, heads, N) + gate (heads, 1) * softmax(q k): queries (B, heads, Nq, d), keys (B, heads,
-    d, N) -> (B, Nq, heads, N) float32; content learns as if its gate were at least `grad_floor`."""
-    if torch.jit.is_scripting():
+    d, N) -> (B, Nq, heads, N) float32; content learns as if its gate were at least `grad_floor`. Scripted,
+    traced, compiled and exported graphs get the same maths from standard ops (which compilers fuse)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         probs = _softmax_without_subnormals_(_float32_matmul(q, k)).transpose(1, 2)
         return _blend(positional, probs, gate, grad_floor)
     return _content_blend_function(positional, q, k, gate, grad_floor)
@@ -642,33 +644,40 @@ class GatedPositionalAttention2d(nn.Module):
         weight = self.weight.unflatten(0, (self.groups, -1))  # G, O_g, C_g, K, K
         return weight.permute(0, 1, 3, 4, 2).flatten(2)
 
-    def _project(self, mixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """bias + sum_h W_h (x A_h^T): (B, Nq, heads, C_in) mixed inputs, `tap_major_weight` -> (B, Nq, C_out).
+    def _project(self, mixed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """bias + sum_h W_h (x A_h^T): (B, Nq, heads, C_in) mixed inputs, `tap_major_weight` (of those heads) ->
+        (B, Nq, C_out).
 
         Dense layers take one GEMM; grouped ones one batched GEMM over groups, (G, B * Nq, heads * C_g) @
         (G, heads * C_g, O_g): the multiply-adds of the grouped convolution, no block-diagonal matrix.
         """
         if self.groups == 1:
-            return F.linear(mixed.flatten(2), weight[0], self.bias)
+            return F.linear(mixed.flatten(2), weight[0], bias)
         B, Nq, heads, C = mixed.shape
         per_group = mixed.unflatten(3, (self.groups, -1)).permute(3, 0, 1, 2, 4).reshape(self.groups, B * Nq, -1)
         out = torch.bmm(per_group, weight.transpose(1, 2))  # G, B * Nq, O_g
         out = out.transpose(0, 1).reshape(B, Nq, self.out_channels)
-        return out if self.bias is None else out + self.bias
+        return out if bias is None else out + bias
+
+    def _head_weight(self, weight: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The slices of `tap_major_weight` (G, O_g, heads * C_g) that project `heads` (indices), contiguous."""
+        return weight.unflatten(2, (self.num_heads, -1))[:, :, heads].flatten(2).contiguous()
 
     def _mix_and_project(
             self,
             x: torch.Tensor,
-            positional: torch.Tensor,
-            weight: torch.Tensor,
-            with_content: bool = True,
+            content_part: Optional[Tuple[torch.Tensor, torch.Tensor]],
+            fixed_part: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
             content_heads: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """y = bias + sum_h W_h (x A_h^T) from x (B, C_in, H, W), `positional_mixing` and `tap_major_weight`,
-        in blocks of queries of at most `attention_block_bytes` (or `default_block_bytes`) of attention.
+        """y = bias + sum_h W_h (x A_h^T) from x (B, C_in, H, W), in blocks of queries of at most
+        `attention_block_bytes` (or `default_block_bytes`) of attention.
 
-        Without content the attention is the positional part alone; with `content_heads` (indices, inference
-        only) the content attention is computed for those heads alone, the others' content gates being 0.
+        The heads come in two parts, each a pair (positional part of their attention, `positional_mixing`'s
+        (Nq, h, N); their `tap_major_weight` slices):
+            content_part: heads whose attention adds content, `content_heads` (indices; None: all heads);
+            fixed_part: heads whose content gate is 0 (inference only), with their positional attention
+                contiguous: it is the same for every sample, so their mixing GEMM reads it once, not per sample.
         """
         B, C, H, W = x.shape
         out_h, out_w = self.output_size(H, W)
@@ -679,23 +688,26 @@ class GatedPositionalAttention2d(nn.Module):
             block_bytes = default_block_bytes(x.device)
         num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
-        content = self._content_gate()[:, None]
-        q, k = self._queries_keys(x, content_heads) if with_content else (x, x)  # (x, x): unused without content
         mixing_dtype = _mixing_dtype(x)
+        gate = self._content_gate()[:, None]
+        q, k = x, x  # unused without content
+        if content_part is not None:
+            gate = gate if content_heads is None else gate[content_heads]
+            q, k = self._queries_keys(x, content_heads)
         outs = []
         for start in range(0, num_queries, block):
             stop = min(start + block, num_queries)
-            if with_content and content_heads is None:
-                attn = _content_blend(positional[start:stop], q[:, :, start:stop], k, content, self.grad_floor)
-            elif with_content:
-                probs = _softmax_without_subnormals_(_float32_matmul(q[:, :, start:stop], k)).transpose(1, 2)
-                attn = positional[start:stop].expand(B, -1, -1, -1).contiguous()
-                attn[:, :, content_heads] = torch.addcmul(
-                    positional[start:stop, content_heads], probs, content[content_heads])
-            else:
-                attn = positional[start:stop].expand(B, -1, -1, -1)
-            mixed = _mix(x, _cast_without_subnormals(attn, mixing_dtype))  # B, block, h, C_in
-            outs.append(self._project(mixed, weight))  # B, block, C_out
+            projected: List[torch.Tensor] = []  # B, block, C_out, per part
+            if fixed_part is not None:
+                positional, weight = fixed_part
+                attn = _cast_without_subnormals(positional[start:stop], mixing_dtype)
+                projected.append(self._project(_mix(x, attn.expand(B, -1, -1, -1)), weight, self.bias))
+            if content_part is not None:
+                positional, weight = content_part
+                attn = _content_blend(positional[start:stop], q[:, :, start:stop], k, gate, self.grad_floor)
+                mixed = _mix(x, _cast_without_subnormals(attn, mixing_dtype))  # B, block, h, C_in
+                projected.append(self._project(mixed, weight, self.bias if len(projected) == 0 else None))
+            outs.append(projected[0] if len(projected) == 1 else projected[0] + projected[1])
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         out = out.unflatten(1, (out_h, out_w)).permute(0, 3, 1, 2)  # channels-last layout
         if x.is_contiguous(memory_format=torch.channels_last):
@@ -705,7 +717,7 @@ class GatedPositionalAttention2d(nn.Module):
     def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The attention computation itself, as in training: never the inference shortcuts (cached
         positional matrix, skipped content branch, `F.conv2d` while the layer is its convolution)."""
-        return self._mix_and_project(x, self.positional_mixing(x.shape[-2], x.shape[-1]), self.tap_major_weight())
+        return self._mix_and_project(x, (self.positional_mixing(x.shape[-2], x.shape[-1]), self.tap_major_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         traced = torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -718,7 +730,8 @@ class GatedPositionalAttention2d(nn.Module):
         """Forward without autograd, reusing what does not depend on the input until a parameter changes.
 
         Computes the content attention only for heads whose content gate is open (none while every gate is
-        exactly 0), and runs the convolution itself while the layer is exactly its convolution.
+        exactly 0), mixes the other heads with their positional attention, one matrix for every sample, and runs
+        the convolution itself while the layer is exactly its convolution.
         """
         height, width = x.shape[-2:]
         params = (self.weight, self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center,
@@ -727,23 +740,32 @@ class GatedPositionalAttention2d(nn.Module):
         key = (height, width, str(x.device))
         entry: Optional[Tuple] = self._inference_cache.get(key)
         if entry is None or entry[0] != versions:
-            open_heads = (self.content_share() > 0).nonzero().flatten()
-            content_on = open_heads.numel() > 0
-            entry = (
-                versions,
-                self.positional_mixing(height, width),
-                self.tap_major_weight().contiguous(),
-                content_on,
-                None if open_heads.numel() == self.num_heads else open_heads,
-                not content_on and bool((self.locality_share() == 0).all()),
-            )
+            entry = (versions,) + self._inference_parts(height, width)
             if len(self._inference_cache) >= 8:
                 self._inference_cache.pop(next(iter(self._inference_cache)))
             self._inference_cache[key] = entry
-        _, positional, weight, content_on, content_heads, is_conv = entry
+        _, is_conv, content_part, fixed_part, content_heads = entry
         if is_conv:
             return self._conv_forward(x)
-        return self._mix_and_project(x, positional, weight, with_content=content_on, content_heads=content_heads)
+        return self._mix_and_project(x, content_part, fixed_part, content_heads)
+
+    @torch.jit.unused
+    def _inference_parts(self, height: int, width: int) -> Tuple:
+        """What inference on (height, width) maps reuses: whether the layer is its convolution, and the
+        content and fixed parts of `_mix_and_project` with the open heads' indices (None: all heads open)."""
+        open_heads = (self.content_share() > 0).nonzero().flatten()
+        if open_heads.numel() == 0 and bool((self.locality_share() == 0).all()):
+            return True, None, None, None
+        positional = self.positional_mixing(height, width)
+        weight = self.tap_major_weight()
+        if open_heads.numel() == self.num_heads:
+            return False, (positional, weight.contiguous()), None, None
+        if open_heads.numel() == 0:
+            return False, None, (positional.contiguous(), weight.contiguous()), None
+        closed_heads = (self.content_share() == 0).nonzero().flatten()
+        content_part = (positional[:, open_heads], self._head_weight(weight, open_heads))
+        fixed_part = (positional[:, closed_heads].contiguous(), self._head_weight(weight, closed_heads))
+        return False, content_part, fixed_part, open_heads
 
     @torch.jit.unused
     def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
