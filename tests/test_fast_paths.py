@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.attention import default_block_bytes, rate_scaled, straight_through_clamp
+from timm_tcnn.attention import (
+    _blend, _ContentBlend, _softmax_without_subnormals_, default_block_bytes, rate_scaled, straight_through_clamp)
 from conftest import relative_error
 
 
@@ -95,6 +96,27 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
     with torch.no_grad():
         layer.set_attention_values(content_gate=0.)  # positional-only inference path, in blocks too
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
+
+
+def test_content_blend_function_matches_its_composition():
+    """The fused softmax-and-blend (one autograd function) equals softmax then `_blend`, forward and the
+    gradients of all four inputs, with a gradient floor above some gates (one at 0); no double backward."""
+    heads, floor = 4, 0.1
+    positional = torch.rand(5, heads, 7, requires_grad=True)  # Nq, h, N
+    q = torch.randn(2, heads, 5, 3, requires_grad=True)
+    k = torch.randn(2, heads, 3, 7, requires_grad=True)
+    gate = torch.tensor([[0.], [0.05], [0.3], [0.9]], requires_grad=True)
+    inputs = (positional, q, k, gate)
+    fused = _ContentBlend.apply(positional, q, k, gate, floor)
+    composed = _blend(positional, _softmax_without_subnormals_(q @ k).transpose(1, 2), gate, floor)
+    assert fused.is_contiguous() and relative_error(fused, composed) <= 1e-6
+    target = torch.randn_like(composed)
+    assert_same_grads(torch.autograd.grad((fused * target).sum(), inputs),
+                      torch.autograd.grad((composed * target).sum(), inputs), tol=1e-5)
+    grad_q, = torch.autograd.grad((_ContentBlend.apply(positional, q, k, gate, floor) * target).sum(), q,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_q.sum().backward()
 
 
 def test_gpu_block_size_runs_on_cpu_with_the_same_results():

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
@@ -154,9 +155,9 @@ class _ContentBlend(torch.autograd.Function):
     """positional + gate * softmax(q k) (`_softmax_without_subnormals_`, float32), written (B, Nq, heads, N).
 
     The backward pass is that of `_blend` (content gets the gradient of max(gate, grad_floor) * content), the
-    softmax and the logits' GEMM, in fewer passes over the attention tensor: the softmax's row sums r = <grad, p>
-    also give the gate's gradient (sum of r), the gradient of the logits p * (grad - r) is written once, in the
-    layout of the logits, and the per-head factor max(gate, grad_floor) scales the gradients of q and k instead.
+    softmax and the logits' GEMM, in three passes over the attention tensor and no temporary: the softmax's row
+    sums r = <grad, p> also give the gate's gradient (sum of r), the gradient of the logits p * (grad - r) is
+    written in the logits' layout, and the per-head factor max(gate, grad_floor) scales the gradients of q and k.
     """
 
     @staticmethod
@@ -171,15 +172,17 @@ class _ContentBlend(torch.autograd.Function):
         return torch.addcmul(positional, probs.transpose(1, 2), gate, out=out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, probs, gate = ctx.saved_tensors
-        grad = grad.transpose(1, 2)  # B, h, Nq, N view
-        row_sums = (grad * probs).sum(-1, keepdim=True)  # B, h, Nq, 1
         grad_positional = grad_q = grad_k = grad_gate = None
         if ctx.needs_input_grad[0]:
-            grad_positional = grad.transpose(1, 2).sum_to_size(ctx.positional_shape)
+            grad_positional = grad.sum_to_size(ctx.positional_shape)
+        # p * (grad - r), r = <grad, p> per row: written once, in the logits' layout, no temporary
+        grad_logits = torch.mul(grad.transpose(1, 2), probs, out=torch.empty_like(probs))  # B, h, Nq, N
+        row_sums = grad_logits.sum(-1, keepdim=True)
+        grad_logits.addcmul_(probs, row_sums, value=-1.)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_logits = torch.sub(grad, row_sums, out=torch.empty_like(probs)).mul_(probs)
             scale = gate.clamp(min=ctx.grad_floor)[:, :, None]  # h, 1, 1
             if ctx.needs_input_grad[1]:
                 grad_q = (_float32_matmul(grad_logits, k.transpose(-2, -1)) * scale).to(q.dtype)
