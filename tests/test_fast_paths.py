@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.attention import (
-    _blend, _ContentBlend, _softmax_without_subnormals_, default_block_bytes, rate_scaled, straight_through_clamp)
+    _blend, _ContentMix, _mix, _mixing_dtype, _softmax_without_subnormals_, default_block_bytes, rate_scaled,
+    straight_through_clamp)
 from conftest import relative_error
 
 
@@ -98,23 +99,35 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
         assert relative_error(layer(x), plain_forward(layer, x)) <= 1e-5
 
 
-def test_content_blend_function_matches_its_composition():
-    """The fused softmax-and-blend (one autograd function) equals softmax then `_blend`, forward and the
-    gradients of all four inputs, with a gradient floor above some gates (one at 0); no double backward."""
+@pytest.mark.parametrize('amp', [False, True])
+def test_content_mix_function_matches_its_composition(amp):
+    """The fused softmax, blend and mixing GEMM (one autograd function that recomputes the attention in its
+    backward pass) equals softmax, `_blend` and `_mix` composed, forward and the gradients of all five inputs,
+    with a gradient floor above some gates (one at 0), in float32 and under bf16 autocast; no double backward."""
     heads, floor = 4, 0.1
+    x = torch.randn(2, 6, 1, 7, requires_grad=True)  # N = 7 keys, C = 6
     positional = torch.rand(5, heads, 7, requires_grad=True)  # Nq, h, N
     q = torch.randn(2, heads, 5, 3, requires_grad=True)
     k = torch.randn(2, heads, 3, 7, requires_grad=True)
     gate = torch.tensor([[0.], [0.05], [0.3], [0.9]], requires_grad=True)
-    inputs = (positional, q, k, gate)
-    fused = _ContentBlend.apply(positional, q, k, gate, floor)
-    composed = _blend(positional, _softmax_without_subnormals_(q @ k).transpose(1, 2), gate, floor)
-    assert fused.is_contiguous() and relative_error(fused, composed) <= 1e-6
-    target = torch.randn_like(composed)
-    assert_same_grads(torch.autograd.grad((fused * target).sum(), inputs),
-                      torch.autograd.grad((composed * target).sum(), inputs), tol=1e-5)
-    grad_q, = torch.autograd.grad((_ContentBlend.apply(positional, q, k, gate, floor) * target).sum(), q,
-                                  create_graph=True)
+    inputs = (x, positional, q, k, gate)
+
+    def fused():
+        return _ContentMix.apply(x.flatten(2).transpose(1, 2).to(_mixing_dtype(x)), positional, q, k, gate, floor)
+
+    def composed():
+        probs = _softmax_without_subnormals_(q.float() @ k.float()).transpose(1, 2)
+        return _mix(x, _blend(positional, probs, gate, floor).to(_mixing_dtype(x)))
+
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        got, ref = fused(), composed()
+    assert got.dtype == ref.dtype == (torch.bfloat16 if amp else torch.float32)
+    tol = 2e-2 if amp else 1e-5  # bf16 GEMMs round their outputs to 8 bits
+    assert got.shape == ref.shape == (2, 5, heads, 6) and relative_error(got.float(), ref.float()) <= tol
+    target = torch.randn(got.shape)
+    assert_same_grads(torch.autograd.grad((got.float() * target).sum(), inputs),
+                      torch.autograd.grad((ref.float() * target).sum(), inputs), tol=tol)
+    grad_q, = torch.autograd.grad((fused() * target).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):
         grad_q.sum().backward()
 

@@ -151,63 +151,80 @@ def _softmax_without_subnormals_(logits: torch.Tensor) -> torch.Tensor:
     return _raise_to_range_(logits).softmax(dim=-1)
 
 
-class _ContentBlend(torch.autograd.Function):
-    """positional + gate * softmax(q k) (`_softmax_without_subnormals_`, float32), written (B, Nq, heads, N).
+class _ContentMix(torch.autograd.Function):
+    """x A^T per head with A = positional + gate * softmax(q k) (`_softmax_without_subnormals_`, float32):
+    tokens (B, N, C) -> mixed (B, Nq, heads, C), the GEMM in the tokens' dtype (`_cast_without_subnormals`).
 
-    The backward pass is that of `_blend` (content gets the gradient of max(gate, grad_floor) * content), the
-    softmax and the logits' GEMM, in three passes over the attention tensor and no temporary: the softmax's row
-    sums r = <grad, p> also give the gate's gradient (sum of r), the gradient of the logits p * (grad - r) is
-    written in the logits' layout, and the per-head factor max(gate, grad_floor) scales the gradients of q and k.
+    Stores the softmax, not A: the backward pass recomputes A (one pass) where autograd would keep both, an
+    attention-sized tensor per block less. Its gradients are those of softmax, `_blend` (content gets the
+    gradient of max(gate, grad_floor) * content) and the GEMMs, in three passes over the attention and no
+    temporary: the row sums r = <grad, p> also give the gate's gradient (sum of r), the gradient of the logits
+    p * (grad - r) is written in the logits' layout, and max(gate, grad_floor) scales the q and k gradients.
     """
 
     @staticmethod
-    def forward(ctx, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
-                grad_floor: float) -> torch.Tensor:
+    def forward(ctx, tokens: torch.Tensor, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
         probs = _softmax_without_subnormals_(_float32_matmul(q, k))  # B, h, Nq, N
-        ctx.save_for_backward(q, k, probs, gate)
-        ctx.positional_shape = positional.shape
+        ctx.save_for_backward(tokens, positional, q, k, probs, gate)
         ctx.grad_floor = grad_floor
+        B, heads, num_queries, _ = probs.shape
+        mixed = torch.bmm(_ContentMix._attention(positional, probs, gate, tokens.dtype), tokens)
+        return mixed.view(B, num_queries, heads, -1)
+
+    @staticmethod
+    def _attention(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype):
+        """(B, Nq * heads, N) attention in `dtype`, rows in the order the mixing GEMM reads."""
         B, heads, num_queries, N = probs.shape
-        out = probs.new_empty(B, num_queries, heads, N)  # the layout `_mix` reads, whatever positional's
-        return torch.addcmul(positional, probs.transpose(1, 2), gate, out=out)
+        attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, num_queries, heads, N))
+        return _cast_without_subnormals(attn, dtype).view(B, num_queries * heads, N)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        q, k, probs, gate = ctx.saved_tensors
-        grad_positional = grad_q = grad_k = grad_gate = None
+        tokens, positional, q, k, probs, gate = ctx.saved_tensors
+        B, heads, num_queries, N = probs.shape
+        grad = grad.reshape(B, num_queries * heads, -1).to(tokens.dtype)
+        grad_tokens = None
         if ctx.needs_input_grad[0]:
-            grad_positional = grad.sum_to_size(ctx.positional_shape)
+            attn = _ContentMix._attention(positional, probs, gate, tokens.dtype)
+            grad_tokens = torch.bmm(attn.transpose(1, 2), grad)
+        grad_attn = torch.bmm(grad, tokens.transpose(1, 2)).float().view(B, num_queries, heads, N)
+        grad_positional = grad_q = grad_k = grad_gate = None
+        if ctx.needs_input_grad[1]:
+            grad_positional = grad_attn.sum_to_size(positional.shape)
         # p * (grad - r), r = <grad, p> per row: written once, in the logits' layout, no temporary
-        grad_logits = torch.mul(grad.transpose(1, 2), probs, out=torch.empty_like(probs))  # B, h, Nq, N
+        grad_logits = torch.mul(grad_attn.transpose(1, 2), probs, out=torch.empty_like(probs))  # B, h, Nq, N
         row_sums = grad_logits.sum(-1, keepdim=True)
         grad_logits.addcmul_(probs, row_sums, value=-1.)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             scale = gate.clamp(min=ctx.grad_floor)[:, :, None]  # h, 1, 1
-            if ctx.needs_input_grad[1]:
-                grad_q = (_float32_matmul(grad_logits, k.transpose(-2, -1)) * scale).to(q.dtype)
             if ctx.needs_input_grad[2]:
+                grad_q = (_float32_matmul(grad_logits, k.transpose(-2, -1)) * scale).to(q.dtype)
+            if ctx.needs_input_grad[3]:
                 grad_k = (_float32_matmul(q.transpose(-2, -1), grad_logits) * scale).to(k.dtype)
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_gate = row_sums.sum((0, 2)).view(gate.shape)
-        return grad_positional, grad_q, grad_k, grad_gate, None
+        return grad_tokens, grad_positional, grad_q, grad_k, grad_gate, None
 
 
-def _content_blend(positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
-                   grad_floor: float) -> torch.Tensor:
-    """positional (Nq, heads, N) + gate (heads, 1) * softmax(q k): queries (B, heads, Nq, d), keys (B, heads,
-    d, N) -> (B, Nq, heads, N) float32; content learns as if its gate were at least `grad_floor`. Scripted,
-    traced, compiled and exported graphs get the same maths from standard ops (which compilers fuse)."""
+def _content_mix(x: torch.Tensor, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
+                 grad_floor: float) -> torch.Tensor:
+    """x (B, C, H, W) mixed per head with positional (Nq, heads, N) + gate (heads, 1) * softmax(q k), queries
+    (B, heads, Nq, d), keys (B, heads, d, N): (B, Nq, heads, C), the GEMM in `_mixing_dtype`; content learns as if
+    its gate were at least `grad_floor`. Scripted, traced, compiled and exported graphs get the same maths from
+    standard ops (which compilers fuse)."""
+    dtype = _mixing_dtype(x)
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         probs = _softmax_without_subnormals_(_float32_matmul(q, k)).transpose(1, 2)
-        return _blend(positional, probs, gate, grad_floor)
-    return _content_blend_function(positional, q, k, gate, grad_floor)
+        return _mix(x, _cast_without_subnormals(_blend(positional, probs, gate, grad_floor), dtype))
+    return _content_mix_function(x.flatten(2).transpose(1, 2).to(dtype), positional, q, k, gate, grad_floor)
 
 
 @torch.jit.unused
-def _content_blend_function(positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
-                            grad_floor: float) -> torch.Tensor:
-    return _ContentBlend.apply(positional, q, k, gate, grad_floor)
+def _content_mix_function(tokens: torch.Tensor, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+    return _ContentMix.apply(tokens, positional, q, k, gate, grad_floor)
 
 
 def _cast_without_subnormals(
@@ -707,8 +724,7 @@ class GatedPositionalAttention2d(nn.Module):
                 projected.append(self._project(_mix(x, attn.expand(B, -1, -1, -1)), weight, self.bias))
             if content_part is not None:
                 positional, weight = content_part
-                attn = _content_blend(positional[start:stop], q[:, :, start:stop], k, gate, self.grad_floor)
-                mixed = _mix(x, _cast_without_subnormals(attn, mixing_dtype))  # B, block, h, C_in
+                mixed = _content_mix(x, positional[start:stop], q[:, :, start:stop], k, gate, self.grad_floor)
                 projected.append(self._project(mixed, weight, self.bias if len(projected) == 0 else None))
             outs.append(projected[0] if len(projected) == 1 else projected[0] + projected[1])
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
