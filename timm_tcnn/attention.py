@@ -39,7 +39,8 @@ and one GEMM applies the taps, (B * Nq, heads * C_in) @ (heads * C_in, C_out) (b
 as the convolution plus those of the attention, no per-head or per-sample copies of the values.
 Queries are processed in blocks (`attention_block_bytes`, by default per device type: `default_block_bytes`)
 so that the attention tensor of a block stays in a CPU's cache, or, on a GPU, runs in few large kernels.
-Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot overflow them, and no
+In eager mode softmax, blend and mixing GEMM are one autograd function (`_ContentMix`) that keeps the softmax
+and recomputes the blended attention in its backward pass. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot overflow them, and no
 tensor of the attention holds a subnormal number (slow on many CPUs; see `_raise_to_range_`).
 In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`, and heads
 whose content gate is 0 mix with their positional attention alone, one matrix read by every sample's GEMM.
