@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.attention import (
-    _blend, _ContentMix, _mix, _mixing_dtype, _softmax_without_subnormals_, default_block_bytes, rate_scaled,
-    straight_through_clamp)
+    _blend, _ContentMix, _mix, _mixing_dtype, _softmax_without_subnormals_, _tokens, default_block_bytes,
+    rate_scaled, straight_through_clamp)
 from conftest import relative_error
 
 
@@ -113,11 +113,11 @@ def test_content_mix_function_matches_its_composition(amp):
     inputs = (x, positional, q, k, gate)
 
     def fused():
-        return _ContentMix.apply(x.flatten(2).transpose(1, 2).to(_mixing_dtype(x)), positional, q, k, gate, floor)
+        return _ContentMix.apply(_tokens(x, _mixing_dtype(x)), positional, q, k, gate, floor)
 
     def composed():
         probs = _softmax_without_subnormals_(q.float() @ k.float()).transpose(1, 2)
-        return _mix(x, _blend(positional, probs, gate, floor).to(_mixing_dtype(x)))
+        return _mix(_tokens(x, _mixing_dtype(x)), _blend(positional, probs, gate, floor).to(_mixing_dtype(x)))
 
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
         got, ref = fused(), composed()

@@ -209,17 +209,16 @@ class _ContentMix(torch.autograd.Function):
         return grad_tokens, grad_positional, grad_q, grad_k, grad_gate, None
 
 
-def _content_mix(x: torch.Tensor, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor,
-                 grad_floor: float) -> torch.Tensor:
-    """x (B, C, H, W) mixed per head with positional (Nq, heads, N) + gate (heads, 1) * softmax(q k), queries
-    (B, heads, Nq, d), keys (B, heads, d, N): (B, Nq, heads, C), the GEMM in `_mixing_dtype`; content learns as if
-    its gate were at least `grad_floor`. Scripted, traced, compiled and exported graphs get the same maths from
-    standard ops (which compilers fuse)."""
-    dtype = _mixing_dtype(x)
+def _content_mix(tokens: torch.Tensor, positional: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+    """Tokens (B, N, C) (`_tokens`) mixed per head with positional (Nq, heads, N) + gate (heads, 1) * softmax(q k),
+    queries (B, heads, Nq, d), keys (B, heads, d, N): (B, Nq, heads, C), the GEMM in the tokens' dtype; content
+    learns as if its gate were at least `grad_floor`. Scripted, traced, compiled and exported graphs get the same
+    maths from standard ops (which compilers fuse)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         probs = _softmax_without_subnormals_(_float32_matmul(q, k)).transpose(1, 2)
-        return _mix(x, _cast_without_subnormals(_blend(positional, probs, gate, grad_floor), dtype))
-    return _content_mix_function(x.flatten(2).transpose(1, 2).to(dtype), positional, q, k, gate, grad_floor)
+        return _mix(tokens, _cast_without_subnormals(_blend(positional, probs, gate, grad_floor), tokens.dtype))
+    return _content_mix_function(tokens, positional, q, k, gate, grad_floor)
 
 
 @torch.jit.unused
@@ -317,14 +316,19 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype  # autocast off, or no autocast for this device type (meta)
 
 
-def _mix(x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Full-width values: (B, C, H, W) x, (B, Nq, heads, N) attention -> (B, Nq, heads, C), x A_h^T per head.
+def _tokens(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C) in `dtype`: a view of x in its own layout (NCHW or channels-last), copied only
+    to change the dtype (once per call, not per block of queries)."""
+    return x.flatten(2).transpose(1, 2).to(dtype)
 
-    One GEMM per sample, (Nq * heads, N) @ (N, C), reading x in its own layout (NCHW or
-    channels-last) and writing the layout the tap projection reads.
+
+def _mix(tokens: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Full-width values: (B, N, C) tokens, (B, Nq, heads, N) attention -> (B, Nq, heads, C), x A_h^T per head.
+
+    One GEMM per sample, (Nq * heads, N) @ (N, C), writing the layout the tap projection reads.
     """
     B, Nq, heads, N = attn.shape
-    return (attn.reshape(B, Nq * heads, N) @ x.flatten(2).transpose(1, 2)).unflatten(1, (Nq, heads))
+    return (attn.reshape(B, Nq * heads, N) @ tokens).unflatten(1, (Nq, heads))
 
 
 class GatedPositionalAttention2d(nn.Module):
@@ -642,7 +646,7 @@ class GatedPositionalAttention2d(nn.Module):
         """
         probs = _softmax_without_subnormals_(self.content_logits(x)).transpose(1, 2)
         attn = _cast_without_subnormals(probs, _mixing_dtype(x))
-        return _mix(x, attn).permute(0, 3, 2, 1)
+        return _mix(_tokens(x, attn.dtype), attn).permute(0, 3, 2, 1)
 
     def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Gaussian positional attention of every head applied to the input.
@@ -709,7 +713,7 @@ class GatedPositionalAttention2d(nn.Module):
             block_bytes = default_block_bytes(x.device)
         num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
         block = -(-num_queries // max(1, num_blocks))  # balanced blocks
-        mixing_dtype = _mixing_dtype(x)
+        tokens = _tokens(x, _mixing_dtype(x))  # B, N, C_in
         gate = self._content_gate()[:, None]
         q, k = x, x  # unused without content
         if content_part is not None:
@@ -721,11 +725,11 @@ class GatedPositionalAttention2d(nn.Module):
             projected: List[torch.Tensor] = []  # B, block, C_out, per part
             if fixed_part is not None:
                 positional, weight = fixed_part
-                attn = _cast_without_subnormals(positional[start:stop], mixing_dtype)
-                projected.append(self._project(_mix(x, attn.expand(B, -1, -1, -1)), weight, self.bias))
+                attn = _cast_without_subnormals(positional[start:stop], tokens.dtype)
+                projected.append(self._project(_mix(tokens, attn.expand(B, -1, -1, -1)), weight, self.bias))
             if content_part is not None:
                 positional, weight = content_part
-                mixed = _content_mix(x, positional[start:stop], q[:, :, start:stop], k, gate, self.grad_floor)
+                mixed = _content_mix(tokens, positional[start:stop], q[:, :, start:stop], k, gate, self.grad_floor)
                 projected.append(self._project(mixed, weight, self.bias if len(projected) == 0 else None))
             outs.append(projected[0] if len(projected) == 1 else projected[0] + projected[1])
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
