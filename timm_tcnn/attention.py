@@ -40,8 +40,9 @@ as the convolution plus those of the attention, no per-head or per-sample copies
 Queries are processed in blocks (`attention_block_bytes`, by default per device type: `default_block_bytes`)
 so that the attention tensor of a block stays in a CPU's cache, or, on a GPU, runs in few large kernels.
 In eager mode softmax, blend and mixing GEMM are one autograd function (`_ContentMix`) that keeps the softmax
-and recomputes the blended attention in its backward pass. Logits and softmax are always computed in float32, so fp16 / bf16 autocast cannot overflow them, and no
-tensor of the attention holds a subnormal number (slow on many CPUs; see `_raise_to_range_`).
+and recomputes the blended attention in its backward pass. Logits and softmax are always computed in float32,
+so fp16 / bf16 autocast cannot overflow them, and no tensor of the attention holds a subnormal number (slow on
+many CPUs; see `_raise_to_range_`).
 In inference (autograd off, eager) a layer that is still exactly its convolution runs `F.conv2d`, and heads
 whose content gate is 0 mix with their positional attention alone, one matrix read by every sample's GEMM.
 """
@@ -777,19 +778,18 @@ class GatedPositionalAttention2d(nn.Module):
     def _inference_parts(self, height: int, width: int) -> Tuple:
         """What inference on (height, width) maps reuses: whether the layer is its convolution, and the
         content and fixed parts of `_mix_and_project` with the open heads' indices (None: all heads open)."""
-        open_heads = (self.content_share() > 0).nonzero().flatten()
+        content = self.content_share()
+        open_heads, closed_heads = (content > 0).nonzero().flatten(), (content == 0).nonzero().flatten()
         if open_heads.numel() == 0 and bool((self.locality_share() == 0).all()):
             return True, None, None, None
         positional = self.positional_mixing(height, width)
         weight = self.tap_major_weight()
-        if open_heads.numel() == self.num_heads:
-            return False, (positional, weight.contiguous()), None, None
-        if open_heads.numel() == 0:
-            return False, None, (positional.contiguous(), weight.contiguous()), None
-        closed_heads = (self.content_share() == 0).nonzero().flatten()
-        content_part = (positional[:, open_heads], self._head_weight(weight, open_heads))
-        fixed_part = (positional[:, closed_heads].contiguous(), self._head_weight(weight, closed_heads))
-        return False, content_part, fixed_part, open_heads
+
+        def part(heads: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+            return (positional[:, heads].contiguous(), self._head_weight(weight, heads)) if heads.numel() else None
+
+        all_open = open_heads.numel() == self.num_heads
+        return False, part(open_heads), part(closed_heads), None if all_open else open_heads
 
     @torch.jit.unused
     def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
