@@ -108,3 +108,23 @@ def test_console_script_and_module_entry_points():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert 'convert' in result.stdout
+
+
+def test_model_kwargs_reach_the_converted_model(tmp_path, capsys):
+    """num_classes other than the checkpoint's replaces the classifier (said, same in both models); other
+    create_model arguments reach the model and its config.json."""
+    cnn = timm.create_model('resnet18', num_classes=7).eval()
+    path = tmp_path / 'cnn7.pth'
+    torch.save(cnn.state_dict(), path)
+    out = tmp_path / 'out'
+    assert main(['convert', 'resnet18', '--checkpoint', str(path), '--out', str(out), '--batch-size', '1',
+                 '--model-kwargs', 'num_classes=3', 'drop_rate=0.5']) == 0
+    assert 'classifier replaced: the weights have 7 classes' in capsys.readouterr().out
+    tcnn = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert tcnn.num_classes == 3 and tcnn.fc.weight.shape == (3, 512) and tcnn.drop_rate == 0.5
+    assert json.loads((out / 'config.json').read_text())['model_args']['drop_rate'] == 0.5
+    body = {k: v for k, v in cnn.state_dict().items() if not k.startswith('fc.')}
+    assert all(torch.equal(tcnn.state_dict()[k], v) for k, v in body.items())  # the body is the checkpoint's
+    assert main(['convert', 'resnet18', '--random-weights', '--out', str(tmp_path / 'random'), '--batch-size', '1',
+                 '--model-kwargs', 'num_classes=3']) == 0
+    assert json.loads((tmp_path / 'random' / 'config.json').read_text())['num_classes'] == 3

@@ -12,10 +12,11 @@ from tqdm import tqdm
 from ..convert import attention_layers, convert_cnn_state_dict
 from ..errors import InputError, WorkError
 from ..hub import require_hub_weights
-from ..checkpoints import checkpoint_options
+from ..checkpoints import attention_layer_names, checkpoint_options
 from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
 from ..loading import check_fits, create_model
 from ..numerics import check_finite, relative_error
+from ..options import PREFIX
 from ..variants import conversion_options, tcnn_and_cnn_names
 from .common import add_output_args, add_weight_args
 
@@ -35,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_weight_args(
         parser, sources=('checkpoint', 'random_weights'),
         checkpoint_help='CNN weights: .safetensors, state dict or train.py checkpoint (default: the Hub weights)',
-        model_kwargs_help='T-CNN options, e.g. tcnn_stages="(3, 4)" tcnn_convert_strided=False')
+        model_kwargs_help='T-CNN options and arguments of timm.create_model, e.g. tcnn_stages="(3, 4)" '
+                          'drop_rate=0.2 num_classes=10 (a class count other than the weights\' replaces the '
+                          'classifier by a new random one, the same in the CNN and the T-CNN)')
     add_output_args(parser, 'output folder')
     parser.add_argument('--images', metavar='DIR', help='also check the identity on the images in DIR (recursive)')
     parser.add_argument('--max-images', type=int, default=32, help='at most this many images from --images')
@@ -67,10 +70,10 @@ def _load_images(files: List[Path], model: torch.nn.Module, folder: str) -> Tupl
 
 
 @torch.no_grad()
-def _random_cnn(cnn_name: str) -> torch.nn.Module:
+def _random_cnn(cnn_name: str, **kwargs: Any) -> torch.nn.Module:
     """A random CNN in which every block contributes: no zero-initialised last BatchNorm, and running
     statistics measured on random images so that the activations stay well scaled."""
-    cnn = timm.create_model(cnn_name)
+    cnn = create_model(cnn_name, **kwargs)
     norms = [m for m in cnn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         if m.affine and not m.weight.any():
@@ -111,31 +114,73 @@ def _check_args(args: argparse.Namespace) -> List[Path]:
     return image_files(args.images)[:args.max_images] if args.images else []
 
 
-def _options(tcnn_name: str, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _options(tcnn_name: str, model_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(every T-CNN option, the other `create_model` arguments but `num_classes`) from --model-kwargs."""
+    other = {k: v for k, v in model_kwargs.items() if not k.startswith(PREFIX) and k != 'num_classes'}
+    num_classes = model_kwargs.get('num_classes', 0)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise InputError(f'--model-kwargs num_classes={num_classes!r}: expected an integer >= 0.')
     try:
-        return conversion_options(tcnn_name, **model_kwargs)
+        return conversion_options(tcnn_name, **model_kwargs), other
     except (TypeError, ValueError) as e:
         raise InputError(f'--model-kwargs: {e}') from None
 
 
-def _load_cnn(args: argparse.Namespace, cnn_name: str) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
-    """The CNN with its weights, where they came from, and the pretrained cfg the T-CNN is labelled with."""
+def _check_tag(cnn_name: str) -> None:
+    """A pretrained tag in MODEL must be one of the CNN's."""
+    arch, _, tag = cnn_name.partition('.')
+    tags = [name.split('.', 1)[1] for name in timm.list_pretrained(f'{arch}.*')]
+    if tag and tag not in tags:
+        raise InputError(f'{arch} has no pretrained tag {tag!r}; its tags: {", ".join(tags)} (or leave the tag out '
+                         f'for the default).')
+
+
+def _refuse_tcnn_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, tcnn_name: str) -> None:
+    layers = attention_layer_names(state_dict)
+    if layers:
+        raise InputError(
+            f'checkpoint {path} is a T-CNN checkpoint (converted layers such as {layers[0]}): convert takes CNN '
+            f'weights. Load it as it is, e.g. timm.create_model("{tcnn_name.split(".")[0]}", checkpoint_path=...) '
+            f'or --checkpoint of analyze, robustness and publish.')
+
+
+def _load_cnn(args: argparse.Namespace, tcnn_name: str, cnn_name: str,
+              kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
+    """The CNN built with `kwargs` and its weights, where they came from, and the pretrained cfg the T-CNN is
+    labelled with. Random weights get --model-kwargs num_classes; loaded weights keep their classifier."""
     arch = cnn_name.split('.')[0]
     if args.checkpoint:
         state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
+        _refuse_tcnn_checkpoint(state_dict, args.checkpoint, tcnn_name)
         check_finite(state_dict, f'checkpoint {args.checkpoint}')
-        cnn = timm.create_model(arch, **checkpoint_options(state_dict, timm.create_model(arch, device='meta')))
+        found = checkpoint_options(state_dict, create_model(arch, device='meta', **kwargs))
+        cnn = create_model(arch, **{**kwargs, **found})
         check_fits(state_dict, cnn, f'checkpoint {args.checkpoint}')
         cnn.load_state_dict(state_dict)
         return cnn, args.checkpoint, _local_cfg(f'CNN checkpoint {Path(args.checkpoint).name}')
     if args.random_weights:
         torch.manual_seed(args.seed)
-        return _random_cnn(cnn_name), 'random weights', _local_cfg('random CNN weights (not pretrained)')
+        classes = {'num_classes': args.model_kwargs['num_classes']} if 'num_classes' in args.model_kwargs else {}
+        cnn = _random_cnn(cnn_name, **kwargs, **classes)
+        return cnn, 'random weights', _local_cfg('random CNN weights (not pretrained)')
     hf_hub_id = timm.models.get_pretrained_cfg(cnn_name).hf_hub_id
     require_hub_weights(hf_hub_id)
-    cnn = timm.create_model(cnn_name, pretrained=True)
+    try:
+        cnn = create_model(cnn_name, pretrained=True, **kwargs)
+    except RuntimeError as e:  # architecture kwargs the weights do not fit
+        raise InputError(f'the weights of {hf_hub_id} do not fit {arch} built with --model-kwargs {kwargs}: '
+                         f'{str(e).splitlines()[0]}') from None
     check_finite(cnn.state_dict(), f'the weights of {hf_hub_id}')
     return cnn, f'hf-hub:{hf_hub_id}', {}
+
+
+def _replace_classifier(cnn: torch.nn.Module, num_classes: int, seed: int) -> None:
+    """A new random classifier of `num_classes` outputs (timm's `reset_classifier`), drawn with `seed`."""
+    print(f'classifier replaced: the weights have {cnn.num_classes} classes, --model-kwargs num_classes='
+          f'{num_classes}; the new {num_classes}-class classifier is random (seed {seed}) and the same in the '
+          f'CNN and the T-CNN')
+    torch.manual_seed(seed)
+    cnn.reset_classifier(num_classes)
 
 
 def _local_cfg(source: str) -> Dict[str, Any]:
@@ -145,22 +190,26 @@ def _local_cfg(source: str) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     tcnn_name, cnn_name = tcnn_and_cnn_names(args.model)
-    options = _options(tcnn_name, args.model_kwargs)
+    _check_tag(cnn_name)
+    options, kwargs = _options(tcnn_name, args.model_kwargs)
     files = _check_args(args)
 
     start = time.perf_counter()
-    cnn, source, cfg_overlay = _load_cnn(args, cnn_name)
+    cnn, source, cfg_overlay = _load_cnn(args, tcnn_name, cnn_name, kwargs)
+    num_classes = args.model_kwargs.get('num_classes', cnn.num_classes)
+    if num_classes != cnn.num_classes:
+        _replace_classifier(cnn, num_classes, args.seed)
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    tcnn = create_model(tcnn_name, num_classes=cnn.num_classes, pretrained_cfg_overlay=cfg_overlay, **options)
+    tcnn = create_model(tcnn_name, num_classes=num_classes, pretrained_cfg_overlay=cfg_overlay, **kwargs, **options)
     tcnn.load_state_dict(convert_cnn_state_dict(cnn.state_dict(), tcnn))
     convert_time = time.perf_counter() - start
     cnn.eval()
     tcnn.eval()
 
     print(f'{cnn_name} ({source}) -> {tcnn_name}')
-    print(f'options: {options}')
+    print(f'options: {options}' + (f'; model kwargs: {kwargs}' if kwargs else ''))
     print(f'converted layers: {len(list(attention_layers(tcnn)))}; parameters: CNN {_count(cnn) / 1e6:.2f}M, '
           f'T-CNN {_count(tcnn) / 1e6:.2f}M (+{(_count(tcnn) - _count(cnn)) / 1e6:.2f}M attention)')
 
@@ -185,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'identity holds: max relative error {worst:.2e} <= {args.tolerance:.0e}')
     if args.out:
         with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-            timm.models.save_for_hf(tcnn, str(tmp), model_args=options, safe_serialization=True)
+            timm.models.save_for_hf(tcnn, str(tmp), model_args={**kwargs, **options}, safe_serialization=True)
         print(f'wrote {Path(args.out) / "model.safetensors"} and config.json; load with '
               f'`import timm_tcnn; timm.create_model("local-dir:{args.out}")`')
     return 0
