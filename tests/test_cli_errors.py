@@ -3,6 +3,7 @@ partial output; interrupted and killed runs; the helpers behind them (checkpoint
 relative error, atomic writes with the umask). """
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def bad(tmp_path_factory):
     for script in ('train.py', 'validate.py'):
         (root / 'scripts' / script).write_text('raise SystemExit(3)\n')
     (root / 'existing').mkdir()
+    folder = root / 'folder'  # a local-dir: model folder, then a truncated and an incomplete copy
+    tiny_model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=3)
+    timm.models.save_for_hf(tiny_model, str(folder), model_args=dict(layers=(1, 1, 1, 1)), safe_serialization=True)
+    for name in ('truncated_folder', 'no_config_folder'):
+        shutil.copytree(folder, root / name)
+    weights = (folder / 'model.safetensors').read_bytes()
+    (root / 'truncated_folder' / 'model.safetensors').write_bytes(weights[:len(weights) // 2])
+    (root / 'no_config_folder' / 'config.json').unlink()
     return root
 
 
@@ -108,6 +117,12 @@ def _cases():
         ('analyze-other-classes', [*analyze[:2], '--model-kwargs', 'layers=(1, 1, 1, 1)', *analyze[5:],
                                    '--checkpoint', '{root}/tiny.pth.tar'], 2,
          ['does not fit tcnn_resnet50rs', 'It has 3 classes, this model 1000: pass num_classes=3']),
+        *[(f'{command}-{folder}', [command, f'local-dir:{{root}}/{folder}', '--pretrained', *data, '{out}'], 2,
+           fragments) for command, data in (('analyze', ['--images', '{root}/images', '--no-plots', '--out']),
+                                            ('robustness', ['--corrupt', '{root}/data/train', '--output']))
+          for folder, fragments in (('truncated_folder', ['weights do not load', 'incomplete metadata',
+                                                          'write or copy the folder again']),
+                                    ('no_config_folder', ['has no config.json', 'copy it completely']))],
         ('robustness-no-weights', ['robustness', 'resnet18', '--imagenet-val', '{root}/images', '--output', '{out}'],
          2, ['has no weights', '--pretrained']),
         ('robustness-output-under-file', ['robustness', 'resnet18', '--pretrained', '--imagenet-val',
@@ -208,14 +223,29 @@ def test_publish_checks_the_hub_before_any_work(bad, tmp_path, capsys, monkeypat
     ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val', '--output', '{out}'],
     ['analyze', 'tcnn_resnet50rs', '--pretrained', '--images', '{root}/images', '--out', '{out}'],
     ['convert', 'tcnn_resnet101rs', '--out', '{out}'],
-], ids=['robustness', 'analyze', 'convert'])
-def test_missing_hub_weights_fail_fast(bad, tmp_path, capsys, monkeypatch, argv):
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    ['robustness', 'hf-hub:acme/tcnn', '--pretrained', '--corrupt', '{root}/data/train', '--output', '{out}'],
+    ['analyze', 'hf-hub:acme/tcnn', '--pretrained', '--images', '{root}/images', '--out', '{out}'],
+    ['robustness', 'resnet18', '--checkpoint', '{root}/resnetrs50.safetensors', '--compare', 'hf-hub:acme/cnn',
+     '--compare-pretrained', '--corrupt', '{root}/data/train', '--output', '{out}'],
+    ['analyze', 'tcnn_resnet50rs', '--random-weights', '--cnn', 'hf-hub:acme/cnn', '--images', '{root}/images',
+     '--out', '{out}'],
+], ids=['robustness', 'analyze', 'convert', 'robustness-hf-hub', 'analyze-hf-hub', 'robustness-compare-hf-hub',
+        'analyze-cnn-hf-hub'])
+@pytest.mark.parametrize('offline', [True, False], ids=['offline', 'unreachable'])
+def test_missing_hub_weights_fail_fast(bad, tmp_path, capsys, monkeypatch, argv, offline):
+    """Offline mode, or an endpoint where nothing listens: one line within seconds, no retries."""
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', offline)
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', 'http://127.0.0.1:9')
     monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    for name in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / 'out'
+    start = time.perf_counter()
     assert main([a.format(root=bad, out=out) for a in argv]) == 2
+    assert time.perf_counter() - start < 10
     err = capsys.readouterr().err
-    assert 'error: Cannot get the weights of timm/' in err and 'hf download' in err and 'Traceback' not in err
+    assert 'error: Cannot get ' in err and 'hf download' in err and 'Traceback' not in err
+    assert ('hf-hub:acme/' in err) == ('hf-hub:' in ' '.join(argv))
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

@@ -1,21 +1,26 @@
 """ Building any timm model (T-CNNs included) with its weights from the Hub or a checkpoint file. """
 import difflib
+import pickle
 import re
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from .checkpoints import describe_mismatch
 from .convert import convert_cnn_state_dict
 from .errors import InputError
-from .hub import require_hub_weights
-from .io import load_checkpoint_state_dict
+from .hub import require_hub_model, require_hub_weights
+from .io import load_checkpoint_state_dict, read_mapping
 from .numerics import check_finite
 
-__all__ = ['unknown_model_hint', 'create_model', 'check_fits', 'create_model_with_weights']
+__all__ = ['unknown_model_hint', 'check_model_source', 'create_model', 'check_fits', 'create_model_with_weights']
 
+# what reading a damaged weights file raises besides RuntimeError
+_UNREADABLE = (SafetensorError, pickle.UnpicklingError, EOFError)
 _UNKNOWN_MODEL = re.compile(r'Unknown model \((.+)\)')
 
 
@@ -30,19 +35,49 @@ def unknown_model_hint(exc: BaseException) -> Optional[str]:
     return f'{suggestion}{name!r} is not a registered model; T-CNN models: {", ".join(timm.list_models("tcnn_*"))}.'
 
 
+def _check_local_dir(folder: str) -> None:
+    """A `local-dir:` folder holds a config.json (a mapping naming the architecture), as timm's loader needs."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f'local-dir:{folder}: {folder} is not a folder; name a folder written by timm-tcnn '
+                         f'convert or publish --out (config.json and model.safetensors).')
+    if not (path / 'config.json').is_file():
+        raise InputError(f'local-dir:{folder} has no config.json: a model folder holds config.json and '
+                         f'model.safetensors (timm-tcnn convert or publish --out writes both); copy it completely.')
+    if 'architecture' not in read_mapping(path / 'config.json', f'local-dir:{folder}: config'):
+        raise InputError(f'local-dir:{folder}: its config.json names no architecture; write the folder again.')
+
+
+def check_model_source(name: str, pretrained: bool) -> None:
+    """Before building: a `local-dir:` folder is complete; an `hf-hub:` model is cached or downloadable (seconds);
+    with `pretrained`, a registered model's Hub weights are cached or downloadable."""
+    source, model_id = timm.models.parse_model_name(name)
+    if source == 'local-dir':
+        _check_local_dir(model_id)
+    elif source == 'hf-hub':
+        require_hub_model(model_id.split('@')[0], pretrained)
+    elif pretrained and timm.is_model(name):
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.hf_hub_id:
+            require_hub_weights(cfg.hf_hub_id)
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`, with an unknown name (closest names suggested) or bad model kwargs as `InputError`;
-    with `pretrained=True`, Hub weights that are neither cached nor downloadable fail within seconds."""
-    cfg = timm.models.get_pretrained_cfg(name) if kwargs.get('pretrained') and timm.is_model(name) else None
-    if cfg is not None and cfg.hf_hub_id:
-        require_hub_weights(cfg.hf_hub_id)
+    """`timm.create_model`, with an unknown name (closest names suggested), bad model kwargs or an incomplete or
+    damaged `local-dir:` folder as `InputError`; Hub weights (and `hf-hub:` models) that are neither cached nor
+    downloadable fail within seconds."""
+    check_model_source(name, bool(kwargs.get('pretrained')))
     try:
         return timm.create_model(name, **kwargs)
-    except RuntimeError as e:
+    except (RuntimeError, *_UNREADABLE) as e:
         hint = unknown_model_hint(e)
-        if hint is None:
+        if hint is not None:
+            raise InputError(f'{e}. {hint}') from None
+        if not name.startswith('local-dir:'):
             raise
-        raise InputError(f'{e}. {hint}') from None
+        raise InputError(f'{name}: its weights do not load ({type(e).__name__}: {str(e).splitlines()[0]}): a '
+                         f'truncated or damaged file, or weights of another model; write or copy the folder '
+                         f'again.') from None
     except (TypeError, ValueError) as e:
         if isinstance(e, InputError):
             raise

@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_weight_args(parser, sources=('pretrained', 'checkpoint', 'random_weights'))
     parser.add_argument('--cnn', metavar='NAME_OR_FILE',
                         help='source CNN, for weight drift and identity error: a timm model name (loaded with '
-                             'pretrained=True) or a checkpoint file')
+                             'pretrained=True; also hf-hub:ORG/NAME or local-dir:FOLDER) or a checkpoint file')
     parser.add_argument('--images', metavar='DIR', required=True, help='folder of images (searched recursively)')
     add_output_args(parser, 'output folder', required=True)
     parser.add_argument('--max-images', type=int, default=32, metavar='N', help='analyse at most N readable images')
@@ -92,8 +92,9 @@ def load_cnn_state_dict(source: str, ema: bool = False) -> Dict[str, torch.Tenso
         state_dict = load_checkpoint_state_dict(source, use_ema=ema)
         check_finite(state_dict, f'--cnn {source}')
         return state_dict
-    if not timm.is_model(source):
-        raise InputError(f'--cnn {source} is neither a file nor a timm model name (e.g. resnetrs50).')
+    if not timm.is_model(source) and not timm.models.parse_model_name(source)[0]:
+        raise InputError(f'--cnn {source} is neither a file nor a timm model name (e.g. resnetrs50, hf-hub:ORG/NAME, '
+                         f'local-dir:FOLDER).')
     return create_model_with_weights(source, pretrained=True).state_dict()
 
 

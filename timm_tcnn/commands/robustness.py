@@ -8,6 +8,7 @@ from timm.utils import ParseKwargs
 
 from ..errors import InputError
 from ..io import check_writable
+from ..loading import check_model_source
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, ModelSpec, ResultsStore, evaluate_model, \
     plan_cells
 from .common import add_device_arg, add_weight_args, require_weights, resolve_device
@@ -87,6 +88,9 @@ def _check_args(args: argparse.Namespace) -> None:
     require_weights(args)
     if args.compare and not (args.compare_pretrained or args.compare_checkpoint):
         raise InputError(f'{args.compare} has no weights: pass --compare-pretrained or --compare-checkpoint FILE.')
+    check_model_source(args.model, args.pretrained)
+    if args.compare:
+        check_model_source(args.compare, args.compare_pretrained)
     known = CORRUPTIONS + EXTRA_CORRUPTIONS
     unknown = [c for c in args.corruptions or () if c not in known]
     if unknown:
