@@ -88,9 +88,6 @@ def _check_args(args: argparse.Namespace) -> None:
     require_weights(args)
     if args.compare and not (args.compare_pretrained or args.compare_checkpoint):
         raise InputError(f'{args.compare} has no weights: pass --compare-pretrained or --compare-checkpoint FILE.')
-    check_model_source(args.model, args.pretrained)
-    if args.compare:
-        check_model_source(args.compare, args.compare_pretrained)
     known = CORRUPTIONS + EXTRA_CORRUPTIONS
     unknown = [c for c in args.corruptions or () if c not in known]
     if unknown:
@@ -184,6 +181,9 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     check_writable(args.output, '--output')
+    check_model_source(args.model, args.pretrained)  # before scanning the data
+    if args.compare:
+        check_model_source(args.compare, args.compare_pretrained)
     plan = plan_cells(
         imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
         imagenet_val=args.imagenet_val, corrupt=args.corrupt, corruptions=args.corruptions,
