@@ -148,6 +148,8 @@ def _cases():
          ['not a torch device']),
         ('relational-shapes-not-empty', ['relational-shapes', '--out', '{root}/images'], 2,
          ['is not empty', 'new or empty --out']),
+        ('relational-shapes-class-without-images', ['relational-shapes', '--out', '{out}', '--val-images', '10'], 2,
+         ['--val-images 10 leaves 3 classes without a validation image', 'ring_different', '--val-images 61 or more']),
         ('run-missing-script', ['run', '{root}/train.py'], 2, ['script not found', 'pytorch-image-models']),
     ]
 

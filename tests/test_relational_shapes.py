@@ -6,7 +6,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from timm.data import ImageDataset
 
+from timm_tcnn.errors import InputError
 from timm_tcnn.experiment.parts import load_image_groups, load_label_parts, part_accuracy
 from timm_tcnn.relational_shapes import DOT_COLORS, FAR_DISTANCE, class_names, render, write_dataset
 
@@ -14,7 +16,7 @@ from timm_tcnn.relational_shapes import DOT_COLORS, FAR_DISTANCE, class_names, r
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp('relational') / 'data'
-    write_dataset(root, seed=3, train_images=10, val_images=40, size=64)
+    write_dataset(root, seed=3, train_images=22, val_images=40, size=64)
     return root
 
 
@@ -57,7 +59,7 @@ def test_dataset_json_lists_parts_and_groups(dataset):
     assert len(groups) == 40 and set(groups.values()) <= {'near', 'far'}
     for file in groups:
         assert (dataset / 'validation' / file).is_file()
-    assert len(load_image_groups(str(dataset), 'train')) == 10
+    assert len(load_image_groups(str(dataset), 'train')) == 22
     assert load_label_parts(str(dataset))['ring_same'] == {'shape': 'ring', 'relation': 'same'}
 
 
@@ -92,3 +94,16 @@ def test_part_accuracy_per_group_matches_hand_count(dataset):
     assert result['chance'] == {'relation': 50, 'shape': 20, 'relation (far)': 50, 'relation (near)': 50,
                                 'shape (far)': 20, 'shape (near)': 20}
     assert result['images'] == 40
+
+
+def test_counts_leaving_a_class_without_images_are_refused(tmp_path):
+    """Seed 0's first 10 validation images miss 3 classes: refused, with the smallest count found from the images
+    themselves; at that count both splits have every class, numbered alike by ImageFolder."""
+    needed = next(n for n in range(1, 500)
+                  if {render(0, 'validation', i).class_name for i in range(n)} == set(class_names()))
+    with pytest.raises(InputError, match=rf'--val-images 10 leaves 3 classes .* use --val-images {needed} or more'):
+        write_dataset(tmp_path / 'short', seed=0, train_images=100, val_images=10)
+    assert not (tmp_path / 'short').exists()
+    write_dataset(tmp_path / 'data', seed=0, train_images=100, val_images=needed, size=64)
+    splits = [ImageDataset(str(tmp_path / 'data' / split)).reader.class_to_idx for split in ('train', 'validation')]
+    assert splits[0] == splits[1] == {name: i for i, name in enumerate(class_names())}

@@ -14,7 +14,9 @@ across the image adds shows on the far pairs. Class = f'{shape}_{relation}' (10 
 
 `write_dataset` writes an ImageFolder (`train/`, `validation/`, one folder per class, PNG files) and
 `dataset.json` with the generator's arguments, the label parts and each image's pair distance
-(`image_groups`). Every image is a pure function of (seed, split, index, size).
+(`image_groups`). Every image is a pure function of (seed, split, index, size), its class drawn at random, so
+a split needs enough images for every class to have one: `check_counts` refuses counts that leave a class
+empty (timm's ImageFolder would number the classes of the two splits differently).
 """
 import dataclasses
 import json
@@ -26,8 +28,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .errors import InputError
+
 __all__ = ['SHAPES', 'DOT_COLORS', 'RELATIONS', 'PAIRS', 'Sample', 'class_names', 'render', 'write_dataset',
-           'label_parts']
+           'label_parts', 'complete_count', 'check_counts']
 
 SHAPES = ('disk', 'square', 'triangle', 'cross', 'ring')
 DOT_COLORS = ((220, 30, 30), (30, 200, 30), (40, 40, 230))  # red, green, blue; each dot is jittered by +-25
@@ -128,12 +132,45 @@ def _place_dots(rng: np.random.Generator, size: int, radius: float, pair: str,
     raise RuntimeError('no free position found: image too small for its shapes')
 
 
-def render(seed: int, split: str, index: int, size: int = 64) -> Sample:
-    """Image `index` of `split` ('train' or 'validation') and its labels; deterministic."""
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+def _labels(rng: np.random.Generator) -> Tuple[str, str, str]:
+    """(shape, relation, pair): the first draws of an image's generator."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     relation = RELATIONS[rng.integers(len(RELATIONS))]
-    pair = PAIRS[rng.integers(len(PAIRS))]
+    return shape, relation, PAIRS[rng.integers(len(PAIRS))]
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def complete_count(seed: int, split: str) -> int:
+    """The smallest number of images of `split` in which every class has at least one (images are numbered
+    from 0, so any larger count has every class too)."""
+    missing, index = set(class_names()), 0
+    while missing:
+        shape, relation, _ = _labels(_rng(seed, split, index))
+        missing.discard(f'{shape}_{relation}')
+        index += 1
+    return index
+
+
+def check_counts(seed: int, train_images: int, val_images: int) -> None:
+    """Raise an `InputError` if a split's image count leaves a class without an image."""
+    for split, count, option in (('train', train_images, '--train-images'), ('validation', val_images, '--val-images')):
+        needed = complete_count(seed, split)
+        if count < needed:
+            seen = {'_'.join(_labels(_rng(seed, split, i))[:2]) for i in range(count)}
+            missing = sorted(set(class_names()) - seen)
+            raise InputError(
+                f'{option} {count} leaves {len(missing)} classes without a {split} image with seed {seed} '
+                f'({", ".join(missing)}), so the splits would number their classes differently: use {option} '
+                f'{needed} or more (the smallest count with every class for this seed).')
+
+
+def render(seed: int, split: str, index: int, size: int = 64) -> Sample:
+    """Image `index` of `split` ('train' or 'validation') and its labels; deterministic."""
+    rng = _rng(seed, split, index)
+    shape, relation, pair = _labels(rng)
     first = int(rng.integers(len(DOT_COLORS)))
     second = first if relation == 'same' else (first + int(rng.integers(1, len(DOT_COLORS)))) % len(DOT_COLORS)
 
@@ -172,9 +209,10 @@ def write_dataset(
     """Write the ImageFolder `out/{train,validation}/<class>/<index>.png` and `out/dataset.json`.
 
     `dataset.json` holds the arguments, `label_parts` ({class: {part: value}}) and `image_groups`
-    ({split: {'<class>/<index>.png': 'near' or 'far'}}). `out` must not hold a dataset yet.
-    Returns the contents of `dataset.json`.
+    ({split: {'<class>/<index>.png': 'near' or 'far'}}). `out` must not hold a dataset yet. Counts that leave a
+    class without an image are refused (`check_counts`). Returns the contents of `dataset.json`.
     """
+    check_counts(seed, train_images, val_images)
     out = Path(out)
     groups = {}
     for split, count in (('train', train_images), ('validation', val_images)):

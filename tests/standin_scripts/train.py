@@ -1,6 +1,7 @@
 """ Stand-in for timm's train.py in the experiment tests: same options and outputs, no training.
 
-Builds the model as train.py does (timm_tcnn registered by `timm-tcnn run`), loads --initial-checkpoint, and
+Builds the model as train.py does (timm_tcnn registered by `timm-tcnn run`; --initial-checkpoint loaded strictly by
+timm's `load_checkpoint`), and
 for each epoch opens the content gates a little and writes `last.pth.tar`, `model_best.pth.tar` (train.py's
 checkpoint layout) and a summary.csv row. Validation top-1 is a known function of model, seed and epoch:
 50 + seed + epoch for the CNN, 52 + 2 * seed + epoch for the T-CNN. Fails when STANDIN_FAIL names the model.
@@ -37,9 +38,7 @@ if os.environ.get('STANDIN_FAIL') == args.model:
 recipe = yaml.safe_load(Path(args.config).read_text())
 epochs = args.epochs or recipe['epochs']
 kwargs = {k: ast.literal_eval(v) for k, v in (item.split('=', 1) for item in args.model_kwargs)}
-model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
-if args.initial_checkpoint:
-    model.load_state_dict(torch.load(args.initial_checkpoint, weights_only=True)['state_dict'])
+model = timm.create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.initial_checkpoint, **kwargs)
 out = Path(args.output) / args.experiment
 out.mkdir(parents=True, exist_ok=True)
 start = 0
