@@ -11,11 +11,12 @@ import timm
 import torch
 
 from timm_tcnn.cli import main
+from timm_tcnn.experiment import ExperimentSpec, Step, start_step
 from timm_tcnn.experiment.report import compare
 from timm_tcnn.relational_shapes import write_dataset
 from timm_tcnn.options import GATE_LR_SCALE
 
-from conftest import randomize_batchnorm
+from conftest import attention_path, randomize_batchnorm, relative_error
 
 STANDIN = Path(__file__).parent / 'standin_scripts'
 KWARGS = dict(layers=(1, 1, 1, 1))
@@ -25,7 +26,7 @@ KWARGS = dict(layers=(1, 1, 1, 1))
 def setup(tmp_path_factory):
     """A tiny relational-shapes dataset, a CNN checkpoint of a 4-block resnetrs50 and a 2-epoch recipe."""
     root = tmp_path_factory.mktemp('experiment')
-    write_dataset(root / 'data', seed=0, train_images=20, val_images=20, size=64)
+    write_dataset(root / 'data', seed=31, train_images=20, val_images=20, size=64)  # every class in both splits
     cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=10, zero_init_last=False, **KWARGS),
                               torch.Generator().manual_seed(0))
     torch.save({'state_dict': cnn.state_dict(), 'epoch': 3}, root / 'cnn.pth.tar')
@@ -156,11 +157,23 @@ def test_report_arithmetic():
     assert compare(runs, [0, 1, 2])['top1']['exceeds_seed_spread'] is False
 
 
+def _set(args: list, option: str, *values: str) -> None:
+    """Replace the value(s) of `option` in `args` (as many as given)."""
+    at = args.index(option) + 1
+    args[at:at + len(values)] = values
+
+
 @pytest.mark.parametrize('problem, expect', [
     ('no-scripts', 'clone https://github.com/huggingface/pytorch-image-models'),
     ('empty-data', 'does not exist'),
     ('unlabelled', 'not labelled'),
     ('typo', "Did you mean 'tcnn_resnet50rs'"),
+    ('negative-seed', '--seeds must be distinct integers >= 0, got -1 1'),
+    ('splits-differ', "have different classes (with images only in train: ['b']"),
+    ('fewer-classes-than-data', 'the model would have 3 classes but'),
+    ('kwargs-train-py-sets', '--model-kwargs drop_rate: train.py sets these'),
+    ('tcnn-checkpoint', 'is a T-CNN checkpoint'),
+    ('other-architecture', 'does not fit resnetrs50'),
 ])
 def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
     args = experiment_args(setup, tmp_path / 'out', '--dry-run')
@@ -172,9 +185,99 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
         for split in ('train', 'validation'):
             (tmp_path / 'flat' / split).mkdir(parents=True)
         args[args.index('--data-dir') + 1] = str(tmp_path / 'flat')
+    elif problem == 'negative-seed':
+        _set(args, '--seeds', '-1', '1')
+    elif problem == 'splits-differ':  # a class with training images only
+        for split, labels in (('train', 'abc'), ('validation', 'ac')):
+            for label in labels:
+                (tmp_path / 'data' / split / label).mkdir(parents=True)
+                (tmp_path / 'data' / split / label / '0.png').write_bytes(
+                    (setup / 'data' / 'validation' / 'disk_same').iterdir().__next__().read_bytes())
+        (tmp_path / 'data' / 'validation' / 'b').mkdir()  # empty: ImageFolder skips it
+        _set(args, '--data-dir', str(tmp_path / 'data'))
+    elif problem == 'fewer-classes-than-data':
+        _set(args, '--num-classes', '3')
+    elif problem == 'kwargs-train-py-sets':
+        args.insert(args.index('layers=(1,1,1,1)') + 1, 'drop_rate=0.1')
+    elif problem == 'tcnn-checkpoint':
+        tcnn = timm.create_model('tcnn_resnet50rs', num_classes=10, **KWARGS)
+        torch.save(tcnn.state_dict(), tmp_path / 'tcnn.pth')
+        _set(args, '--cnn-checkpoint', str(tmp_path / 'tcnn.pth'))
+    elif problem == 'other-architecture':
+        args.remove('--model-kwargs')
+        args.remove('layers=(1,1,1,1)')
     else:
         args[args.index('--model') + 1] = 'tcnn_resnet50_rs'
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith('timm-tcnn experiment: error: ') and expect in err
     assert not (tmp_path / 'out').exists()
+
+
+
+@pytest.fixture(scope='module')
+def cnn4(setup):
+    """A 4-class CNN checkpoint of the same architecture: fine-tuning it on the 10-class data is a transfer."""
+    cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=4, zero_init_last=False, **KWARGS),
+                              torch.Generator().manual_seed(1))
+    torch.save({'state_dict': cnn.state_dict()}, setup / 'cnn4.pth.tar')
+    return cnn.eval(), setup / 'cnn4.pth.tar'
+
+
+def test_transfer_steps(setup, cnn4, capsys):
+    """Per seed, a start step, then both arms from its file; no accuracy of the start (its classifier is new)."""
+    args = experiment_args(setup, setup / 'dry-transfer', '--dry-run')
+    _set(args, '--cnn-checkpoint', str(cnn4[1]))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    train = [line for line in out.splitlines() if 'train.py' in line]
+    for seed in (0, 1):
+        start = setup / 'dry-transfer' / 'start' / f'seed{seed}.safetensors'
+        assert f'# start/seed{seed}\n' in out
+        assert sum(f'--initial-checkpoint {start}' in line and f'--seed {seed}' in line for line in train) == 2
+    assert 'parts/start' not in out and str(cnn4[1]) not in ' '.join(train)
+
+
+def test_transfer_start_gives_both_arms_one_classifier(setup, cnn4, tmp_path):
+    """The start file keeps the checkpoint's body, holds a new 10-class classifier drawn with the seed, and the CNN
+    and the T-CNN built from it as train.py builds them compute the same logits."""
+    cnn, path = cnn4
+    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(setup / 'data'),
+                          out=str(tmp_path), recipe='', recipe_sha256='', scripts_dir='', seeds=(0, 1),
+                          cnn_checkpoint=str(path), model_kwargs=KWARGS, num_classes=10)
+    heads = []
+    for seed in (0, 1):
+        start = spec.start_checkpoint(seed)
+        assert start_step(spec, Step(f'start/seed{seed}', 'start', (), seed=seed, result=str(start)))['passed']
+        arms = {name: timm.create_model(name, num_classes=10, checkpoint_path=str(start), **KWARGS).eval()
+                for name in ('resnetrs50', 'tcnn_resnet50rs')}
+        for name, value in cnn.state_dict().items():
+            if not name.startswith('fc.'):
+                assert torch.equal(arms['resnetrs50'].state_dict()[name], value), name
+        x = torch.randn(2, 3, 64, 64)
+        assert relative_error(attention_path(arms['tcnn_resnet50rs'], x), arms['resnetrs50'](x).detach()) <= 1e-4
+        assert arms['resnetrs50'].fc.weight.shape == (10, 2048)
+        heads.append(arms['resnetrs50'].fc.weight)
+    assert not torch.equal(*heads)  # each seed draws its own classifier
+
+
+@pytest.mark.slow
+def test_transfer_fine_tune(setup, cnn4, tmp_path):
+    """The whole experiment on a transfer: both arms of a seed train from the same start file; the identity check
+    still runs."""
+    cnn, path = cnn4
+    out, log = tmp_path / 'run', tmp_path / 'standin.log'
+    args = experiment_args(setup, out)
+    _set(args, '--cnn-checkpoint', str(path))
+    result = run_cli(args, env={'STANDIN_LOG': str(log)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / 'identity' / 'identity.json').read_text())['passed']
+    for seed in (0, 1):
+        last = {arm: torch.load(out / 'train' / f'{arm}-seed{seed}' / 'last.pth.tar', weights_only=True)['state_dict']
+                for arm in ('cnn', 'tcnn')}
+        assert last['cnn']['fc.weight'].shape == (10, 2048)
+        assert torch.equal(last['cnn']['fc.weight'], last['tcnn']['fc.weight'])
+        for name, value in cnn.state_dict().items():  # the body is the checkpoint's, in both arms
+            if not name.startswith('fc.'):
+                assert torch.equal(last['cnn'][name], value) and torch.equal(last['tcnn'][name], value), name
+    assert 'transfer: the classifier of the starting weights replaced' in (out / 'report.md').read_text()

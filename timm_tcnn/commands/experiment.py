@@ -4,22 +4,27 @@ import hashlib
 import os
 import shlex
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import timm
 from timm.data import ImageDataset
 from timm.utils import ParseKwargs
 
+from ..checkpoints import attention_layer_names, checkpoint_options
 from ..errors import InputError, WorkError
-from ..experiment import ExperimentSpec, build_steps, identity_check, parts_step, run_steps, write_report
+from ..experiment import ExperimentSpec, build_steps, identity_check, parts_step, run_steps, start_step, write_report
 from ..experiment.parts import load_label_parts
+from ..hub import require_hub_weights
 from ..io import check_writable, load_checkpoint_state_dict, read_mapping
-from ..loading import unknown_model_hint
+from ..loading import check_fits, create_model, unknown_model_hint
 from ..numerics import check_finite
 from ..variants import variant
 from .common import resolve_device
 
 _DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / 'examples' / 'tcnn_resnet50rs_in1k_ft50.yaml'
+# create_model arguments train.py sets itself (from its own options): --model-kwargs must not repeat them
+_TRAIN_PY_KWARGS = ('pretrained', 'in_chans', 'num_classes', 'drop_rate', 'drop_path_rate', 'drop_block_rate',
+                    'global_pool', 'bn_momentum', 'bn_eps', 'scriptable', 'checkpoint_path', 'pretrained_cfg_overlay')
 _SCRIPTS_HINT = ("timm's train.py and validate.py are not in the timm package: clone "
                  'https://github.com/huggingface/pytorch-image-models and pass its folder with --scripts-dir '
                  'or TIMM_SCRIPTS_DIR.')
@@ -30,6 +35,10 @@ every seed; validate both arms' best and last checkpoints at the train and test 
 measure their robustness (ImageNet-C/A/R when given, else the validation split corrupted on the fly);
 analyse the T-CNN's attention at conversion and at the end and record its gates every epoch; then write
 OUT/report.md, OUT/results.json and figures. A rerun continues where the last one stopped.
+
+Transfer: with --num-classes other than the starting weights' class count (e.g. an ImageNet CNN fine-tuned
+on a 10-class data set), both arms of a seed start from the same CNN whose classifier is replaced by a new
+random one drawn with that seed (OUT/start/seedS.safetensors); the identity check runs on the CNN as loaded.
 """
 
 _EXAMPLES = """\
@@ -62,7 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help='create_model arguments of both arms')
     parser.add_argument('--tcnn-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='T-CNN options of the tcnn arm, e.g. tcnn_stages="(3,)"')
-    parser.add_argument('--num-classes', type=int, help='classes of the data (default: the checkpoint\'s or the model\'s)')
+    parser.add_argument('--num-classes', type=int,
+                        help="classes of the model (default: the starting weights'); another count replaces the "
+                             'classifier (transfer, see above)')
     parser.add_argument('--train-size', type=int, help="training image size (default: the model's)")
     parser.add_argument('--test-size', type=int, help="evaluation image size (default: the model's test size)")
     parser.add_argument('--train-split', default='train')
@@ -90,7 +101,8 @@ def _model_names(model: str) -> Dict[str, str]:
     return dict(tcnn=row.name, cnn=row.cnn)
 
 
-def _check_split(data_dir: Path, split: str) -> None:
+def _check_split(data_dir: Path, split: str) -> List[str]:
+    """The classes of a split (its class folders holding images, in timm's ImageFolder order)."""
     folder = data_dir / split
     if not folder.is_dir():
         raise InputError(f'{folder} does not exist: --data-dir needs the splits {split!r} (see --train-split, '
@@ -98,11 +110,59 @@ def _check_split(data_dir: Path, split: str) -> None:
     classes = [p for p in folder.iterdir() if p.is_dir()]
     if len(classes) < 2:
         raise InputError(f'{folder} is not labelled: it needs one folder per class (at least 2), found {len(classes)}.')
-    if len(ImageDataset(str(folder))) == 0:
+    dataset = ImageDataset(str(folder))
+    if len(dataset) == 0:
         raise InputError(f'{folder} holds no images in its class folders.')
+    return list(dataset.reader.class_to_idx)
 
 
-def _spec(args: argparse.Namespace) -> ExperimentSpec:
+def _check_classes(data_dir: Path, train_split: str, val_split: str) -> int:
+    """Both splits must have the same classes (else timm numbers them differently); returns their number."""
+    train, val = _check_split(data_dir, train_split), _check_split(data_dir, val_split)
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise InputError(
+            f'the splits {train_split!r} and {val_split!r} of {data_dir} have different classes (with images only '
+            f'in {train_split}: {only_train[:5]}; only in {val_split}: {only_val[:5]}), so their labels would be '
+            f'numbered differently: give every class images in both splits.')
+    return len(train)
+
+
+def _start_classes(args: argparse.Namespace, cnn: str) -> int:
+    """The class count of the weights both arms start from; a --cnn-checkpoint is read, checked to be a finite CNN
+    checkpoint of `cnn` (with --model-kwargs) now, not after the first training run."""
+    if not args.cnn_checkpoint:
+        cfg = timm.models.get_pretrained_cfg(cnn)
+        if not args.dry_run:
+            require_hub_weights(cfg.hf_hub_id)
+        return cfg.num_classes
+    option = f'--cnn-checkpoint {args.cnn_checkpoint}'
+    state_dict = load_checkpoint_state_dict(args.cnn_checkpoint)
+    layers = attention_layer_names(state_dict)
+    if layers:
+        raise InputError(f'{option} is a T-CNN checkpoint (converted layers such as {layers[0]}): both arms start '
+                         f'from CNN weights; pass the CNN checkpoint it was converted from.')
+    check_finite(state_dict, option)
+    found = checkpoint_options(state_dict, create_model(cnn, device='meta', **args.model_kwargs))
+    check_fits(state_dict, create_model(cnn, device='meta', **{**args.model_kwargs, **found}), option)
+    return found['num_classes']
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise InputError(f'--seeds must be distinct integers >= 0, got {" ".join(map(str, args.seeds))}.')
+    if (args.epochs is not None and args.epochs < 1) or args.nproc < 1:
+        raise InputError('--epochs and --nproc must be >= 1.')
+    if args.num_classes is not None and args.num_classes < 1:
+        raise InputError(f'--num-classes must be >= 1, got {args.num_classes}.')
+    repeated = sorted(set(args.model_kwargs) & set(_TRAIN_PY_KWARGS))
+    if repeated:
+        raise InputError(f'--model-kwargs {", ".join(repeated)}: train.py sets these from its own options (e.g. '
+                         f'--num-classes, or --drop, --drop-path after --): pass them that way.')
+
+
+def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
+    """The experiment's spec, all its inputs checked, and whether it is a transfer (another class count)."""
     names = _model_names(args.model)
     scripts = Path(args.scripts_dir) if args.scripts_dir else None
     if scripts is None or not all((scripts / s).is_file() for s in ('train.py', 'validate.py')):
@@ -113,20 +173,21 @@ def _spec(args: argparse.Namespace) -> ExperimentSpec:
         read_mapping(recipe, 'recipe')
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f'{e} Pass a train.py YAML recipe with --config.') from None
+    _check_numbers(args)
     data_dir = Path(args.data_dir)
-    for split in (args.train_split, args.val_split):
-        _check_split(data_dir, split)
-    if args.cnn_checkpoint:  # damaged or diverged weights fail now, not after the first training run
-        check_finite(load_checkpoint_state_dict(args.cnn_checkpoint), f'--cnn-checkpoint {args.cnn_checkpoint}')
+    data_classes = _check_classes(data_dir, args.train_split, args.val_split)
     resolve_device(args.device)
     check_writable(args.out, '--out')
-    if len(set(args.seeds)) != len(args.seeds) or (args.epochs is not None and args.epochs < 1) or args.nproc < 1:
-        raise InputError('--seeds must be distinct, --epochs and --nproc >= 1.')
+    start_classes = _start_classes(args, names['cnn'])
+    classes = args.num_classes or start_classes
+    if classes < data_classes:
+        raise InputError(f'the model would have {classes} classes but {data_dir} has {data_classes}: pass '
+                         f'--num-classes {data_classes}.')
     cfg = timm.models.get_pretrained_cfg(names['cnn']) or {}
     cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
     train_size = args.train_size or cfg.get('input_size', (3, 224, 224))[-1]
     test_size = args.test_size or (cfg.get('test_input_size') or cfg.get('input_size', (3, 224, 224)))[-1]
-    return ExperimentSpec(
+    spec = ExperimentSpec(
         model=names['tcnn'], cnn_model=names['cnn'], data_dir=str(data_dir.resolve()), out=str(Path(args.out).resolve()),
         recipe=str(recipe.resolve()), recipe_sha256=hashlib.sha256(recipe.read_bytes()).hexdigest(),
         scripts_dir=str(scripts.resolve()), seeds=tuple(args.seeds), epochs=args.epochs, nproc=args.nproc,
@@ -138,17 +199,18 @@ def _spec(args: argparse.Namespace) -> ExperimentSpec:
         imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
         analyze_images=args.analyze_images,
     )
+    return spec, classes != start_classes
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    steps = build_steps(spec, label_parts=load_label_parts(spec.data_dir) is not None)
+    spec, transfer = _spec(args)
+    steps = build_steps(spec, label_parts=load_label_parts(spec.data_dir) is not None, transfer=transfer)
     if args.dry_run:
         for step in steps:
             command = shlex.join(step.argv) if step.argv else f'(in process: {step.kind} check)'
             print(f'# {step.key}\n{command}')
         return 0
-    state = run_steps(spec, steps, {'identity': identity_check, 'parts': parts_step})
+    state = run_steps(spec, steps, {'identity': identity_check, 'start': start_step, 'parts': parts_step})
     write_report(spec, state)
     print(f'report: {spec.root / "report.md"}')
     failed = [k for k, v in state.steps.items() if v['status'] != 'done']

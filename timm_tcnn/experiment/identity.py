@@ -14,7 +14,7 @@ from ..io import atomic_path, atomic_write, load_checkpoint_state_dict
 from ..numerics import relative_error
 from .spec import ExperimentSpec, Step, analyze_argv
 
-__all__ = ['load_cnn', 'identity_check', 'TOLERANCE']
+__all__ = ['load_cnn', 'identity_check', 'start_step', 'TOLERANCE']
 
 TOLERANCE = 1e-4  # max |T-CNN - CNN| / max |CNN| over the logits
 
@@ -84,3 +84,18 @@ def identity_check(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
     print(f'identity: max relative error {error:.2e} (tolerance {TOLERANCE:.0e}), top-1 agreement {agree:.0%} '
           f'on {len(images)} validation images')
     return result
+
+
+def start_step(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
+    """Transfer: the CNN both arms of `step.seed` start from, its classifier replaced by a new random one of
+    `spec.num_classes` outputs (timm's `reset_classifier`) drawn with the seed. The T-CNN arm converts it on load,
+    so both arms start with the same classifier."""
+    cnn = load_cnn(spec)
+    classes = cnn.num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step.seed)
+        cnn.reset_classifier(spec.num_classes)
+    _save(cnn, Path(step.result))
+    print(f'start: {classes}-class classifier of the starting weights replaced by a '
+          f'random {spec.num_classes}-class one (seed {step.seed})')
+    return dict(passed=True)

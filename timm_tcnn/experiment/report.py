@@ -172,6 +172,9 @@ def _markdown(spec: ExperimentSpec, results: Dict[str, Any], table: Dict[str, An
         f'{spec.epochs or "as in the recipe"}; seeds: {", ".join(map(str, spec.seeds))}',
         f'- start: {spec.cnn_checkpoint or "timm pretrained weights of " + spec.cnn_model}; model kwargs '
         f'{spec.model_kwargs}; T-CNN options {spec.tcnn_kwargs}',
+        *([f'- transfer: the classifier of the starting weights replaced by a random {spec.num_classes}-class one per '
+           f'seed, the same in both arms (`start/seedS.safetensors`)'] if any(k.startswith('start/') for k in state.steps)
+          else []),
         f'- identity at conversion: max relative error {identity.get("max_relative_error", float("nan")):.2e} '
         f'(tolerance {identity.get("tolerance", float("nan")):.0e}), top-1 agreement '
         f'{100 * identity.get("top1_agreement", float("nan")):.0f}% on {identity.get("images", 0)} validation images',

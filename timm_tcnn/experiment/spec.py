@@ -5,6 +5,9 @@ Each training arm is one run of timm's train.py per seed, with the same recipe, 
 - arm `tcnn`: the T-CNN, initialised from the CNN weights (converted on load);
 - arm `cnn`: the CNN itself, fine-tuned identically (the control).
 
+In a transfer (a class count other than the starting weights'), both arms of a seed start from the same
+file: the CNN with its classifier replaced by a new random one drawn with the seed (step `start/seedS`).
+
 Then, per arm and seed: validate.py on the best and last checkpoints at the train and test sizes, the
 robustness command (both arms in one run, on the same corrupted images), and `analyze` of the T-CNN at
 conversion and at the end. Every step is a command line, so `--dry-run` can print them all and a rerun
@@ -84,6 +87,10 @@ class ExperimentSpec:
     def checkpoint(self, arm: str, seed: int, which: str) -> Path:
         return self.run_dir(arm, seed) / CHECKPOINT_FILES[which]
 
+    def start_checkpoint(self, seed: int) -> Path:
+        """In a transfer, the CNN both arms of `seed` start from (its classifier replaced)."""
+        return self.root / 'start' / f'seed{seed}.safetensors'
+
 
 @dataclass(frozen=True)
 class Step:
@@ -110,11 +117,12 @@ def _timm_tcnn(*args: str) -> Tuple[str, ...]:
     return (sys.executable, '-m', 'timm_tcnn', *args)
 
 
-def _train_step(spec: ExperimentSpec, arm: str, seed: int) -> Step:
+def _train_step(spec: ExperimentSpec, arm: str, seed: int, transfer: bool) -> Step:
     script = str(Path(spec.scripts_dir) / 'train.py')
     launcher = (_timm_tcnn('run', script) if spec.nproc == 1 else
                 ('torchrun', f'--nproc_per_node={spec.nproc}', '-m', 'timm_tcnn', 'run', script))
-    weights = ['--initial-checkpoint', spec.cnn_checkpoint] if spec.cnn_checkpoint else ['--pretrained']
+    start = str(spec.start_checkpoint(seed)) if transfer else spec.cnn_checkpoint
+    weights = ['--initial-checkpoint', start] if start else ['--pretrained']
     argv = [
         *launcher, '--config', spec.recipe, '--data-dir', spec.data_dir,
         '--train-split', spec.train_split, '--val-split', spec.val_split,
@@ -127,7 +135,8 @@ def _train_step(spec: ExperimentSpec, arm: str, seed: int) -> Step:
     if spec.epochs is not None:
         argv += ['--epochs', str(spec.epochs)]
     argv += list(spec.train_args)
-    return Step(f'train/{arm}/seed{seed}', 'train', tuple(argv), ('identity',), arm, seed,
+    needs = ('identity', f'start/seed{seed}') if transfer else ('identity',)
+    return Step(f'train/{arm}/seed{seed}', 'train', tuple(argv), needs, arm, seed,
                 str(spec.run_dir(arm, seed) / 'summary.csv'))
 
 
@@ -190,15 +199,19 @@ def _analyze_step(spec: ExperimentSpec, seed: int) -> Step:
                 (f'train/tcnn/seed{seed}',), 'tcnn', seed, str(out / 'attention_stats.json'))
 
 
-def build_steps(spec: ExperimentSpec, label_parts: bool = False) -> List[Step]:
+def build_steps(spec: ExperimentSpec, label_parts: bool = False, transfer: bool = False) -> List[Step]:
     """Every step of the experiment in the order they run: identity, then per seed both arms' training,
     validation, robustness and analysis. With `label_parts`, also the accuracy per part of the label of
-    the starting CNN and of each arm's best checkpoint (in process)."""
+    the starting CNN (not in a transfer, whose classifier is new) and of each arm's best checkpoint (in process).
+    With `transfer`, per seed first the starting CNN with its new classifier (in process)."""
     steps = [Step('identity', 'identity', (), result=str(spec.root / 'identity' / 'identity.json'))]
-    if label_parts:
+    if label_parts and not transfer:
         steps.append(Step('parts/start', 'parts', (), ('identity',), result=str(spec.root / 'parts' / 'start.json')))
     for seed in spec.seeds:
-        steps += [_train_step(spec, arm, seed) for arm in ARMS]
+        if transfer:
+            steps.append(Step(f'start/seed{seed}', 'start', (), ('identity',), seed=seed,
+                              result=str(spec.start_checkpoint(seed))))
+        steps += [_train_step(spec, arm, seed, transfer) for arm in ARMS]
         for arm in ARMS:
             steps += [_validate_step(spec, arm, seed, which, size)
                       for which in CHECKPOINTS for size in sorted({spec.train_size, spec.test_size})]
