@@ -1,8 +1,10 @@
 """ Publishing fine-tuned T-CNN checkpoints (timm-tcnn publish), the model card, the registry of published
 weights, and loading the published weights back through local-dir:, hf-hub: and a pretrained tag. """
 import argparse
+import hashlib
 import json
 import logging
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -59,7 +61,8 @@ def source(tmp_path_factory):
                run / 'model_best.pth.tar')
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(
         model='tcnn_resnet50rs', num_classes=3, model_kwargs={}, img_size=64, input_size=None, in_chans=None,
-        gp=None, mean=None, std=None, epochs=2, lr=0.01, opt='adamw', batch_size=4, model_ema=True,
+        gp=None, mean=None, std=None, interpolation='', pretrained=True, pretrained_path=None, initial_checkpoint='',
+        epochs=2, lr=0.01, opt='adamw', batch_size=4, model_ema=True,
         data_dir='/private/data/path', output='/private/output')))
     (root / 'val.csv').write_text(VALIDATE_CSV)
     (root / 'robustness.json').write_text(json.dumps(
@@ -74,7 +77,7 @@ def tiny_source(tmp_path_factory):
     model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=3)
     torch.save(model.state_dict(), run / 'checkpoint.pth')
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(
-        model='tcnn_resnet50rs', num_classes=3, model_kwargs=dict(layers=[1, 1, 1, 1]), img_size=64)))
+        model='tcnn_resnet50rs', num_classes=3, model_kwargs=dict(layers=[1, 1, 1, 1]), img_size=64, pretrained=False)))
     return SimpleNamespace(root=run, checkpoint=run / 'checkpoint.pth', model=model)
 
 
@@ -338,3 +341,64 @@ def test_train_py_checkpoint_with_args_namespace(tmp_path):
     ckpt = tmp_path / 'model_best.pth.tar'
     torch.save({'state_dict': {'fc.bias': torch.zeros(3)}, 'args': argparse.Namespace(model='tcnn_resnet50rs')}, ckpt)
     assert torch.equal(load_checkpoint_state_dict(ckpt)['fc.bias'], torch.zeros(3))
+
+
+def test_card_never_writes_an_empty_field(published):
+    """train.py's args.yaml holds interpolation '' (unset): the CNN's own interpolation is recorded instead."""
+    text = (published / 'README.md').read_text()
+    line = next(line for line in text.splitlines() if line.startswith('- **Preprocessing:**'))
+    assert 'bicubic interpolation' in line and get_pretrained_cfg('resnetrs50').interpolation == 'bicubic'
+    assert json.loads((published / 'config.json').read_text())['pretrained_cfg']['interpolation'] == 'bicubic'
+    assert not re.search(r'(\*\* *,|, *,|: *$|None)', '\n'.join(l for l in text.splitlines() if l.startswith('- **')),
+                         re.M)
+
+
+def _publish_from(tiny_source, folder, train_args):
+    """Publish the tiny checkpoint with `train_args` as its args.yaml; returns (config.json, README.md front matter,
+    README.md)."""
+    folder.mkdir()
+    args_file = folder / 'args.yaml'
+    base = dict(model='tcnn_resnet50rs', num_classes=3, model_kwargs=dict(layers=[1, 1, 1, 1]), img_size=64)
+    args_file.write_text(yaml.safe_dump({**base, **train_args}))
+    out = folder / 'out'
+    assert main(['publish', str(tiny_source.checkpoint), '--repo-id', REPO_ID, '--dry-run', '--out', str(out),
+                 '--args', str(args_file)]) == 0
+    text = (out / 'README.md').read_text()
+    return json.loads((out / 'config.json').read_text()), yaml.safe_load(text.split('---\n')[1]), text
+
+
+def test_provenance_of_a_local_start(tiny_source, tmp_path):
+    """A run started from a local CNN file (--pretrained-path or --initial-checkpoint) names that file and its
+    hash, never the Hub weights of the architecture's default tag."""
+    cnn = tmp_path / 'my_cnn.pth'
+    torch.save(timm.create_model('resnetrs50', layers=(1, 1, 1, 1)).state_dict(), cnn)
+    digest = hashlib.sha256(cnn.read_bytes()).hexdigest()
+    starts = {'pretrained_path': dict(pretrained=True, pretrained_path=str(cnn), initial_checkpoint=''),
+              'initial_checkpoint': dict(pretrained=False, pretrained_path=None, initial_checkpoint=str(cnn))}
+    for name, train_args in starts.items():
+        config, meta, text = _publish_from(tiny_source, tmp_path / name, train_args)
+        assert config['pretrained_cfg']['notes'] == [
+            f'T-CNN converted from the local file my_cnn.pth (sha256 {digest}) and fine-tuned.']
+        assert 'base_model' not in meta and 'resnetrs50.tf_in1k' not in text + json.dumps(config)
+        assert f'the local file `my_cnn.pth` (sha256 `{digest}`, not on the Hub)' in text
+
+
+def test_provenance_of_hub_and_random_starts(tiny_source, tmp_path):
+    _, meta, _ = _publish_from(tiny_source, tmp_path / 'hub', dict(pretrained=True, model='tcnn_resnet50rs.tf_in1k'))
+    assert meta['base_model'] == 'timm/resnetrs50.tf_in1k' and meta['base_model_relation'] == 'finetune'
+    config, meta, text = _publish_from(tiny_source, tmp_path / 'random', dict(pretrained=False))
+    assert 'base_model' not in meta and 'trained from a random initialisation' in text
+    assert config['pretrained_cfg']['notes'] == ['T-CNN trained from a random initialisation.']
+
+
+@pytest.mark.parametrize('train_args, message', [
+    (dict(pretrained=True, pretrained_path='/gone/cnn.pth'), 'names /gone/cnn.pth as the weights the run started '
+                                                             'from, but it is not on this machine: pass --base-weights'),
+    (dict(), 'Where the fine-tuning started is not known'),
+])
+def test_unknown_provenance_is_refused(tiny_source, tmp_path, capsys, train_args, message):
+    args_file = tmp_path / 'args.yaml'
+    args_file.write_text(yaml.safe_dump(dict(model='tcnn_resnet50rs', num_classes=3,
+                                             model_kwargs=dict(layers=[1, 1, 1, 1]), **train_args)))
+    assert _publish_fails(tiny_source, tmp_path, capsys, tiny_source.checkpoint, '--args', str(args_file)) \
+        .count(message) == 1

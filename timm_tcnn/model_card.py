@@ -1,7 +1,8 @@
 """ Model cards (the Hub's README.md) for published T-CNN checkpoints, and the result files they report.
 
 A card has YAML front matter the Hub and timm understand (`library_name: timm`, tags, license, datasets,
-`base_model` = the CNN the T-CNN was converted from) and sections: what the model is, its conversion,
+`base_model` = the Hub weights the fine-tuning started from, if it started from Hub weights) and sections:
+what the model is (and where its fine-tuning started), its conversion,
 the training recipe (from train.py's `args.yaml`), evaluation results (validate.py `--results-file`
 CSV or JSON), robustness results (any JSON object), how to load it, and the citation.
 """
@@ -16,6 +17,8 @@ from huggingface_hub import ModelCardData
 
 from .errors import InputError
 from .io import read_mapping
+from .publish import StartWeights
+from .variants import variant
 
 __all__ = ['ModelCardInfo', 'read_validate_results', 'read_robustness_results', 'render_model_card']
 
@@ -51,7 +54,7 @@ class ModelCardInfo:
     """Everything a card reports. `results` pairs a label (e.g. 'imagenet val') with a validate.py row."""
     repo_id: str
     architecture: str
-    base_model: str  # Hub id of the CNN, e.g. timm/resnetrs50.tf_in1k
+    start: StartWeights  # where the fine-tuning started
     model_args: Dict[str, Any]
     pretrained_cfg: Dict[str, Any]
     param_count: int
@@ -134,10 +137,30 @@ def _front_matter(info: ModelCardInfo) -> str:
         pipeline_tag='image-classification',
         license=info.license,
         datasets=list(info.datasets),
-        base_model=info.base_model,
-        base_model_relation='finetune',
+        base_model=info.start.hub_id,
+        base_model_relation='finetune' if info.start.hub_id else None,
     )
     return f'---\n{data.to_yaml()}\n---\n'
+
+
+def _is_resnetrs(info: ModelCardInfo) -> bool:
+    return variant(info.architecture).cnn.startswith('resnetrs')
+
+
+def _start(start: StartWeights) -> str:
+    if start.hub_id:
+        return f'[{start.hub_id}](https://huggingface.co/{start.hub_id}), converted then fine-tuned'
+    if start.file:
+        return f'the local file `{start.file}` (sha256 `{start.sha256}`, not on the Hub), converted then fine-tuned'
+    return 'none: trained from a random initialisation'
+
+
+def _preprocessing(cfg: Mapping[str, Any]) -> str:
+    """Crop, interpolation, mean and std: those the cfg sets (an empty field is never written)."""
+    parts = [(f'crop {cfg.get("crop_pct")}', cfg.get('crop_pct')),
+             (f'{cfg.get("interpolation")} interpolation', cfg.get('interpolation')),
+             (f'mean {_fmt(cfg.get("mean"))}', cfg.get('mean')), (f'std {_fmt(cfg.get("std"))}', cfg.get('std'))]
+    return ', '.join(text for text, value in parts if value not in (None, '', [], ())) or 'timm defaults'
 
 
 def _details(info: ModelCardInfo) -> str:
@@ -145,18 +168,18 @@ def _details(info: ModelCardInfo) -> str:
     stages = ', '.join(str(s) for s in info.model_args.get('tcnn_stages', ()))
     train_size = _fmt(list(cfg['input_size'][1:]))
     test_size = _fmt(list(cfg.get('test_input_size', cfg['input_size'])[1:]))
+    resnetrs = '; [Revisiting ResNets](https://arxiv.org/abs/2103.07579)' if _is_resnetrs(info) else ''
     lines = [
-        f'- **Architecture:** `{info.architecture}` (timm-tcnn)',
-        f'- **Base model:** [{info.base_model}](https://huggingface.co/{info.base_model}), converted then fine-tuned',
+        f'- **Architecture:** `{info.architecture}` (timm-tcnn, from timm\'s `{variant(info.architecture).cnn}`)',
+        f'- **Base model:** {_start(info.start)}',
         f'- **Classes:** {info.model_args.get("num_classes", cfg.get("num_classes"))}',
         f'- **Params (M):** {info.param_count / 1e6:.2f}',
         f'- **Attention layers:** {len(info.attention_layers)} (stage{"s" if "," in stages else ""} {stages})',
         f'- **Image size:** train {train_size}, test {test_size}',
-        f'- **Preprocessing:** crop {cfg.get("crop_pct")}, {cfg.get("interpolation")} interpolation, '
-        f'mean {_fmt(cfg.get("mean"))}, std {_fmt(cfg.get("std"))}',
+        f'- **Preprocessing:** {_preprocessing(cfg)}',
         f'- **Dataset:** {", ".join(info.datasets)}',
         '- **Papers:** [Transformed CNNs: recasting pre-trained convolutional layers with self-attention]'
-        '(https://arxiv.org/abs/2106.05795); [Revisiting ResNets](https://arxiv.org/abs/2103.07579)',
+        f'(https://arxiv.org/abs/2106.05795){resnetrs}',
     ]
     return '\n'.join(lines)
 
@@ -164,8 +187,9 @@ def _details(info: ModelCardInfo) -> str:
 def _conversion(info: ModelCardInfo) -> str:
     options = [(f'`{k}`', json.dumps(v)) for k, v in info.model_args.items() if k.startswith('tcnn_')]
     weights = 'its EMA weights' if info.ema else 'its weights'
+    source = f'`{info.start.hub_id}`' if info.start.hub_id else info.start.describe()
     return (
-        f'The T-CNN was built from `{info.base_model}`: the 3x3 convolutions of the listed stages were replaced '
+        f'The T-CNN was built from {source}: the spatial convolutions of the listed stages were replaced '
         f'by gated positional self-attention initialised to compute exactly what the convolutions compute '
         f'(content and Gaussian-locality gates at 0), then the whole network was fine-tuned. This repository '
         f'holds {weights} from `{info.checkpoint}`. `config.json` records every conversion option, so the '
@@ -219,9 +243,9 @@ def render_model_card(info: ModelCardInfo) -> str:
     sections = [
         _front_matter(info),
         f'# Model card for {name}\n',
-        f'A Transformed CNN (T-CNN) image classifier: ResNet-RS `{info.base_model}` recast with gated positional '
-        f'self-attention in its late stages and fine-tuned (d\'Ascoli et al., 2021). Loads with timm once the '
-        f'`timm-tcnn` package is imported.\n',
+        f'A Transformed CNN (T-CNN) image classifier: timm\'s `{variant(info.architecture).cnn}` recast with gated '
+        f'positional self-attention in its late stages and fine-tuned (d\'Ascoli et al., 2021). Loads with timm once '
+        f'the `timm-tcnn` package is imported.\n',
         '## Model details\n\n' + _details(info) + '\n',
         '## Conversion\n\n' + _conversion(info) + '\n',
         '## Training recipe\n\n' + _recipe(info.train_args) + '\n',
@@ -231,6 +255,7 @@ def render_model_card(info: ModelCardInfo) -> str:
         sections.append('## Robustness\n\n' + _table(('metric', 'value'), _flatten(info.robustness)) + '\n')
     sections += [
         '## How to use\n\n' + _usage(info) + '\n',
-        '## Citation\n\n```bibtex\n' + TCNN_CITATION + '\n```\n\n```bibtex\n' + RESNETRS_CITATION + '\n```\n',
+        '## Citation\n\n```bibtex\n' + TCNN_CITATION + '\n```\n'
+        + ('\n```bibtex\n' + RESNETRS_CITATION + '\n```\n' if _is_resnetrs(info) else ''),
     ]
     return '\n'.join(sections)

@@ -6,6 +6,7 @@ a later change of a default never changes what the checkpoint rebuilds into) and
 rebuild the model from it.
 """
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils.sha import sha_fileobj
 from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from .convert import attention_layers
@@ -29,7 +31,8 @@ from .variants import VARIANTS, conversion_options
 from .version import __version__
 
 __all__ = [
-    'PublishError', 'read_train_args', 'resolve_model_args', 'published_pretrained_cfg', 'check_weights',
+    'PublishError', 'read_train_args', 'resolve_model_args', 'StartWeights', 'start_weights',
+    'published_pretrained_cfg', 'check_weights',
     'write_model_folder', 'HubTarget', 'check_hub_target', 'upload_model_folder',
 ]
 
@@ -93,25 +96,84 @@ def resolve_model_args(
     return arch, model_args
 
 
+@dataclasses.dataclass(frozen=True)
+class StartWeights:
+    """Where the fine-tuning of published weights started: Hub weights (`hub_id`), a local file (`file`, its
+    `sha256`) or a random initialisation (neither)."""
+    hub_id: Optional[str] = None
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.hub_id:
+            return self.hub_id
+        if self.file:
+            return f'the local file {self.file} (sha256 {self.sha256})'
+        return 'a random initialisation'
+
+
+_START_KEYS = ('pretrained', 'pretrained_path', 'initial_checkpoint')  # what args.yaml says about the start
+
+
+def _local_start(path: Union[str, Path], option: str) -> StartWeights:
+    path = Path(path)
+    if not path.is_file():
+        raise PublishError(f'{option} names {path} as the weights the run started from, but it is not on this machine: '
+                           f'pass --base-weights FILE (a copy of it, to record its name and sha256).')
+    with open(path, 'rb') as f:
+        return StartWeights(file=path.name, sha256=sha_fileobj(f).hex())
+
+
+def start_weights(train_args: Optional[Mapping[str, Any]], base_weights: Optional[str] = None) -> StartWeights:
+    """Where a run's fine-tuning started: `base_weights` ('hf-hub:ORG/NAME', 'random' or a file), else the run's
+    args.yaml: train.py's `--pretrained-path` or `--initial-checkpoint` (a local file, hashed), `--pretrained` (the
+    Hub weights of its `--model`, tag included) or none of them (random). Unknown without either: a `PublishError`."""
+    if base_weights:
+        if base_weights == 'random':
+            return StartWeights()
+        if base_weights.startswith('hf-hub:'):
+            return StartWeights(hub_id=base_weights[len('hf-hub:'):])
+        return _local_start(base_weights, '--base-weights')
+    train_args = train_args or {}
+    if not any(k in train_args for k in _START_KEYS):
+        raise PublishError('Where the fine-tuning started is not known (no args.yaml, or one without pretrained, '
+                           'pretrained_path and initial_checkpoint): pass --base-weights hf-hub:ORG/NAME, FILE or '
+                           'random.')
+    path = (train_args.get('pretrained') and train_args.get('pretrained_path')) or train_args.get('initial_checkpoint')
+    if path:
+        return _local_start(path, 'args.yaml')
+    if train_args.get('pretrained'):
+        cfg = get_pretrained_cfg(train_args['model'])
+        return StartWeights(hub_id=cfg.hf_hub_id if cfg is not None else None)
+    return StartWeights()
+
+
+def _present(value: Any) -> bool:
+    """A value worth recording: train.py writes '' and None for options left at their default."""
+    return value not in (None, '', [], ())
+
+
 def published_pretrained_cfg(
         arch: str,
         model_args: Mapping[str, Any],
+        start: StartWeights,
         train_args: Optional[Mapping[str, Any]] = None,
         img_size: Optional[int] = None,
         test_img_size: Optional[int] = None,
         crop_pct: Optional[float] = None,
         license: str = 'apache-2.0',
 ) -> Dict[str, Any]:
-    """The published weights' pretrained cfg: the CNN's preprocessing, updated by the run's training
-    arguments (`input_size` / `img_size`, `crop_pct`, `interpolation`, `mean`, `std`) and the explicit sizes."""
+    """The published weights' pretrained cfg: the CNN's preprocessing (of the run's pretrained tag), updated by the
+    run's training arguments that are set (`input_size` / `img_size`, `crop_pct`, `interpolation`, `mean`, `std`) and
+    the explicit sizes; its note says where the fine-tuning started."""
     train_args = dict(train_args or {})
-    cnn_cfg = get_pretrained_cfg(arch).to_dict()  # the default tag: the CNN's weights converted on load
-    base_model = cnn_cfg['hf_hub_id']
+    trained = train_args.get('model')
+    cnn_cfg = get_pretrained_cfg(trained if trained and split_model_name_tag(trained)[0] == arch else arch).to_dict()
     keep = ('input_size', 'test_input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'test_crop_pct',
             'crop_mode', 'mean', 'std', 'first_conv', 'classifier')
     cfg = {k: cnn_cfg[k] for k in keep if cnn_cfg.get(k) is not None}
     cfg.update({k: tuple(v) if isinstance(v, list) else v
-                for k in ('crop_pct', 'interpolation', 'mean', 'std') if (v := train_args.get(k)) is not None})
+                for k in ('crop_pct', 'interpolation', 'mean', 'std') if _present(v := train_args.get(k))})
     in_chans = model_args.get('in_chans', cfg['input_size'][0])
     train_size = img_size or train_args.get('img_size') or (train_args.get('input_size') or [None, None])[-1]
     train_hw = (train_size, train_size) if train_size else tuple(cfg['input_size'][1:])
@@ -122,7 +184,7 @@ def published_pretrained_cfg(
         cfg['test_input_size'] = (in_chans, *cfg['test_input_size'][1:])
     if crop_pct is not None:
         cfg['crop_pct'] = crop_pct
-    reduction = 32  # ResNet-RS output stride
+    reduction = 32  # output stride of every registered family
     cfg['pool_size'] = tuple(math.ceil(s / reduction) for s in cfg['input_size'][1:])
     if cfg.get('test_input_size'):
         cfg['test_pool_size'] = tuple(math.ceil(s / reduction) for s in cfg['test_input_size'][1:])
@@ -131,7 +193,8 @@ def published_pretrained_cfg(
         license=license,
         paper_ids=PAPER_IDS,
         paper_name=PAPER_NAME,
-        notes=(f'T-CNN converted from {base_model} and fine-tuned.',),
+        notes=(f'T-CNN converted from {start.describe()} and fine-tuned.' if start.hub_id or start.file else
+               'T-CNN trained from a random initialisation.',),
     )
     return cfg
 

@@ -5,7 +5,6 @@ import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
-import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..convert import attention_layers
@@ -15,7 +14,7 @@ from ..model_card import ModelCardInfo, read_robustness_results, read_validate_r
 from ..numerics import check_finite
 from ..publish import (
     PublishError, check_hub_target, check_weights, published_pretrained_cfg, read_train_args, resolve_model_args,
-    upload_model_folder, write_model_folder,
+    start_weights, upload_model_folder, write_model_folder,
 )
 from ..published import PublishedWeightsError, check_registry_entry, registry_entry
 from .common import add_output_args, add_weight_args
@@ -47,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--robustness', metavar='FILE', help='robustness results JSON object (e.g. mCE, accuracies)')
     parser.add_argument('--dataset', action='append', metavar='NAME',
                         help='Hub dataset id for the card metadata; repeatable (default: imagenet-1k)')
+    parser.add_argument('--base-weights', metavar='SOURCE',
+                        help='where the fine-tuning started: hf-hub:ORG/NAME, a local FILE (its name and sha256 are '
+                             "recorded) or random (default: from args.yaml: train.py's --pretrained-path or "
+                             '--initial-checkpoint file, else the Hub weights of --pretrained, else random)')
     parser.add_argument('--license', default='apache-2.0', help='license for the card metadata')
     parser.add_argument('--tag', help="pretrained tag for the printed registry entry (default: from a repo name "
                                       "'ARCH.TAG')")
@@ -102,16 +105,16 @@ def run(args: argparse.Namespace) -> int:
     arch, model_args = resolve_model_args(args.model, train_args, args.model_kwargs, args.num_classes)
     state_dict = load_checkpoint_state_dict(checkpoint, use_ema=args.ema)
     check_finite(state_dict, f'checkpoint {checkpoint}')
+    start = start_weights(train_args, args.base_weights)
 
     cfg = published_pretrained_cfg(
-        arch, model_args, train_args, args.img_size, args.test_img_size, args.crop_pct, args.license)
-    base_model = timm.models.get_pretrained_cfg(arch).hf_hub_id
+        arch, model_args, start, train_args, args.img_size, args.test_img_size, args.crop_pct, args.license)
     model = create_model(arch, pretrained_cfg=cfg, **model_args)
     check_weights(state_dict, model)
     layers = [name for name, _ in attention_layers(model)]
     tag = _tag(args, arch)
     card = render_model_card(ModelCardInfo(
-        repo_id=args.repo_id, architecture=arch, base_model=base_model, model_args=model_args,
+        repo_id=args.repo_id, architecture=arch, start=start, model_args=model_args,
         pretrained_cfg=cfg, param_count=sum(p.numel() for p in model.parameters()), attention_layers=layers,
         checkpoint=checkpoint.name, ema=args.ema, license=args.license, datasets=args.dataset or ['imagenet-1k'],
         train_args=train_args, results=results, robustness=robustness, tag=tag or None,
