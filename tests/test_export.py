@@ -112,6 +112,6 @@ def test_compiled_gradients_match_eager():
     target = torch.randn(2, 5, 9, 7)
     params = [x] + list(layer.parameters())
     grads = [torch.autograd.grad((module(x) * target).sum(), params) for module in (layer, compiled)]
-    assert relative_error(compiled(x), layer(x)) <= 1e-6
+    assert relative_error(compiled(x), layer(x)) <= 1e-5  # the same maths in other operations: float32 rounding
     for eager_grad, compiled_grad in zip(*grads):
         assert relative_error(compiled_grad, eager_grad) <= 1e-5

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_tcnn import conv_to_attention
-from timm_tcnn.attention import RATE_SCALED_PARAMS
+from timm_tcnn.layers import RATE_SCALED_PARAMS
 
 from conftest import attention_path, relative_error
 

@@ -3,7 +3,7 @@
 Importing the package registers the `tcnn_*` models with timm.
 """
 from .version import __version__
-from .attention import GatedPositionalAttention2d
+from .layers import GatedPositionalAttention2d
 from .convert import (
     attention_layers,
     attention_to_conv,

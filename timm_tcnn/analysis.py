@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from timm.layers.padding import pad_same
 
-from .attention import GatedPositionalAttention2d
+from .layers import GatedPositionalAttention2d
 from .convert import attention_layers
 from .errors import InputError
 from .numerics import error_ratio

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import timm
 
-from .attention import GatedPositionalAttention2d
+from .layers import GatedPositionalAttention2d
 from .convert import attention_layers, conv_to_attention, convolution_of
 from .options import GATE_LR_SCALE, GRAD_FLOOR
 from .variants import variant

@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import Conv2dSameExport
 
-from .attention import GatedPositionalAttention2d
+from .layers import GatedPositionalAttention2d
 from .errors import InputError
 from .options import TcnnOptions
 

@@ -24,7 +24,7 @@ from timm.models import (
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
-from .attention import GatedPositionalAttention2d
+from .layers import GatedPositionalAttention2d
 from .checkpoints import describe_mismatch
 from .convert import attention_layers, transform_cnn
 from .hub import HubWeightsUnavailable, hub_unavailable_message, require_hub_weights

@@ -1,0 +1,10 @@
+""" The attention layer: gated positional self-attention that starts as an exact convolution.
+
+Dependencies run one way inside the package: `numerics` <- `positional`, `functions` <- `gated_attention`;
+`config` holds the process-wide choice of computation, `reference` the plain definition every path is tested
+against, `inference` what the layer reuses between inference calls.
+"""
+from .config import ATTENTION_PATHS, attention_path, get_attention_path, set_attention_path
+from .gated_attention import RATE_SCALED_PARAMS, GatedPositionalAttention2d
+from .numerics import default_block_bytes, rate_scaled, straight_through_clamp
+from .reference import reference_forward

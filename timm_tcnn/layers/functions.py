@@ -1,0 +1,255 @@
+""" Autograd functions of the attention layer's eager training path, each with a hand-written backward pass
+that issues a few large operations where autograd would issue many small ones.
+
+- `ScaledValues`: the four gate and positional parameters -> one (5 * heads,) float32 vector of values
+  (rate-scaled, gates clamped to [0, 1] with a straight-through gradient).
+- `ContentMix`: maps -> queries and keys of every head (one GEMM per sample), content softmax blended with
+  the positional attention, mixing the full-width tokens of every head; queries processed in blocks.
+
+`floored_blend` and `content_mix_reference` are the same maths in standard operations, for scripted, traced and
+compiled graphs and as the references the functions are tested against.
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
+
+__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'floored_blend', 'content_mix_reference', 'queries_of']
+
+
+class ScaledValues(torch.autograd.Function):
+    """(content_gate, locality_gate, pos_log_alpha (heads,), pos_center (heads, 2)) stored / scale -> their values
+    (5 * heads,) float32: stored * scale, gates clamped to [0, 1]. Backward: each stored parameter gets the
+    gradient of its value (rate scaling: an optimizer step of lr moves the value by scale x lr; straight-through:
+    a gate at 0 still gets its one-sided gradient), as contiguous slices of one vector."""
+
+    @staticmethod
+    def forward(ctx, content_gate, locality_gate, log_alpha, center, scale):
+        values = torch.cat([content_gate, locality_gate, log_alpha, center.flatten()]).float().mul_(scale)
+        heads = content_gate.shape[0]
+        values[:2 * heads].clamp_(0., 1.)
+        ctx.dtypes = content_gate.dtype, center.shape
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dtype, center_shape = ctx.dtypes
+        heads = center_shape[0]
+        grad = grad.to(dtype)
+        return grad[:heads], grad[heads:2 * heads], grad[2 * heads:3 * heads], grad[3 * heads:].view(center_shape), None
+
+
+class MixGeometry(NamedTuple):
+    """What `ContentMix` needs to know of the maps: input (height, width), stride, first query (row, col), the
+    query/key width per head, the logit scale and the number of queries per block."""
+    height: int
+    width: int
+    stride: int
+    query_start: Tuple[int, int]
+    qk_dim: int
+    scale: float
+    block: int
+
+
+def _query_grid(geometry: MixGeometry) -> Tuple[int, int]:
+    s = geometry.stride
+    return (geometry.height - 1) // s + 1, (geometry.width - 1) // s + 1
+
+
+def _query_maps(x: torch.Tensor, geometry: MixGeometry) -> torch.Tensor:
+    """The maps at the query positions: x itself for stride 1, a strided view for stride 2."""
+    if geometry.stride == 1:
+        return x
+    (row0, col0), s = geometry.query_start, geometry.stride
+    return x[:, :, row0::s, col0::s]
+
+
+def _joint_weight(q_weight: torch.Tensor, k_weight: torch.Tensor, qk_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """(heads * 2 * d, C) in `dtype`: per head, its d query rows then its d key rows."""
+    heads = q_weight.shape[0] // qk_dim
+    return torch.stack([q_weight.view(heads, qk_dim, -1), k_weight.view(heads, qk_dim, -1)], 1).flatten(0, 2).to(dtype)
+
+
+def project_qk(maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+               geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps, the GEMMs in the maps'
+    dtype: one per sample for stride 1 (views of its (B * heads, 2, d, N) output), reading NCHW or channels-last
+    maps in place."""
+    B, d = maps.shape[0], geometry.qk_dim
+    heads = q_weight.shape[0] // d
+    if geometry.stride == 1:
+        weight = _joint_weight(q_weight, k_weight, d, maps.dtype)
+        qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
+        return qk[:, 0], qk[:, 1]
+    queries = _query_maps(maps, geometry).flatten(2)
+    q = torch.bmm(q_weight.to(maps.dtype).expand(B, -1, -1), queries).float().view(B * heads, d, -1)
+    k = torch.bmm(k_weight.to(maps.dtype).expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
+    return q, k
+
+
+def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
+    return [(start, min(start + block, num_queries)) for start in range(0, num_queries, block)]
+
+
+class ContentMix(torch.autograd.Function):
+    """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), queries, keys and softmax in float32
+    (`softmax_without_subnormals_`): maps x (B, C, H, W), query and key weights (heads * d, C), positional
+    (Nq, heads, N) float32, values (5 * heads,) (the content gates lead) -> mixed (B, Nq, heads, C) in the
+    mixing dtype (`mixing_dtype`: autocast's, else x's).
+
+    Queries go in blocks of `geometry.block`. Stores each block's softmax, not A: the backward pass recomputes A
+    (one pass) where autograd would keep both. Backward, per block: three passes over the attention and no
+    temporary (the softmax's row sums r = <grad, p> also give the gate's gradient). Queries and keys learn as if
+    their gate were at least `grad_floor`; the maps' gradient sums the mixing's and the projection's in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
+                values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+        dtype = mixing_dtype(x)
+        num_queries, heads = positional.shape[:2]
+        gate = values[:heads, None]
+        with autocast_off(x.device):
+            maps = x.to(dtype)
+            tokens = tokens_of(maps, dtype)
+            B, N, C = tokens.shape
+            queries, keys = project_qk(maps, q_weight, k_weight, geometry)
+            mixed = tokens.new_empty(B, num_queries, heads, C)
+            probs_blocks = []
+            for start, stop in _blocks(num_queries, geometry.block):
+                block_queries = queries[:, :, start:stop].transpose(1, 2)
+                logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0., alpha=geometry.scale)
+                probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
+                attn = ContentMix._attention(positional[start:stop], probs, gate, dtype)
+                torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
+                probs_blocks.append(probs)
+        ctx.save_for_backward(maps, q_weight, k_weight, positional, values, queries, keys, *probs_blocks)
+        ctx.x_dtype = x.dtype
+        ctx.geometry, ctx.grad_floor, ctx.dtype = geometry, grad_floor, dtype
+        return mixed
+
+    @staticmethod
+    def _attention(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype):
+        """(B, block * heads, N) attention in `dtype`, rows in the order the mixing GEMM reads."""
+        B, heads, block, N = probs.shape
+        attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
+        return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        maps, q_weight, k_weight, positional, values, queries, keys, *probs_blocks = ctx.saved_tensors
+        geometry, dtype = ctx.geometry, ctx.dtype
+        num_queries, heads = positional.shape[:2]
+        gate = values[:heads, None]
+        tokens = tokens_of(maps, dtype)
+        B, N, C = tokens.shape
+        grad = grad.to(dtype)
+        with autocast_off(maps.device):
+            grad_tokens = tokens.new_empty(B, N, C)
+            if geometry.stride == 1:  # one buffer, in the joint projection's layout
+                grad_qk = keys.new_empty(B * heads, 2, geometry.qk_dim, N)
+                grad_queries, grad_keys = grad_qk[:, 0], grad_qk[:, 1]
+            else:
+                grad_queries, grad_keys = torch.empty_like(queries), torch.empty_like(keys)
+            grad_positional = torch.empty_like(positional)
+            grad_values = values.new_zeros(values.shape)
+            for index, ((start, stop), probs) in enumerate(zip(_blocks(num_queries, geometry.block), probs_blocks)):
+                first = index == 0
+                grad_block = grad[:, start:stop].reshape(B, -1, C)
+                attn = ContentMix._attention(positional[start:stop], probs, gate, dtype)
+                _bmm_into(attn.transpose(1, 2), grad_block, grad_tokens, accumulate=not first)
+                grad_attn = torch.bmm(grad_block, tokens.transpose(1, 2)).float().view(B, stop - start, heads, N)
+                torch.sum(grad_attn, 0, out=grad_positional[start:stop])
+                # p * (g - r), r = <g, p> per row: written once, in the logits' layout
+                grad_logits = torch.mul(grad_attn.transpose(1, 2), probs, out=torch.empty_like(probs))
+                row_sums = grad_logits.sum(-1, keepdim=True)
+                grad_logits.addcmul_(probs, row_sums, value=-1.)
+                grad_logits = grad_logits.view(B * heads, stop - start, N)
+                _bmm_into(grad_logits, keys.transpose(1, 2), grad_queries[:, :, start:stop].transpose(1, 2))
+                _bmm_into(queries[:, :, start:stop], grad_logits, grad_keys, accumulate=not first)
+                if first:
+                    torch.sum(row_sums, (0, 2), out=grad_values[:heads, None])
+                else:
+                    grad_values[:heads, None] += row_sums.sum((0, 2))
+            # the logits' scale, and the gate (at least grad_floor) through which queries and keys act
+            factor = gate.clamp(min=ctx.grad_floor).mul_(geometry.scale)
+            if geometry.stride == 1:
+                grad_x, grad_q_weight, grad_k_weight = _joint_qk_backward(
+                    maps, q_weight, k_weight, grad_qk, factor, geometry.qk_dim)
+            else:
+                grad_x, grad_q_weight, grad_k_weight = _split_qk_backward(
+                    maps, q_weight, k_weight, grad_queries, grad_keys, factor, geometry)
+            grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
+        return grad_x.to(ctx.x_dtype), grad_q_weight, grad_k_weight, grad_positional, grad_values, None, None
+
+
+def _joint_qk_backward(
+        maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, grad_qk: torch.Tensor,
+        factor: torch.Tensor, qk_dim: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stride 1: gradients of `project_qk`'s maps (in their dtype) and weights from that of its joint float32 output
+    (B * heads, 2, d, N), scaled in place per head by `factor` (heads, 1); the weights' as slices of one buffer."""
+    B, C = maps.shape[:2]
+    heads = q_weight.shape[0] // qk_dim
+    grad_qk = grad_qk.view(B, heads, -1).mul_(factor).view(B, 2 * heads * qk_dim, -1).to(maps.dtype)
+    weight = _joint_weight(q_weight, k_weight, qk_dim, maps.dtype)
+    grad_maps = torch.bmm(weight.t().expand(B, -1, -1), grad_qk).view(maps.shape)
+    grad_weights = q_weight.new_empty(2, heads, qk_dim, C)
+    per_sample = torch.bmm(grad_qk, maps.flatten(2).transpose(1, 2)).view(B, heads, 2, qk_dim, C)
+    torch.sum(per_sample, 0, out=grad_weights.transpose(0, 1))
+    return grad_maps, grad_weights[0].flatten(0, 1), grad_weights[1].flatten(0, 1)
+
+
+def _split_qk_backward(
+        maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, grad_queries: torch.Tensor,
+        grad_keys: torch.Tensor, factor: torch.Tensor, geometry: MixGeometry,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stride 2: gradients of `project_qk`'s maps (in their dtype) and weights from those of its float32 queries
+    and keys, scaled in place per head by `factor` (heads, 1)."""
+    B, C = maps.shape[:2]
+    heads = q_weight.shape[0] // geometry.qk_dim
+    dtype = maps.dtype
+    grad_q = grad_queries.view(B, heads, -1).mul_(factor).view(B, q_weight.shape[0], -1).to(dtype)
+    grad_k = grad_keys.view(B, heads, -1).mul_(factor).view(B, k_weight.shape[0], -1).to(dtype)
+    grad_maps = torch.bmm(k_weight.to(dtype).t().expand(B, -1, -1), grad_k).view(maps.shape)
+    _query_maps(grad_maps, geometry).add_(
+        torch.bmm(q_weight.to(dtype).t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
+    grad_q_weight = torch.bmm(grad_q, _query_maps(maps, geometry).flatten(2).transpose(1, 2)).sum(0)
+    grad_k_weight = torch.bmm(grad_k, maps.flatten(2).transpose(1, 2)).sum(0)
+    return grad_maps, grad_q_weight.to(q_weight.dtype), grad_k_weight.to(k_weight.dtype)
+
+
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b, or out += a @ b (batched)."""
+    if accumulate:
+        out.baddbmm_(a, b)
+    else:
+        torch.bmm(a, b, out=out)
+
+
+def floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+    """positional + gate * content (gate broadcast); in the backward pass content gets the gradient of
+    max(gate, grad_floor) * content, gate and positional their true gradients. Standard operations."""
+    out = torch.addcmul(positional, content, gate)
+    if grad_floor > 0:  # exactly 0 in the forward pass
+        out = out + (content - content.detach()) * (gate.detach().clamp(min=grad_floor) - gate.detach())
+    return out
+
+
+def content_mix_reference(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
+                          values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+    """`ContentMix` in standard operations, all queries at once."""
+    num_queries, heads = positional.shape[:2]
+    maps = x.to(mixing_dtype(x))
+    tokens = tokens_of(maps, maps.dtype)
+    B, N, C = tokens.shape
+    queries, keys = project_qk(maps, q_weight, k_weight, geometry)
+    logits = torch.bmm(queries.transpose(1, 2), keys) * geometry.scale
+    probs = softmax_without_subnormals_(logits).view(B, heads, num_queries, N).transpose(1, 2)
+    attn = floored_blend(positional, probs, values[:heads, None], grad_floor)
+    attn = cast_without_subnormals(attn, tokens.dtype)
+    return torch.bmm(attn.reshape(B, num_queries * heads, N), tokens).view(B, num_queries, heads, C)

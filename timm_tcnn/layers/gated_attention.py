@@ -1,0 +1,553 @@
+""" Gated positional self-attention on NCHW maps, initialisable as an exact convolution.
+
+A KxK convolution with padding K // 2 is multi-head self-attention with one head per kernel tap
+(Cordonnier et al., ICLR 2020): head h attends, one-hot, to the pixel at its tap offset D_h from
+the query (a zero token when that pixel lies outside the image) and projects what it reads with
+the tap's C_out x C_in slice of the kernel. `GatedPositionalAttention2d` keeps that structure and
+adds, per head, what attention can learn and a convolution cannot:
+
+    A_h = (1 - g_h) * P_h + g_h * S_h(x)                        (content gate g_h)
+    P_h = (1 - l_h) * onehot(D_h) + l_h * gauss(alpha_h, c_h)   (locality gate l_h)
+    S_h = softmax(q_h(x) k_h(x)^T / sqrt(d))                    (content attention)
+    y   = bias + sum_h W[:, :, D_h] . (x A_h^T)
+
+Both gates start at exactly 0, so a freshly converted layer *is* the convolution. They are
+clamped to [0, 1] with a straight-through gradient: the forward pass sees the clamped value, the
+backward pass the raw one, so a gate at 0 still receives the true one-sided gradient and can open
+(a sigmoid gate has no such point: its share and its gradient vanish together).
+
+The gates and the positional parameters (alpha, centre) learn `gate_lr_scale` times faster than the
+weights, whatever the optimizer: each is stored as value / scale and read as stored * scale, while
+its gradient is that of the value itself (`rate_scaled`). Any optimizer whose step is proportional to
+its learning rate (SGD, Adam, AdamW, ...) therefore moves the value exactly as it would with a learning
+rate of scale x lr, inside timm's train.py and its single learning rate. The scale is stored with the
+layer (`gate_lr_scale` buffer); loading a state dict saved with another scale keeps the values.
+
+A closed gate also stops what it gates from learning: at g_h = 0 the queries and keys get no gradient,
+so a head whose content attention is still random (a blur that raises the loss) closes and stays closed.
+With `grad_floor` > 0, the content attention and the Gaussian learn as if their gate were at least
+`grad_floor`: the forward pass is unchanged, so is exactness, and the gates get their true gradients;
+only the gradients of Q/K, alpha and the centre of nearly closed heads are raised. The one-hot part is an
+exact 0/1 matrix, never a saturated softmax, and the learnable locality (alpha, centre) lives in the
+Gaussian that the locality gate blends in.
+
+How it is computed (docs/performance.md): the positional part does not depend on the input, so it is
+built once per call (`positional.py`) as a dense (Nq, heads, N) matrix; one batched GEMM mixes the
+full-width input for all heads, (Nq * heads, N) @ (N, C_in), and one GEMM applies the taps, (B * Nq,
+heads * C_in) @ (heads * C_in, C_out) (batched over groups for grouped kernels): the multiply-adds of the
+convolution plus those of the attention. Which computation runs is chosen in one place (`_path`, from
+`config.py`'s switch); every path is tested against `reference.py`.
+"""
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import trunc_normal_
+from timm.layers.padding import pad_same
+
+from .config import resolve_attention_path
+from .functions import ContentMix, MixGeometry, ScaledValues, content_mix_reference, floored_blend
+from .inference import InferencePlan, PlanCache
+from .numerics import (
+    cast_without_subnormals, default_block_bytes, float32_matmul, mixing_dtype, rate_scaled,
+    softmax_without_subnormals_, straight_through_clamp, tokens_of)
+from .positional import (
+    PositionalMixing, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
+    positional_tables, query_start, split_values)
+from .reference import reference_forward
+
+__all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS']
+
+# parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
+RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
+
+
+class GatedPositionalAttention2d(nn.Module):
+    """Gated positional self-attention with the interface of an `nn.Conv2d`.
+
+    Input (B, C_in, H, W), output (B, C_out, H_out, W_out) with H_out = ceil(H / stride), exactly as
+    a KxK convolution with `groups` groups and padding K // 2 (or, with `same_padding`, TF 'SAME'
+    padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so
+    the queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head
+    reads the full-width input, and its tap's slice of the grouped kernel projects it group by group
+    (block-diagonal; diagonal for depthwise), at the cost of the grouped convolution. Parameters:
+
+        weight:        (C_out, C_in / groups, K, K) value/output projection, one tap slice per head
+        bias:          (C_out,) or None
+        content_gate:  (heads,) content share before clamping to [0, 1]; 0 at conversion
+        locality_gate: (heads,) Gaussian share of the positional attention; 0 at conversion
+        pos_log_alpha: (heads,) log locality strength of the Gaussian positional attention
+        pos_center:    (heads, 2) Gaussian centre (rows, cols) relative to the query
+        q, k:          C_in -> heads * qk_dim projections of the content attention
+
+    The four gate and positional parameters are stored divided by `gate_lr_scale` (a buffer) and learn
+    that many times faster than the weights (`rate_scaled`); `attention_values()` returns their values and
+    `set_attention_values()` sets them.
+
+    `attention_block_bytes` bounds the float32 attention tensor materialised at once: queries are
+    processed in blocks of that size. None (default) chooses per device type (`default_block_bytes`). It
+    changes speed only, never the result. `inference_cache_bytes` bounds what the layer keeps between
+    inference calls (`inference.py`).
+
+    Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2, 1, groups)`
+    (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride))` without padding).
+    """
+    __jit_ignored_attributes__ = ['_plans']  # eager inference only
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            bias: bool = True,
+            groups: int = 1,
+            same_padding: bool = False,
+            qk_dim: int = 32,
+            qk_init_std: float = 0.02,
+            locality_init: float = 1.0,
+            gate_lr_scale: float = 1.0,
+            grad_floor: float = 0.0,
+            attention_block_bytes: Optional[int] = None,
+            inference_cache_bytes: int = 64 * 2 ** 20,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f'kernel_size must be odd, got {kernel_size}.')
+        if stride not in (1, 2):
+            raise ValueError(f'stride must be 1 or 2, got {stride}.')
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f'groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.')
+        if locality_init <= 0:
+            raise ValueError(f'locality_init must be > 0, got {locality_init}.')
+        if not gate_lr_scale > 0:
+            raise ValueError(f'gate_lr_scale must be > 0, got {gate_lr_scale}.')
+        if not 0 <= grad_floor <= 1:
+            raise ValueError(f'grad_floor must be in [0, 1], got {grad_floor}.')
+        if attention_block_bytes is not None and attention_block_bytes < 1:
+            raise ValueError(f'attention_block_bytes must be >= 1, got {attention_block_bytes}.')
+        if inference_cache_bytes < 0:
+            raise ValueError(f'inference_cache_bytes must be >= 0, got {inference_cache_bytes}.')
+        self.grad_floor = float(grad_floor)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.groups = groups
+        self.same_padding = same_padding
+        self.num_heads = kernel_size * kernel_size
+        self.qk_dim = qk_dim
+        self.scale = qk_dim ** -0.5
+        self.qk_init_std = qk_init_std
+        self.locality_init = locality_init
+        self.attention_block_bytes = attention_block_bytes
+
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        self.content_gate = nn.Parameter(torch.empty(self.num_heads, **dd))
+        self.locality_gate = nn.Parameter(torch.empty(self.num_heads, **dd))
+        self.pos_log_alpha = nn.Parameter(torch.empty(self.num_heads, **dd))
+        self.pos_center = nn.Parameter(torch.empty(self.num_heads, 2, **dd))
+        self.register_buffer('gate_lr_scale', torch.tensor(float(gate_lr_scale), device=device, dtype=torch.float32))
+        self.q = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
+        self.k = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
+        self._plans = PlanCache(inference_cache_bytes)
+        self.reset_parameters()
+
+    # ---- parameters, conversion and state dicts
+
+    def tap_offsets(self) -> torch.Tensor:
+        """(heads, 2) offset (rows, cols) of each head's kernel tap from the query, row-major."""
+        taps = torch.arange(self.kernel_size, device=self.pos_center.device) - self.padding
+        rows, cols = torch.meshgrid(taps, taps, indexing='ij')
+        return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+
+    @torch.no_grad()
+    def reset_attention(self) -> None:
+        """Put every attention-only parameter in its conversion state, with fresh random Q/K."""
+        if self.pos_center.is_meta:
+            return
+        trunc_normal_(self.q.weight, std=self.qk_init_std)
+        trunc_normal_(self.k.weight, std=self.qk_init_std)
+        self.set_attention_values(**self.conversion_values())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # as nn.Conv2d
+        if self.bias is not None:
+            bound = (self.in_channels // self.groups * self.kernel_size ** 2) ** -0.5
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_attention()
+
+    def conversion_values(self) -> Dict[str, torch.Tensor]:
+        """Values of the gates and positional parameters (`RATE_SCALED_PARAMS`) of the exact conversion."""
+        like = self.content_gate
+        return {
+            'content_gate': torch.zeros_like(like),
+            'locality_gate': torch.zeros_like(like),
+            'pos_log_alpha': torch.full_like(like, math.log(self.locality_init)),
+            'pos_center': self.tap_offsets().to(like),
+        }
+
+    def conversion_state(self) -> Dict[str, torch.Tensor]:
+        """State-dict entries of the attention-only parameters and buffers that make the layer equal its
+        convolution.
+
+        Keys are relative to the layer (`content_gate`, `q.weight`, `gate_lr_scale`, ...); values are in
+        stored form (divided by `gate_lr_scale`). The Q/K projections keep their current (random) values:
+        the content branch is silent while `content_gate` is 0.
+        """
+        scale = self.gate_lr_scale.detach()
+        state = {name: value / scale for name, value in self.conversion_values().items()}
+        state.update({
+            'q.weight': self.q.weight.detach().clone(),
+            'k.weight': self.k.weight.detach().clone(),
+            'gate_lr_scale': scale.clone(),
+        })
+        return state
+
+    def fill_conversion_state(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> bool:
+        """If `state_dict` holds a convolution's entries for this layer (`weight`, `bias` and none of
+        the attention ones), add the attention entries of the exact conversion, in place.
+
+        Returns True when entries were added.
+        """
+        own = self.conversion_state()
+        if prefix + 'weight' not in state_dict or any(prefix + k in state_dict for k in own):
+            return False
+        state_dict.update({prefix + k: v for k, v in own.items()})
+        return True
+
+    def _rescale_state(self, state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
+        """Re-express, in place, attention entries stored with another `gate_lr_scale` in this layer's scale,
+        keeping their values. Entries without a scale (saved before it existed) were stored with scale 1."""
+        if prefix + 'content_gate' not in state_dict or self.gate_lr_scale.is_meta:
+            return
+        saved = state_dict.get(prefix + 'gate_lr_scale')
+        saved_scale = 1. if saved is None else float(saved)
+        own_scale = float(self.gate_lr_scale)
+        if saved_scale != own_scale:
+            for name in RATE_SCALED_PARAMS:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name] * (saved_scale / own_scale)
+        state_dict[prefix + 'gate_lr_scale'] = self.gate_lr_scale.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # a convolution's entries load as the exact conversion (timm's strict checkpoint loading); attention
+        # entries keep their values whatever scale they were saved with
+        if not self.fill_conversion_state(state_dict, prefix):
+            self._rescale_state(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def attention_values(self) -> Dict[str, torch.Tensor]:
+        """Current values of the gates and positional parameters (stored * `gate_lr_scale`), detached."""
+        stored = (self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center)
+        return {name: p.detach() * self.gate_lr_scale for name, p in zip(RATE_SCALED_PARAMS, stored)}
+
+    @torch.jit.unused
+    @torch.no_grad()
+    def set_attention_values(self, **values: Any) -> None:
+        """Set gates and positional parameters by value (tensors or numbers, broadcast to their shapes),
+        e.g. `set_attention_values(content_gate=0.3, pos_log_alpha=torch.zeros(9))`."""
+        unknown = sorted(set(values) - set(RATE_SCALED_PARAMS))
+        if unknown:
+            raise ValueError(f'{unknown} are not gate or positional parameters; use {list(RATE_SCALED_PARAMS)}.')
+        for name, value in values.items():
+            param = self.get_parameter(name)
+            param.copy_(torch.as_tensor(value, dtype=param.dtype, device=param.device) / self.gate_lr_scale)
+
+    def content_share(self) -> torch.Tensor:
+        """(heads,) share of content attention in [0, 1]; 0 = the head behaves as its conv tap."""
+        return self.attention_values()['content_gate'].clamp(0, 1)
+
+    def locality_share(self) -> torch.Tensor:
+        """(heads,) share of the Gaussian in the positional attention, in [0, 1]; 0 = one-hot."""
+        return self.attention_values()['locality_gate'].clamp(0, 1)
+
+    def is_convolution(self) -> bool:
+        """True while the layer computes exactly its convolution."""
+        return bool((self.content_share() == 0).all() and (self.locality_share() == 0).all())
+
+    # ---- geometry
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+
+    def query_start(self, height: int, width: int) -> Tuple[int, int]:
+        """Input position (row, col) of the first query: the query of output (i, j) sits at start + stride * (i, j).
+
+        (0, 0) with padding K // 2; with TF 'SAME' padding, K // 2 minus the zeros before each dimension.
+        """
+        k, s, same = self.kernel_size, self.stride, self.same_padding
+        return query_start(height, k, s, same), query_start(width, k, s, same)
+
+    def _tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return positional_tables(self.kernel_size, self.stride, height, width, self.same_padding, device)
+        return self._cached_tables(height, width, device)
+
+    @torch.jit.unused
+    def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
+        return cached_positional_tables(self.kernel_size, self.stride, height, width, self.same_padding, device)
+
+    def _block(self, batch: int, height: int, width: int, device: torch.device) -> int:
+        """Queries per block: the float32 attention of a block stays within `attention_block_bytes`."""
+        block_bytes = self.attention_block_bytes
+        if block_bytes is None:
+            block_bytes = default_block_bytes(device)
+        out_h, out_w = self.output_size(height, width)
+        num_queries = out_h * out_w
+        per_query = 4 * batch * self.num_heads * height * width
+        num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
+        return -(-num_queries // max(1, num_blocks))  # balanced blocks
+
+    # ---- the attention's parts (public: analysis and tests)
+
+    def _values(self) -> torch.Tensor:
+        """(5 * heads,) float32 values: content gate, locality gate (in [0, 1]), log alpha, centre (`split_values`),
+        rate-scaled and straight-through."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            scale = self.gate_lr_scale
+            return torch.cat([
+                straight_through_clamp(rate_scaled(self.content_gate.float(), scale)),
+                straight_through_clamp(rate_scaled(self.locality_gate.float(), scale)),
+                rate_scaled(self.pos_log_alpha.float(), scale),
+                rate_scaled(self.pos_center.float(), scale).flatten(),
+            ])
+        return self._scaled_values()
+
+    @torch.jit.unused
+    def _scaled_values(self) -> torch.Tensor:
+        return ScaledValues.apply(
+            self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center, self.gate_lr_scale)
+
+    def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention, float32."""
+        _, _, log_alpha, center = split_values(self._values())
+        return gaussian_factors(log_alpha, center, self._tables(height, width, self.pos_center.device))
+
+    def positional_mixing(self, height: int, width: int) -> torch.Tensor:
+        """The input-independent part of the attention, (1 - g) * P, as a dense float32 (Nq, heads, N), queries
+        leading (the layout the mixing GEMM reads)."""
+        tables = self._tables(height, width, self.pos_center.device)
+        return positional_mixing(self._values(), tables, self.grad_floor)
+
+    def _qk_weights(self, heads: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query and key weights (heads * d, C_in) of every head, or of `heads` (indices)."""
+        if heads is None:
+            return self.q.weight, self.k.weight
+        shape = (self.num_heads, self.qk_dim, -1)
+        return (self.q.weight.view(shape).index_select(0, heads).flatten(0, 1),
+                self.k.weight.view(shape).index_select(0, heads).flatten(0, 1))
+
+    def content_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled query-key products of every head, always in float32: (B, C_in, H, W) ->
+        (B, heads, H_out * W_out, H * W)."""
+        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+        h, d = self.num_heads, self.qk_dim
+        row0, col0 = self.query_start(H, W)
+        queries = x[:, :, row0::self.stride, col0::self.stride] if self.stride > 1 else x
+        q = F.linear(queries.flatten(2).transpose(1, 2), self.q.weight).unflatten(-1, (h, d))  # B, Nq, h, d
+        k = F.linear(x.flatten(2).transpose(1, 2), self.k.weight).unflatten(-1, (h, d))  # B, N, h, d
+        return float32_matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * self.scale
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of every head, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in float32: (B, C_in, H, W) ->
+        (B, H_out * W_out, heads, H * W), queries leading. Logits and softmax are float32 whatever the input
+        dtype or autocast state; A is a (sub-)stochastic matrix."""
+        values = self._values()
+        positional = self.positional_mixing(x.shape[-2], x.shape[-1])
+        probs = softmax_without_subnormals_(self.content_logits(x))
+        return floored_blend(positional, probs.transpose(1, 2), values[:self.num_heads, None], self.grad_floor)
+
+    def content_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Content attention of every head applied to the full-width input: (B, C_in, H, W) ->
+        (B, C_in, heads, H_out * W_out), for head h the attention-weighted input x S_h^T."""
+        probs = softmax_without_subnormals_(self.content_logits(x))  # B, h, Nq, N
+        attn = cast_without_subnormals(probs, mixing_dtype(x))
+        return torch.matmul(attn, tokens_of(x, attn.dtype)[:, None]).permute(0, 3, 1, 2)
+
+    def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Gaussian positional attention of every head applied to the input: (B, C_in, H, W) ->
+        (B, C_in, heads, H_out * W_out), separable (columns, then rows)."""
+        rows, cols = self.positional_gaussian(x.shape[-2], x.shape[-1])
+        rows, cols = cast_without_subnormals(rows, x.dtype), cast_without_subnormals(cols, x.dtype)
+        t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
+        return torch.einsum('bchyj,hiy->bchij', t, rows).flatten(3)
+
+    def tap_major_weight(self, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(groups, C_out / groups, heads * C_in / groups) projection of the taps (of `heads`, indices, if given),
+        per group and head-major: what the last (grouped) GEMM reads. One copy of the weight."""
+        weight = self.weight.view(self.groups, self.out_channels // self.groups, -1, self.num_heads)
+        weight = weight.permute(0, 1, 3, 2)  # G, O_g, heads, C_g
+        if heads is not None:
+            return weight.index_select(2, heads).flatten(2)
+        return weight.reshape(weight.shape[0], weight.shape[1], -1)
+
+    def _project(
+            self,
+            mixed: torch.Tensor,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            add_to: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """add_to + bias + sum_h W_h (x A_h^T): (B, Nq, heads, C_in) mixed inputs, `tap_major_weight` (of those
+        heads) -> (B * Nq, C_out).
+
+        Dense layers take one GEMM; grouped ones one batched GEMM over groups, (G, B * Nq, heads * C_g) @
+        (G, heads * C_g, O_g): the multiply-adds of the grouped convolution, no block-diagonal matrix.
+        """
+        B, Nq, heads, C = mixed.shape
+        if self.groups == 1:
+            flat, weight = mixed.reshape(B * Nq, heads * C), weight.flatten(0, 1)
+            base = add_to if add_to is not None else bias
+            if base is None:
+                return torch.mm(flat, weight.t())
+            out = torch.addmm(base, flat, weight.t())
+            return out if add_to is None or bias is None else out + bias
+        per_group = mixed.unflatten(3, (self.groups, -1)).permute(3, 0, 1, 2, 4).reshape(self.groups, B * Nq, -1)
+        out = torch.bmm(per_group, weight.transpose(1, 2)).transpose(0, 1).reshape(B * Nq, self.out_channels)
+        if bias is not None:
+            out = out + bias
+        return out if add_to is None else out + add_to
+
+    def _to_map(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B * Nq, C_out) -> (B, C_out, H_out, W_out), channels-last when x is."""
+        out_h, out_w = self.output_size(x.shape[-2], x.shape[-1])
+        out = out.view(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return out
+        return out.contiguous()
+
+    def _geometry(self, x: torch.Tensor, block: int) -> MixGeometry:
+        H, W = x.shape[-2], x.shape[-1]
+        return MixGeometry(H, W, self.stride, self.query_start(H, W), self.qk_dim, self.scale, block)
+
+    # ---- the computations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._standard_ops_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self._path()
+        if path == 'reference':
+            return reference_forward(self, x)
+        if not torch.is_grad_enabled():  # nothing to differentiate: reuse what does not depend on the input
+            return self._inference_forward(x)
+        return self.attention_forward(x)
+
+    @torch.jit.unused
+    def _path(self) -> str:
+        return resolve_attention_path()
+
+    @torch.jit.unused
+    def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention computation itself, as in training, whatever the grad mode: never the inference
+        shortcuts (reused positional attention, skipped content branch, `F.conv2d` while the layer is its
+        convolution)."""
+        B, C, H, W = x.shape
+        values = self._values()
+        positional = PositionalMixing.apply(values, self._tables(H, W, x.device), self.grad_floor)
+        geometry = self._geometry(x, self._block(B, H, W, x.device))
+        mixed = ContentMix.apply(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
+        return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
+
+    def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training computation in standard operations, all queries at once: scripted, traced, exported and
+        compiled graphs (compilers fuse what the autograd functions fuse by hand)."""
+        H, W = x.shape[-2], x.shape[-1]
+        values = self._values()
+        positional = positional_mixing(values, self._tables(H, W, x.device), self.grad_floor)
+        geometry = self._geometry(x, 0)
+        mixed = content_mix_reference(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
+        return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
+
+    @torch.jit.unused
+    def _stored_values(self) -> torch.Tensor:
+        """The gate and positional parameters as stored, and the scale: what an inference plan is built from."""
+        return torch.cat([self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center.flatten(),
+                          self.gate_lr_scale.view(1)])
+
+    @torch.jit.unused
+    def _inference_plan(self, height: int, width: int, device: torch.device) -> InferencePlan:
+        stored = self._stored_values()
+        key = (height, width, device)
+        plan = self._plans.get(key, stored)
+        if plan is None:
+            plan = self._build_plan(height, width, device, stored.clone())
+            self._plans.put(key, plan)
+        return plan
+
+    @torch.jit.unused
+    def _build_plan(self, height: int, width: int, device: torch.device, stored: torch.Tensor) -> InferencePlan:
+        values = self._values()
+        gate, locality = values[:self.num_heads], values[self.num_heads:2 * self.num_heads]
+        open_heads, closed_heads = (gate > 0).nonzero().flatten(), (gate == 0).nonzero().flatten()
+        if open_heads.numel() == 0 and bool((locality == 0).all()):
+            return InferencePlan(stored, True)
+        positional = positional_mixing(values, self._tables(height, width, device))
+        closed = {}
+        if closed_heads.numel():
+            closed = dict(closed_heads=closed_heads, closed_positional=positional[:, closed_heads].contiguous())
+        if open_heads.numel() == 0:
+            return InferencePlan(stored, False, **closed)
+        if open_heads.numel() == self.num_heads:  # one part: no indexing
+            return InferencePlan(stored, False, open_positional=positional, open_gates=gate.clone())
+        return InferencePlan(
+            stored, False, open_heads=open_heads, open_positional=positional[:, open_heads].contiguous(),
+            open_gates=gate[open_heads], **closed)
+
+    @torch.jit.unused
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd, reusing the plan for x's map size (`inference.py`).
+
+        Runs the convolution itself while the layer is exactly its convolution; otherwise mixes the closed heads
+        with their positional attention alone, one matrix read by every sample's GEMM, and computes the content
+        attention only for the open heads.
+        """
+        B, C, H, W = x.shape
+        plan = self._inference_plan(H, W, x.device)
+        if plan.is_convolution:
+            return self._conv_forward(x)
+        tokens = tokens_of(x, mixing_dtype(x))
+        out: Optional[torch.Tensor] = None
+        if plan.closed_positional is not None:
+            positional = cast_without_subnormals(plan.closed_positional, tokens.dtype)
+            mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, positional.shape[0], -1, C)
+            out = self._project(mixed, self.tap_major_weight(plan.closed_heads), self.bias)
+        if plan.open_positional is not None:
+            geometry = self._geometry(x, self._block(B, H, W, x.device))
+            q_weight, k_weight = self._qk_weights(plan.open_heads)
+            mixed = ContentMix.apply(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
+            weight = self.tap_major_weight(plan.open_heads)
+            out = self._project(mixed, weight, self.bias if out is None else None, out)
+        return self._to_map(out, x)
+
+    @torch.jit.unused
+    def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution the layer equals while both gates are 0."""
+        if self.same_padding:
+            x = pad_same(x, [self.kernel_size] * 2, [self.stride] * 2)
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def extra_repr(self) -> str:
+        groups = f', groups={self.groups}' if self.groups > 1 else ''
+        same = ', padding=same' if self.same_padding else ''
+        return (
+            f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}{groups}'
+            f'{same}, heads={self.num_heads}, qk_dim={self.qk_dim}, bias={self.bias is not None}'
+        )
