@@ -259,3 +259,25 @@ def test_recipe_config_with_plain_python_train_py(offline_hub, image_folder, wor
     checkpoint = load_train_checkpoint(workdir / 'recipe' / 'last.pth.tar')
     assert checkpoint['arch'] == 'tcnn_resnet50rs' and 'state_dict_ema' in checkpoint
     assert checkpoint['args'].aa == 'rand-m9-mstd0.5-inc1' and checkpoint['args'].amp_dtype == 'bfloat16'  # from YAML
+
+
+def test_experiment_transfer_start_in_train_py(offline_hub, image_folder, workdir):
+    """An experiment's transfer start (the Hub CNN with a new 2-class classifier) loads into both arms through
+    train.py's --initial-checkpoint: the same classifier and the CNN's body in both."""
+    from safetensors.torch import load_file
+    from timm_tcnn.experiment import ExperimentSpec, Step, start_step
+    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(image_folder),
+                          out=str(workdir / 'transfer'), recipe='', recipe_sha256='', scripts_dir=SCRIPTS_DIR,
+                          seeds=(0,), num_classes=2)
+    start = spec.start_checkpoint(0)
+    start_step(spec, Step('start/seed0', 'start', (), seed=0, result=str(start)))
+    heads = {}
+    for model in ('resnetrs50', 'tcnn_resnet50rs'):
+        run('train.py', '--data-dir', str(image_folder), '--model', model, '--initial-checkpoint', str(start),
+            *TRAIN_ARGS, *FROZEN_LR, '--output', str(workdir), '--experiment', f'transfer-{model}', cwd=workdir)
+        trained = load_train_checkpoint(workdir / f'transfer-{model}' / 'last.pth.tar')['state_dict']
+        if model == 'tcnn_resnet50rs':  # the Hub CNN's body, converted
+            assert_weights_loaded(trained, offline_hub.state_dicts['timm/resnetrs50.tf_in1k'])
+        heads[model] = trained['fc.weight']
+    torch.testing.assert_close(heads['resnetrs50'], heads['tcnn_resnet50rs'], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(heads['resnetrs50'], load_file(str(start))['fc.weight'], rtol=1e-5, atol=1e-6)
