@@ -50,7 +50,8 @@ from timm.layers.padding import pad_same
 
 from .config import resolve_attention_path
 from .functions import ContentMix, MixGeometry, ScaledValues, content_mix_reference, floored_blend
-from .inference import InferencePlan, PlanCache
+from .cache import BoundedCache
+from .inference import InferencePlan
 from .numerics import (
     cast_without_subnormals, default_block_bytes, float32_matmul, mixing_dtype, rate_scaled,
     softmax_without_subnormals_, straight_through_clamp, tokens_of)
@@ -158,7 +159,7 @@ class GatedPositionalAttention2d(nn.Module):
         self.register_buffer('gate_lr_scale', torch.tensor(float(gate_lr_scale), device=device, dtype=torch.float32))
         self.q = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
         self.k = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
-        self._plans = PlanCache(inference_cache_bytes)
+        self._plans = BoundedCache(inference_cache_bytes)
         self.reset_parameters()
 
     # ---- parameters, conversion and state dicts
@@ -277,6 +278,18 @@ class GatedPositionalAttention2d(nn.Module):
     def is_convolution(self) -> bool:
         """True while the layer computes exactly its convolution."""
         return bool((self.content_share() == 0).all() and (self.locality_share() == 0).all())
+
+    @property
+    def inference_cache_bytes(self) -> int:
+        """Bound on what the layer keeps between inference calls (`inference.py`)."""
+        return self._plans.max_bytes
+
+    @inference_cache_bytes.setter
+    def inference_cache_bytes(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f'inference_cache_bytes must be >= 0, got {value}.')
+        self._plans.max_bytes = value
+        self._plans.trim()
 
     # ---- geometry
 
@@ -485,10 +498,10 @@ class GatedPositionalAttention2d(nn.Module):
     def _inference_plan(self, height: int, width: int, device: torch.device) -> InferencePlan:
         stored = self._stored_values()
         key = (height, width, device)
-        plan = self._plans.get(key, stored)
-        if plan is None:
+        plan = self._plans.get(key)
+        if plan is None or not torch.equal(plan.key, stored):
             plan = self._build_plan(height, width, device, stored.clone())
-            self._plans.put(key, plan)
+            self._plans.put(key, plan, plan.nbytes)
         return plan
 
     @torch.jit.unused

@@ -4,15 +4,14 @@ With autograd off, the positional attention and the split of the heads into open
 ones depend only on the gate and positional parameters and the map size. A plan keeps them, keyed on the
 *values* it was built from (compared exactly at each call), never on tensor versions: writes through `.data`,
 `copy_`, `load_state_dict`, optimizers or `torch._foreach_*` all change values, so none can serve a stale plan.
-Weights (tap kernel, queries, keys) are read at each call and never kept. A cache holds the plans of a layer
-for the map sizes it has seen, evicting the least recently used beyond `max_bytes`.
+Weights (tap kernel, queries, keys) are read at each call and never kept. A layer keeps the plans of the map
+sizes it has seen in a `BoundedCache` (`inference_cache_bytes`).
 """
-from collections import OrderedDict
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ['InferencePlan', 'PlanCache']
+__all__ = ['InferencePlan']
 
 
 class InferencePlan(NamedTuple):
@@ -38,38 +37,3 @@ class InferencePlan(NamedTuple):
         tensors = (self.key, self.open_heads, self.open_positional, self.open_gates, self.closed_heads,
                    self.closed_positional)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class PlanCache:
-    """Plans per (height, width, device), least recently used evicted beyond `max_bytes` in all; a plan larger
-    than the budget is not kept."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._plans: 'OrderedDict[Tuple, InferencePlan]' = OrderedDict()
-
-    def get(self, key: Tuple, values: torch.Tensor) -> Optional[InferencePlan]:
-        """The plan for `key` if it was built from exactly `values`."""
-        plan = self._plans.get(key)
-        if plan is None or not torch.equal(plan.key, values):
-            return None
-        self._plans.move_to_end(key)
-        return plan
-
-    def put(self, key: Tuple, plan: InferencePlan) -> None:
-        self._plans.pop(key, None)
-        if plan.nbytes > self.max_bytes:
-            return
-        self._plans[key] = plan
-        while sum(p.nbytes for p in self._plans.values()) > self.max_bytes:
-            self._plans.popitem(last=False)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self._plans.values())
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def clear(self) -> None:
-        self._plans.clear()

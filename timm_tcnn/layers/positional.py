@@ -14,15 +14,15 @@ closed-form backward pass (a handful of operations where autograd takes about a 
 as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
 operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
 """
-import functools
 from typing import NamedTuple, Tuple
 
 import torch
 
+from .cache import BoundedCache
 from .numerics import exp_without_subnormals
 
 __all__ = [
-    'PositionalTables', 'positional_tables', 'cached_positional_tables', 'gaussian_factors', 'positional_mixing',
+    'PositionalTables', 'TABLES', 'positional_tables', 'cached_positional_tables', 'gaussian_factors', 'positional_mixing',
     'PositionalMixing', 'split_values', 'same_pad_before', 'query_start',
 ]
 
@@ -110,12 +110,21 @@ def positional_tables(
     return PositionalTables(onehot.contiguous(), offsets, powers, (out_h, height), (out_w, width))
 
 
-@functools.lru_cache(maxsize=64)
+# shared by every layer of the process; the one-hot matrix of a 56x56 -> 28x28 layer is 88 MiB
+TABLES = BoundedCache(256 * 2 ** 20)
+
+
 def cached_positional_tables(
         kernel_size: int, stride: int, height: int, width: int, same_padding: bool, device: torch.device,
 ) -> PositionalTables:
-    """`positional_tables`, built once per shape and device in eager code (constants, never written to)."""
-    return positional_tables(kernel_size, stride, height, width, same_padding, device)
+    """`positional_tables`, built once per shape and device in eager code (constants, never written to) and kept
+    in `TABLES`, least recently used evicted beyond its byte budget."""
+    key = (kernel_size, stride, height, width, same_padding, device)
+    tables = TABLES.get(key)
+    if tables is None:
+        tables = positional_tables(kernel_size, stride, height, width, same_padding, device)
+        TABLES.put(key, tables, sum(t.numel() * t.element_size() for t in tables[:3]))
+    return tables
 
 
 def split_values(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

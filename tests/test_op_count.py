@@ -1,0 +1,70 @@
+""" Operations one converted layer issues per training step and per inference call: on a GPU each costs host time
+(a launch), whatever its size, so their number must not creep back. Counted at ResNet-50-RS stage-3/4 shapes in
+the benchmark's spread state (half the content gates closed), one block of queries (the GPU's block size). """
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from timm_tcnn.bench import LAYER_SHAPES, _spread_layer
+from timm_tcnn.layers import GatedPositionalAttention2d, default_block_bytes
+from timm_tcnn.layers.positional import TABLES
+from timm_tcnn.op_count import OpCounter, layer_step_ops
+
+# at most: (forward + backward of a training step, inference call); version 0.2 issued 231-269 and 24-37
+LIMITS = {
+    'resnet50rs stage 3, 14x14': (80, 20),
+    'resnet50rs stage 3, 28x28 -> 14x14': (85, 21),
+    'resnet50rs stage 4, 7x7': (80, 20),
+}
+
+
+def spread_layer(name: str, device=None) -> GatedPositionalAttention2d:
+    channels, size, stride, kernel, groups = LAYER_SHAPES[name]
+    layer = GatedPositionalAttention2d(
+        channels, channels, kernel, stride, False, groups, grad_floor=0.1, gate_lr_scale=30.,
+        attention_block_bytes=default_block_bytes(torch.device('cuda')), device=device)
+    return layer
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('name', list(LIMITS))
+def test_operations_per_layer(name, channels_last):
+    generator = torch.Generator().manual_seed(0)
+    channels, size = LAYER_SHAPES[name][:2]
+    layer = spread_layer(name)
+    x = torch.randn(2, channels, size, size, generator=generator)
+    with torch.no_grad():
+        _spread_layer(layer, x, generator, 4., 0.5)
+    assert 0 < int((layer.content_share() > 0).sum()) < layer.num_heads  # open and closed heads
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    forward, backward, inference = layer_step_ops(layer, x)
+    train_limit, inference_limit = LIMITS[name]
+    assert forward + backward <= train_limit, (forward, backward)
+    assert inference <= inference_limit
+
+
+def test_gpu_forward_skips_the_subnormal_raise():
+    """On a CUDA device (fake tensors: counted, never run) the forward pass issues three operations fewer per
+    block of queries than on CPU: GPUs compute with subnormal numbers at full speed, so the logits are not raised."""
+    name = 'resnet50rs stage 4, 7x7'
+    channels, size = LAYER_SHAPES[name][:2]
+
+    def forward_ops(device: str) -> OpCounter:
+        layer = spread_layer(name, device=device)
+        with torch.no_grad():
+            layer.set_attention_values(content_gate=0.2)
+        x = torch.randn(2, channels, size, size, device=device, requires_grad=True)
+        layer(x)  # builds the shape tables
+        with OpCounter() as counter:
+            layer(x)
+        return counter
+
+    cpu = forward_ops('cpu')
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            cuda = forward_ops('cuda')
+    finally:
+        TABLES.clear()  # no fake tensors left for later tests
+    assert cpu.total - cuda.total == 3
+    assert cuda.ops['amax'] == 0 and cpu.ops['amax'] == 1

@@ -1,0 +1,48 @@
+""" A least-recently-used cache bounded by the bytes of what it holds. """
+from collections import OrderedDict
+from typing import Any, Hashable, Optional, Tuple
+
+__all__ = ['BoundedCache']
+
+
+class BoundedCache:
+    """Values by key, each with its size in bytes; the least recently used are evicted beyond `max_bytes` in all,
+    and a value larger than the budget is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: 'OrderedDict[Hashable, Tuple[Any, int]]' = OrderedDict()
+        self._nbytes = 0
+
+    def get(self, key: Hashable) -> Optional[Any]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._nbytes -= old[1]
+        if nbytes <= self.max_bytes:
+            self._entries[key] = (value, nbytes)
+            self._nbytes += nbytes
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict the least recently used values until the rest fit in `max_bytes`."""
+        while self._entries and self._nbytes > self.max_bytes:
+            _, (_, nbytes) = self._entries.popitem(last=False)
+            self._nbytes -= nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._nbytes = 0
