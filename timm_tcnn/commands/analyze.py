@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..io import atomic_directory, check_output_dir, image_files, load_checkpoint_state_dict
 from ..loading import create_model_with_weights
 from ..numerics import check_finite
-from .common import add_output_args, add_weight_args, require_weights
+from .common import add_output_args, add_weight_args, refuse_unused, require_weights
 
 OUTPUTS = {
     'json': 'attention_stats.json',
@@ -53,8 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="input size (default: the model's test size from its data config)")
     parser.add_argument('--query-pixel', type=int, nargs=2, metavar=('Y', 'X'),
                         help='query pixel of the attention map figure, in the model input (default: centre)')
-    parser.add_argument('--plot-heads', type=int, default=9, metavar='N',
-                        help='heads per layer in the attention map figure (largest content share first)')
+    parser.add_argument('--plot-heads', type=int, metavar='N',
+                        help='heads per layer in the attention map figure (largest content share first; default: 9)')
     parser.add_argument('--no-plots', action='store_true', help='write only the JSON and CSV files')
     parser.set_defaults(func=run)
 
@@ -117,6 +117,9 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
     if args.max_images < 1 or args.batch_size < 1:
         raise InputError('--max-images and --batch-size must be at least 1.')
     require_weights(args)
+    if args.no_plots:
+        refuse_unused({'--query-pixel': args.query_pixel is not None, '--plot-heads': args.plot_heads is not None},
+                      'the figures (no --no-plots)')
     check_output_dir(args.out, args.overwrite)
     plots = None
     if not args.no_plots:
@@ -178,7 +181,7 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
                 analyzer.query_attention(first, pixel),
                 pixel,
                 out / OUTPUTS['query'],
-                max_heads=args.plot_heads,
+                max_heads=9 if args.plot_heads is None else args.plot_heads,
                 title=f'{args.model}: mixed attention of the query at pixel {pixel}',
             )
     return stats, meta

@@ -1,6 +1,6 @@
 """ Arguments and checks shared by the commands: weights, device and output folders. """
 import argparse
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from timm.utils import ParseKwargs
@@ -8,7 +8,7 @@ from timm.utils import ParseKwargs
 from ..errors import InputError
 
 __all__ = ['add_weight_args', 'require_weights', 'add_device_arg', 'resolve_device',
-           'add_output_args']
+           'add_output_args', 'refuse_unused']
 
 _CHECKPOINT_HELP = ('weights of MODEL: .safetensors, state dict or train.py checkpoint (read with '
                     'weights_only=True); a CNN checkpoint given for a tcnn_* model is converted exactly')
@@ -69,3 +69,12 @@ def add_output_args(parser: argparse.ArgumentParser, help: str, required: bool =
     parser.add_argument('--out', metavar='DIR', required=required,
                         help=f'{help}; written all or nothing, must not exist unless --overwrite')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
+
+
+def refuse_unused(given: Mapping[str, bool], needs: str) -> None:
+    """Raise an `InputError` naming the options of `given` that were given (True) but do nothing without `needs`."""
+    names = [name for name, is_given in given.items() if is_given]
+    if names:
+        them = 'it' if len(names) == 1 else 'them'
+        raise InputError(f'{", ".join(names)} only {"acts" if len(names) == 1 else "act"} with {needs}: add {needs} '
+                         f'or leave {them} out.')

@@ -18,7 +18,7 @@ from ..loading import check_fits, create_model
 from ..numerics import check_finite, relative_error
 from ..options import PREFIX
 from ..variants import conversion_options, tcnn_and_cnn_names
-from .common import add_output_args, add_weight_args
+from .common import add_output_args, add_weight_args, refuse_unused
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           'classifier by a new random one, the same in the CNN and the T-CNN)')
     add_output_args(parser, 'output folder')
     parser.add_argument('--images', metavar='DIR', help='also check the identity on the images in DIR (recursive)')
-    parser.add_argument('--max-images', type=int, default=32, help='at most this many images from --images')
+    parser.add_argument('--max-images', type=int, help='at most this many images from --images (default: 32)')
     parser.add_argument('--batch-size', type=int, default=2, help='random inputs per check')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='largest accepted max|T-CNN - CNN| / max|CNN| over the logits')
@@ -103,6 +103,9 @@ def _checks(args: argparse.Namespace, model: torch.nn.Module, files: List[Path])
 
 def _check_args(args: argparse.Namespace) -> List[Path]:
     """Everything checkable before loading: numbers, the output folder, the image folder (its files)."""
+    refuse_unused({'--max-images': args.max_images is not None and not args.images}, '--images DIR')
+    refuse_unused({'--overwrite': args.overwrite and not args.out}, '--out DIR')
+    args.max_images = 32 if args.max_images is None else args.max_images
     if args.batch_size < 1 or args.max_images < 1:
         raise InputError('--batch-size and --max-images must be at least 1.')
     if not args.tolerance > 0:

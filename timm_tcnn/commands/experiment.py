@@ -19,7 +19,8 @@ from ..io import check_writable, load_checkpoint_state_dict, read_mapping
 from ..loading import check_fits, create_model, unknown_model_hint
 from ..numerics import check_finite
 from ..variants import variant
-from .common import resolve_device
+from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
+from .common import refuse_unused, resolve_device
 
 _DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / 'examples' / 'tcnn_resnet50rs_in1k_ft50.yaml'
 # create_model arguments train.py sets itself (from its own options): --model-kwargs must not repeat them
@@ -155,6 +156,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InputError('--epochs and --nproc must be >= 1.')
     if args.num_classes is not None and args.num_classes < 1:
         raise InputError(f'--num-classes must be >= 1, got {args.num_classes}.')
+    if (args.imagenet_a or args.imagenet_r) and not args.imagenet_c:  # no corrupted images in the robustness step
+        refuse_unused({'--corruptions': bool(args.corruptions), '--severities': bool(args.severities)},
+                      '--imagenet-c DIR (or without --imagenet-a/-r: the validation split corrupted on the fly)')
+    unknown = [c for c in args.corruptions if c not in CORRUPTIONS + EXTRA_CORRUPTIONS]
+    bad = [s for s in args.severities if s not in SEVERITIES]
+    if unknown or bad:
+        raise InputError(f'unknown corruption(s) {unknown} or severities {bad}: corruptions are '
+                         f'{", ".join(CORRUPTIONS + EXTRA_CORRUPTIONS)}; severities 1..5.')
     repeated = sorted(set(args.model_kwargs) & set(_TRAIN_PY_KWARGS))
     if repeated:
         raise InputError(f'--model-kwargs {", ".join(repeated)}: train.py sets these from its own options (e.g. '

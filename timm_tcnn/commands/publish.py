@@ -17,7 +17,7 @@ from ..publish import (
     start_weights, upload_model_folder, write_model_folder,
 )
 from ..published import PublishedWeightsError, check_registry_entry, registry_entry
-from .common import add_output_args, add_weight_args
+from .common import add_output_args, add_weight_args, refuse_unused
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise PublishError(f'--repo-id must be ORG/NAME (user or organisation, then name), got {args.repo_id!r}.')
     if args.dry_run and not args.out:
         raise PublishError('--dry-run writes the folder only: pass --out DIR.')
+    refuse_unused({'--overwrite': args.overwrite and not args.out}, '--out DIR')
+    if args.dry_run:
+        refuse_unused({'--private': args.private, '--revision': bool(args.revision),
+                       '--overwrite-hub': args.overwrite_hub}, 'an upload (no --dry-run)')
     if args.out:
         check_output_dir(args.out, args.overwrite)
     target = None if args.dry_run else check_hub_target(args.repo_id, args.revision, args.overwrite_hub)

@@ -11,7 +11,7 @@ from ..io import check_writable
 from ..loading import check_model_source
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, ModelSpec, ResultsStore, evaluate_model, \
     plan_cells
-from .common import add_device_arg, add_weight_args, require_weights, resolve_device
+from .common import add_device_arg, add_weight_args, refuse_unused, require_weights, resolve_device
 
 DESCRIPTION = """\
 Measure the robustness of a timm model (tcnn_* included): ImageNet-C top-1 per corruption and
@@ -86,6 +86,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError('nothing to evaluate: give at least one of --imagenet-c, --imagenet-a, --imagenet-r, '
                          '--imagenet-val, --corrupt')
     require_weights(args)
+    if not args.compare:
+        refuse_unused({'--compare-checkpoint': bool(args.compare_checkpoint), '--compare-pretrained':
+                       args.compare_pretrained, '--compare-model-kwargs': bool(args.compare_model_kwargs),
+                       '--compare-clean-accuracy': args.compare_clean_accuracy is not None}, '--compare OTHER_MODEL')
+    refuse_unused({'--class-map': bool(args.class_map and not args.corrupt)}, '--corrupt DIR')
+    if not (args.imagenet_c or args.corrupt):
+        refuse_unused({'--corruptions': bool(args.corruptions), '--severities': bool(args.severities)},
+                      '--imagenet-c DIR or --corrupt DIR')
+    if not args.imagenet_c:
+        refuse_unused({'--clean-accuracy': args.clean_accuracy is not None, '--compare-clean-accuracy':
+                       args.compare_clean_accuracy is not None}, '--imagenet-c DIR (for the relative mCE)')
     if args.compare and not (args.compare_pretrained or args.compare_checkpoint):
         raise InputError(f'{args.compare} has no weights: pass --compare-pretrained or --compare-checkpoint FILE.')
     known = CORRUPTIONS + EXTRA_CORRUPTIONS
