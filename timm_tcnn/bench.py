@@ -67,11 +67,17 @@ LAYER_SHAPES: Dict[str, Tuple[int, int, int, int, int]] = {
 @dataclass
 class BenchSetup:
     """Where and how models run: device, autocast dtype (None: off), channels-last memory format, and
-    `torch.compile` (static shapes) of both sides."""
+    `torch.compile` (static shapes) of both sides. On CUDA, `configure_backends` sets what timm's train.py sets
+    there (cuDNN autotuning, TF32 matmuls), so that neither side is measured in a set-up users do not train in."""
     device: torch.device = torch.device('cpu')
     amp_dtype: Optional[torch.dtype] = None
     channels_last: bool = False
     compile: bool = False
+
+    def configure_backends(self) -> None:
+        if self.device.type == 'cuda':
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
 
     def autocast(self) -> ContextManager:
         if self.amp_dtype is None:
@@ -97,8 +103,12 @@ class BenchSetup:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'CPU'
         amp = 'float32' if self.amp_dtype is None else f'autocast {str(self.amp_dtype).replace("torch.", "")}'
+        backends = ''
+        if self.device.type == 'cuda':
+            backends = (f', cudnn.benchmark={torch.backends.cudnn.benchmark}, '
+                        f'TF32 matmuls={torch.backends.cuda.matmul.allow_tf32}')
         return (f'{self.device.type} ({name}), {amp}, {"channels-last" if self.channels_last else "NCHW"}, '
-                f'{"torch.compile (static shapes)" if self.compile else "eager"}')
+                f'{"torch.compile (static shapes)" if self.compile else "eager"}{backends}')
 
 
 @dataclass

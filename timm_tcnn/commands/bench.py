@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'timm\'s ConViT GPSA. Everything is timed round-robin in one run (medians), so ratios are robust '
                     'to machine load; the full default run takes 10-15 minutes on a 2-core CPU. '
                     'On a GPU, timm\'s usual training set-up is e.g. --device cuda --amp bf16 --channels-last '
-                    '--batch-size 128 (add --compile for torch.compile).',
+                    '--batch-size 128 (add --compile for torch.compile); on CUDA both sides run with cuDNN '
+                    'autotuning and TF32 matmuls, as timm\'s train.py sets there.',
     )
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS), help='what to measure')
     parser.add_argument('--model', choices=list(VARIANTS), default='tcnn_resnet50rs',
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 1024)
     setup = BenchSetup(args.device, AMP_DTYPES[args.amp], args.channels_last, args.compile)
+    setup.configure_backends()
     start = time.time()
     results, notes, warmup = [], [], {}
     if 'models' in args.parts or 'layers' in args.parts:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
 
-__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'floored_blend', 'content_mix_reference', 'queries_of']
+__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference', 'queries_of']
 
 
 class ScaledValues(torch.autograd.Function):
@@ -59,7 +59,7 @@ def _query_grid(geometry: MixGeometry) -> Tuple[int, int]:
     return (geometry.height - 1) // s + 1, (geometry.width - 1) // s + 1
 
 
-def _query_maps(x: torch.Tensor, geometry: MixGeometry) -> torch.Tensor:
+def query_maps(x: torch.Tensor, geometry: MixGeometry) -> torch.Tensor:
     """The maps at the query positions: x itself for stride 1, a strided view for stride 2."""
     if geometry.stride == 1:
         return x
@@ -84,7 +84,7 @@ def project_qk(maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tenso
         weight = _joint_weight(q_weight, k_weight, d, maps.dtype)
         qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
         return qk[:, 0], qk[:, 1]
-    queries = _query_maps(maps, geometry).flatten(2)
+    queries = query_maps(maps, geometry).flatten(2)
     q = torch.bmm(q_weight.to(maps.dtype).expand(B, -1, -1), queries).float().view(B * heads, d, -1)
     k = torch.bmm(k_weight.to(maps.dtype).expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
     return q, k
@@ -216,9 +216,9 @@ def _split_qk_backward(
     grad_q = grad_queries.view(B, heads, -1).mul_(factor).view(B, q_weight.shape[0], -1).to(dtype)
     grad_k = grad_keys.view(B, heads, -1).mul_(factor).view(B, k_weight.shape[0], -1).to(dtype)
     grad_maps = torch.bmm(k_weight.to(dtype).t().expand(B, -1, -1), grad_k).view(maps.shape)
-    _query_maps(grad_maps, geometry).add_(
+    query_maps(grad_maps, geometry).add_(
         torch.bmm(q_weight.to(dtype).t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
-    grad_q_weight = torch.bmm(grad_q, _query_maps(maps, geometry).flatten(2).transpose(1, 2)).sum(0)
+    grad_q_weight = torch.bmm(grad_q, query_maps(maps, geometry).flatten(2).transpose(1, 2)).sum(0)
     grad_k_weight = torch.bmm(grad_k, maps.flatten(2).transpose(1, 2)).sum(0)
     return grad_maps, grad_q_weight.to(q_weight.dtype), grad_k_weight.to(k_weight.dtype)
 

@@ -49,6 +49,7 @@ from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
 from .config import resolve_attention_path
+from .fused import fused_mix
 from .functions import ContentMix, MixGeometry, ScaledValues, content_mix_reference, floored_blend
 from .cache import BoundedCache
 from .inference import InferencePlan
@@ -475,8 +476,17 @@ class GatedPositionalAttention2d(nn.Module):
         values = self._values()
         positional = PositionalMixing.apply(values, self._tables(H, W, x.device), self.grad_floor)
         geometry = self._geometry(x, self._block(B, H, W, x.device))
-        mixed = ContentMix.apply(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
+        mixed = self._mix(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
+
+    @torch.jit.unused
+    def _mix(self, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
+             values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+        """(B, Nq, heads, C) inputs mixed by each head's attention, on the path of `_path` (the content gates lead
+        `values`)."""
+        if self._path() == 'fused':
+            return fused_mix(x, q_weight, k_weight, positional, values[:positional.shape[1]], geometry, grad_floor)
+        return ContentMix.apply(x, q_weight, k_weight, positional, values, geometry, grad_floor)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training computation in standard operations, all queries at once: scripted, traced, exported and
@@ -544,7 +554,7 @@ class GatedPositionalAttention2d(nn.Module):
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
             q_weight, k_weight = self._qk_weights(plan.open_heads)
-            mixed = ContentMix.apply(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
+            mixed = self._mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
             weight = self.tap_major_weight(plan.open_heads)
             out = self._project(mixed, weight, self.bias if out is None else None, out)
         return self._to_map(out, x)
