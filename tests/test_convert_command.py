@@ -122,9 +122,25 @@ def test_model_kwargs_reach_the_converted_model(tmp_path, capsys):
     assert 'classifier replaced: the weights have 7 classes' in capsys.readouterr().out
     tcnn = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert tcnn.num_classes == 3 and tcnn.fc.weight.shape == (3, 512) and tcnn.drop_rate == 0.5
-    assert json.loads((out / 'config.json').read_text())['model_args']['drop_rate'] == 0.5
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['drop_rate'] == 0.5
+    assert config['pretrained_cfg']['notes'] == [
+        'T-CNN converted from CNN checkpoint cnn7.pth, its 7-class classifier replaced by a random 3-class one '
+        '(seed 0) by timm-tcnn convert.']
     body = {k: v for k, v in cnn.state_dict().items() if not k.startswith('fc.')}
     assert all(torch.equal(tcnn.state_dict()[k], v) for k, v in body.items())  # the body is the checkpoint's
     assert main(['convert', 'resnet18', '--random-weights', '--out', str(tmp_path / 'random'), '--batch-size', '1',
                  '--model-kwargs', 'num_classes=3']) == 0
     assert json.loads((tmp_path / 'random' / 'config.json').read_text())['num_classes'] == 3
+
+
+def test_hub_weights_with_another_class_count_are_not_labelled_as_timms(offline_hub, tmp_path):
+    out = tmp_path / 'out'
+    assert main(['convert', 'resnetrs50', '--out', str(out), '--batch-size', '1', '--model-kwargs', 'num_classes=3']) == 0
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['tag'] == 'converted' and cfg['num_classes'] == 3 and cfg.get('hf_hub_id') is None
+    assert cfg['notes'] == ['T-CNN converted from hf-hub:timm/resnetrs50.tf_in1k, its 1000-class classifier replaced '
+                            'by a random 3-class one (seed 0) by timm-tcnn convert.']
+    hub = offline_hub.state_dicts['timm/resnetrs50.tf_in1k']
+    tcnn = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert torch.equal(tcnn.state_dict()['conv1.0.weight'], hub['conv1.0.weight'])  # the Hub body, a new head

@@ -148,9 +148,9 @@ def _refuse_tcnn_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, tcnn
 
 
 def _load_cnn(args: argparse.Namespace, tcnn_name: str, cnn_name: str,
-              kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
-    """The CNN built with `kwargs` and its weights, where they came from, and the pretrained cfg the T-CNN is
-    labelled with. Random weights get --model-kwargs num_classes; loaded weights keep their classifier."""
+              kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, str, str]:
+    """The CNN built with `kwargs` and its weights, where they came from (printed, and as the T-CNN's note says it).
+    Random weights get --model-kwargs num_classes; loaded weights keep their classifier."""
     arch = cnn_name.split('.')[0]
     if args.checkpoint:
         state_dict = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
@@ -160,30 +160,33 @@ def _load_cnn(args: argparse.Namespace, tcnn_name: str, cnn_name: str,
         cnn = create_model(arch, **{**kwargs, **found})
         check_fits(state_dict, cnn, f'checkpoint {args.checkpoint}')
         cnn.load_state_dict(state_dict)
-        return cnn, args.checkpoint, _local_cfg(f'CNN checkpoint {Path(args.checkpoint).name}')
+        return cnn, args.checkpoint, f'CNN checkpoint {Path(args.checkpoint).name}'
     if args.random_weights:
         torch.manual_seed(args.seed)
         classes = {'num_classes': args.model_kwargs['num_classes']} if 'num_classes' in args.model_kwargs else {}
-        cnn = _random_cnn(cnn_name, **kwargs, **classes)
-        return cnn, 'random weights', _local_cfg('random CNN weights (not pretrained)')
+        return _random_cnn(cnn_name, **kwargs, **classes), 'random weights', 'random CNN weights (not pretrained)'
     hf_hub_id = timm.models.get_pretrained_cfg(cnn_name).hf_hub_id
     require_hub_weights(hf_hub_id)
     try:
         cnn = create_model(cnn_name, pretrained=True, **kwargs)
     except RuntimeError as e:  # architecture kwargs the weights do not fit
+        if isinstance(e, InputError):
+            raise
         raise InputError(f'the weights of {hf_hub_id} do not fit {arch} built with --model-kwargs {kwargs}: '
                          f'{str(e).splitlines()[0]}') from None
     check_finite(cnn.state_dict(), f'the weights of {hf_hub_id}')
-    return cnn, f'hf-hub:{hf_hub_id}', {}
+    return cnn, f'hf-hub:{hf_hub_id}', f'hf-hub:{hf_hub_id}'
 
 
-def _replace_classifier(cnn: torch.nn.Module, num_classes: int, seed: int) -> None:
-    """A new random classifier of `num_classes` outputs (timm's `reset_classifier`), drawn with `seed`."""
+def _replace_classifier(cnn: torch.nn.Module, num_classes: int, seed: int) -> str:
+    """A new random classifier of `num_classes` outputs (timm's `reset_classifier`), drawn with `seed`; returns
+    what was done, for the T-CNN's note."""
+    done = f'its {cnn.num_classes}-class classifier replaced by a random {num_classes}-class one (seed {seed})'
     print(f'classifier replaced: the weights have {cnn.num_classes} classes, --model-kwargs num_classes='
-          f'{num_classes}; the new {num_classes}-class classifier is random (seed {seed}) and the same in the '
-          f'CNN and the T-CNN')
+          f'{num_classes}; the new classifier is random (seed {seed}) and the same in the CNN and the T-CNN')
     torch.manual_seed(seed)
     cnn.reset_classifier(num_classes)
+    return done
 
 
 def _local_cfg(source: str) -> Dict[str, Any]:
@@ -198,10 +201,12 @@ def run(args: argparse.Namespace) -> int:
     files = _check_args(args)
 
     start = time.perf_counter()
-    cnn, source, cfg_overlay = _load_cnn(args, tcnn_name, cnn_name, kwargs)
+    cnn, source, label = _load_cnn(args, tcnn_name, cnn_name, kwargs)
     num_classes = args.model_kwargs.get('num_classes', cnn.num_classes)
     if num_classes != cnn.num_classes:
-        _replace_classifier(cnn, num_classes, args.seed)
+        label = f'{label}, {_replace_classifier(cnn, num_classes, args.seed)}'
+    # timm's own pretrained cfg only for its weights as they are
+    cfg_overlay = {} if label == source and source.startswith('hf-hub:') else _local_cfg(label)
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()
