@@ -281,3 +281,20 @@ def test_transfer_fine_tune(setup, cnn4, tmp_path):
             if not name.startswith('fc.'):
                 assert torch.equal(last['cnn'][name], value) and torch.equal(last['tcnn'][name], value), name
     assert 'transfer: the classifier of the starting weights replaced' in (out / 'report.md').read_text()
+
+
+def test_imagenet_checkpoint_on_three_classes_is_a_transfer(setup, tmp_path, capsys):
+    """A 1000-class CNN checkpoint with --num-classes 3 on 3-class data: a transfer, checked up front."""
+    image = next((setup / 'data' / 'validation' / 'disk_same').iterdir()).read_bytes()
+    for split in ('train', 'validation'):
+        for label in 'abc':
+            (tmp_path / 'data' / split / label).mkdir(parents=True)
+            (tmp_path / 'data' / split / label / '0.png').write_bytes(image)
+    torch.save(timm.create_model('resnetrs50', **KWARGS).state_dict(), tmp_path / 'cnn1000.pth')
+    args = experiment_args(setup, tmp_path / 'out', '--dry-run')
+    _set(args, '--data-dir', str(tmp_path / 'data'))
+    _set(args, '--cnn-checkpoint', str(tmp_path / 'cnn1000.pth'))
+    _set(args, '--num-classes', '3')
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert '# start/seed0\n' in out and out.count(f'--initial-checkpoint {tmp_path / "out" / "start"}') == 4
