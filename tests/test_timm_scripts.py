@@ -281,3 +281,14 @@ def test_experiment_transfer_start_in_train_py(offline_hub, image_folder, workdi
         heads[model] = trained['fc.weight']
     torch.testing.assert_close(heads['resnetrs50'], heads['tcnn_resnet50rs'], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(heads['resnetrs50'], load_file(str(start))['fc.weight'], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_with_torchcompile(offline_hub, image_folder, workdir):
+    """train.py --torchcompile (inductor): one epoch of tcnn_resnet18 and its validation, whose last batch is
+    smaller than the others (a new batch size: one recompilation, then the dynamic graph)."""
+    out = run('train.py', '--data-dir', str(image_folder), '--model', 'tcnn_resnet18', '--pretrained', *TRAIN_ARGS,
+              '--lr', '0.01', '--validation-batch-size', '3', '--model-kwargs', 'tcnn_qk_dim=8', '--torchcompile',
+              'inductor', '--output', str(workdir), '--experiment', 'compiled', cwd=workdir)
+    summary = (workdir / 'compiled' / 'summary.csv').read_text().splitlines()
+    assert len(summary) == 2 and math.isfinite(float(summary[1].split(',')[1])), out.stdout[-2000:]

@@ -98,6 +98,7 @@ class GatedPositionalAttention2d(nn.Module):
     (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride))` without padding).
     """
     __jit_ignored_attributes__ = ['_plans']  # eager inference only
+    __jit_unused_properties__ = ['inference_cache_bytes']
 
     def __init__(
             self,
@@ -306,13 +307,14 @@ class GatedPositionalAttention2d(nn.Module):
         return query_start(height, k, s, same), query_start(width, k, s, same)
 
     def _tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
             return positional_tables(self.kernel_size, self.stride, height, width, self.same_padding, device)
         return self._cached_tables(height, width, device)
 
     @torch.jit.unused
     def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
-        return cached_positional_tables(self.kernel_size, self.stride, height, width, self.same_padding, device)
+        return cached_positional_tables(
+            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device)
 
     def _block(self, batch: int, height: int, width: int, device: torch.device) -> int:
         """Queries per block: the float32 attention of a block stays within `attention_block_bytes`."""

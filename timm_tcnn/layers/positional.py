@@ -114,6 +114,7 @@ def positional_tables(
 TABLES = BoundedCache(256 * 2 ** 20)
 
 
+@torch.compiler.assume_constant_result
 def cached_positional_tables(
         kernel_size: int, stride: int, height: int, width: int, same_padding: bool, device: torch.device,
 ) -> PositionalTables:
