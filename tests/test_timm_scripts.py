@@ -287,7 +287,7 @@ def test_experiment_transfer_start_in_train_py(offline_hub, image_folder, workdi
 def test_train_with_torchcompile(offline_hub, image_folder, workdir):
     """train.py --torchcompile (inductor): one epoch of tcnn_resnet18 and its validation, whose last batch is
     smaller than the others (a new batch size: one recompilation, then the dynamic graph)."""
-    out = run('train.py', '--data-dir', str(image_folder), '--model', 'tcnn_resnet18', '--pretrained', *TRAIN_ARGS,
+    out = run('train.py', '--data-dir', str(image_folder), '--model', 'tcnn_resnet18', *TRAIN_ARGS,
               '--lr', '0.01', '--validation-batch-size', '3', '--model-kwargs', 'tcnn_qk_dim=8', '--torchcompile',
               'inductor', '--output', str(workdir), '--experiment', 'compiled', cwd=workdir)
     summary = (workdir / 'compiled' / 'summary.csv').read_text().splitlines()
