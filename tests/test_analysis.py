@@ -385,9 +385,9 @@ def test_analyze_pretrained_against_cnn_from_hub(offline_hub, image_folder, tmp_
 
 
 def test_analyze_command_bad_inputs(checkpoints, image_folder, tmp_path, capsys):
-    def analyze(*args, images=image_folder, weights=('--random-weights',)):
+    def analyze(*args, images=image_folder, weights=('--random-weights',), plots=False):
         code = main(['analyze', *args, *weights, '--images', str(images), '--out', str(tmp_path / 'out'),
-                     '--img-size', '64', '--no-plots'])
+                     '--img-size', '64', *([] if plots else ['--no-plots'])])
         assert code == 2
         return capsys.readouterr().err
 
@@ -405,7 +405,7 @@ def test_analyze_command_bad_inputs(checkpoints, image_folder, tmp_path, capsys)
                        str(checkpoints / 'tuned.pth'), weights=())
     assert 'does not fit tcnn_resnet50rs' in mismatch and 'pass the architecture kwargs it was trained with' in mismatch
     assert 'neither a file nor a timm model name' in analyze('tcnn_resnet50rs', '--cnn', 'no_such_cnn')
-    assert 'outside the 64x64 model input' in analyze('tcnn_resnet50rs', '--query-pixel', '64', '3')
+    assert 'outside the 64x64 model input' in analyze('tcnn_resnet50rs', '--query-pixel', '64', '3', plots=True)
     assert 'has no weights: pass one of --pretrained, --checkpoint FILE, --random-weights' in analyze(
         'tcnn_resnet50rs', weights=())
     assert not (tmp_path / 'out').exists()

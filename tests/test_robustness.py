@@ -283,8 +283,8 @@ def test_corrupt_on_the_fly_and_compare_cnn_with_its_tcnn(tmp_path, cnn, capsys)
     ([], 'nothing to evaluate'),
     (['--imagenet-c', 'EMPTY', '--corruptions', 'sunburn'], 'unknown corruption(s) sunburn'),
     (['--imagenet-c', 'EMPTY', '--severities', '0'], 'severities must be in 1..5'),
-    (['--imagenet-val', 'EMPTY', '--clean-accuracy', '80'], 'no labelled images found'),
-    (['--imagenet-val', 'EMPTY', '--clean-accuracy', '180'], 'percentage in [0, 100]'),
+    (['--imagenet-val', 'EMPTY'], 'no labelled images found'),
+    (['--imagenet-c', 'EMPTY', '--clean-accuracy', '180'], 'percentage in [0, 100]'),
     (['--imagenet-val', 'EMPTY', '--compare', 'resnet50'], 'resnet50 has no weights'),
 ])
 def test_bad_input_gives_clear_errors(tmp_path, capsys, args, message):

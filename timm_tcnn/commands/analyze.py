@@ -119,7 +119,7 @@ def analyze(args: argparse.Namespace) -> Tuple[List[LayerStats], Dict[str, objec
     require_weights(args)
     if args.no_plots:
         refuse_unused({'--query-pixel': args.query_pixel is not None, '--plot-heads': args.plot_heads is not None},
-                      'the figures (no --no-plots)')
+                      'the figures', 'drop --no-plots')
     check_output_dir(args.out, args.overwrite)
     plots = None
     if not args.no_plots:

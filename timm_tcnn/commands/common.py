@@ -1,6 +1,6 @@
 """ Arguments and checks shared by the commands: weights, device and output folders. """
 import argparse
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from timm.utils import ParseKwargs
@@ -71,10 +71,11 @@ def add_output_args(parser: argparse.ArgumentParser, help: str, required: bool =
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
 
 
-def refuse_unused(given: Mapping[str, bool], needs: str) -> None:
-    """Raise an `InputError` naming the options of `given` that were given (True) but do nothing without `needs`."""
+def refuse_unused(given: Mapping[str, bool], needs: str, fix: Optional[str] = None) -> None:
+    """Raise an `InputError` naming the options of `given` that were given (True) but do nothing without `needs`;
+    the message offers `fix` (default: add `needs`) or leaving them out."""
     names = [name for name, is_given in given.items() if is_given]
     if names:
-        them = 'it' if len(names) == 1 else 'them'
-        raise InputError(f'{", ".join(names)} only {"acts" if len(names) == 1 else "act"} with {needs}: add {needs} '
-                         f'or leave {them} out.')
+        one = len(names) == 1
+        raise InputError(f'{", ".join(names)} only {"acts" if one else "act"} with {needs}: {fix or "add " + needs} '
+                         f'or leave {"it" if one else "them"} out.')

@@ -158,7 +158,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InputError(f'--num-classes must be >= 1, got {args.num_classes}.')
     if (args.imagenet_a or args.imagenet_r) and not args.imagenet_c:  # no corrupted images in the robustness step
         refuse_unused({'--corruptions': bool(args.corruptions), '--severities': bool(args.severities)},
-                      '--imagenet-c DIR (or without --imagenet-a/-r: the validation split corrupted on the fly)')
+                      'corrupted images', 'add --imagenet-c DIR (or drop --imagenet-a/-r: the validation split is then '
+                                          'corrupted on the fly)')
     unknown = [c for c in args.corruptions if c not in CORRUPTIONS + EXTRA_CORRUPTIONS]
     bad = [s for s in args.severities if s not in SEVERITIES]
     if unknown or bad:

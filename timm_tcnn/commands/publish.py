@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_unused({'--overwrite': args.overwrite and not args.out}, '--out DIR')
     if args.dry_run:
         refuse_unused({'--private': args.private, '--revision': bool(args.revision),
-                       '--overwrite-hub': args.overwrite_hub}, 'an upload (no --dry-run)')
+                       '--overwrite-hub': args.overwrite_hub}, 'an upload', 'drop --dry-run')
     if args.out:
         check_output_dir(args.out, args.overwrite)
     target = None if args.dry_run else check_hub_target(args.repo_id, args.revision, args.overwrite_hub)

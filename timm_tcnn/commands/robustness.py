@@ -96,7 +96,8 @@ def _check_args(args: argparse.Namespace) -> None:
                       '--imagenet-c DIR or --corrupt DIR')
     if not args.imagenet_c:
         refuse_unused({'--clean-accuracy': args.clean_accuracy is not None, '--compare-clean-accuracy':
-                       args.compare_clean_accuracy is not None}, '--imagenet-c DIR (for the relative mCE)')
+                       args.compare_clean_accuracy is not None}, '--imagenet-c DIR (the relative mCE)',
+                      'add --imagenet-c DIR')
     if args.compare and not (args.compare_pretrained or args.compare_checkpoint):
         raise InputError(f'{args.compare} has no weights: pass --compare-pretrained or --compare-checkpoint FILE.')
     known = CORRUPTIONS + EXTRA_CORRUPTIONS
