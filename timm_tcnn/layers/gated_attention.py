@@ -331,16 +331,14 @@ class GatedPositionalAttention2d(nn.Module):
 
     def _values(self) -> torch.Tensor:
         """(5 * heads,) float32 values: content gate, locality gate (in [0, 1]), log alpha, centre (`split_values`),
-        rate-scaled and straight-through."""
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            scale = self.gate_lr_scale
-            return torch.cat([
-                straight_through_clamp(rate_scaled(self.content_gate.float(), scale)),
-                straight_through_clamp(rate_scaled(self.locality_gate.float(), scale)),
-                rate_scaled(self.pos_log_alpha.float(), scale),
-                rate_scaled(self.pos_center.float(), scale).flatten(),
-            ])
-        return self._scaled_values()
+        rate-scaled and straight-through, in standard operations (`ScaledValues` in the eager paths)."""
+        scale = self.gate_lr_scale
+        return torch.cat([
+            straight_through_clamp(rate_scaled(self.content_gate.float(), scale)),
+            straight_through_clamp(rate_scaled(self.locality_gate.float(), scale)),
+            rate_scaled(self.pos_log_alpha.float(), scale),
+            rate_scaled(self.pos_center.float(), scale).flatten(),
+        ])
 
     @torch.jit.unused
     def _scaled_values(self) -> torch.Tensor:
@@ -458,35 +456,36 @@ class GatedPositionalAttention2d(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self._path()
+        """The one place that chooses the eager computation: the process-wide path (`config.py`), and with autograd
+        off (nothing to differentiate) the inference plan."""
+        path = resolve_attention_path()
         if path == 'reference':
             return reference_forward(self, x)
-        if not torch.is_grad_enabled():  # nothing to differentiate: reuse what does not depend on the input
-            return self._inference_forward(x)
-        return self.attention_forward(x)
-
-    @torch.jit.unused
-    def _path(self) -> str:
-        return resolve_attention_path()
+        if not torch.is_grad_enabled():
+            return self._inference_forward(x, fused=path == 'fused')
+        return self._attention(x, fused=path == 'fused')
 
     @torch.jit.unused
     def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The attention computation itself, as in training, whatever the grad mode: never the inference
         shortcuts (reused positional attention, skipped content branch, `F.conv2d` while the layer is its
         convolution)."""
+        return self._attention(x, fused=resolve_attention_path() == 'fused')
+
+    @torch.jit.unused
+    def _attention(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         B, C, H, W = x.shape
-        values = self._values()
+        values = self._scaled_values()
         positional = PositionalMixing.apply(values, self._tables(H, W, x.device), self.grad_floor)
         geometry = self._geometry(x, self._block(B, H, W, x.device))
-        mixed = self._mix(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
+        mixed = self._mix(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor, fused)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
     @torch.jit.unused
     def _mix(self, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-             values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
-        """(B, Nq, heads, C) inputs mixed by each head's attention, on the path of `_path` (the content gates lead
-        `values`)."""
-        if self._path() == 'fused':
+             values: torch.Tensor, geometry: MixGeometry, grad_floor: float, fused: bool) -> torch.Tensor:
+        """(B, Nq, heads, C) inputs mixed by each head's attention (the content gates lead `values`)."""
+        if fused:
             return fused_mix(x, q_weight, k_weight, positional, values[:positional.shape[1]], geometry, grad_floor)
         return ContentMix.apply(x, q_weight, k_weight, positional, values, geometry, grad_floor)
 
@@ -518,7 +517,7 @@ class GatedPositionalAttention2d(nn.Module):
 
     @torch.jit.unused
     def _build_plan(self, height: int, width: int, device: torch.device, stored: torch.Tensor) -> InferencePlan:
-        values = self._values()
+        values = self._scaled_values()
         gate, locality = values[:self.num_heads], values[self.num_heads:2 * self.num_heads]
         open_heads, closed_heads = (gate > 0).nonzero().flatten(), (gate == 0).nonzero().flatten()
         if open_heads.numel() == 0 and bool((locality == 0).all()):
@@ -536,7 +535,7 @@ class GatedPositionalAttention2d(nn.Module):
             open_gates=gate[open_heads], **closed)
 
     @torch.jit.unused
-    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _inference_forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         """Forward without autograd, reusing the plan for x's map size (`inference.py`).
 
         Runs the convolution itself while the layer is exactly its convolution; otherwise mixes the closed heads
@@ -556,7 +555,7 @@ class GatedPositionalAttention2d(nn.Module):
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
             q_weight, k_weight = self._qk_weights(plan.open_heads)
-            mixed = self._mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
+            mixed = self._mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0., fused)
             weight = self.tap_major_weight(plan.open_heads)
             out = self._project(mixed, weight, self.bias if out is None else None, out)
         return self._to_map(out, x)
