@@ -173,6 +173,10 @@ def _targets(
         convert_strided: bool,
 ) -> List[Tuple[str, nn.Conv2d]]:
     """(name, conv) of the convolutions to convert, or an InputError naming the stages the model has."""
+    if not any(_is_candidate(module) for module in model.modules()):
+        raise InputError(
+            f'{type(model).__name__} has no spatial convolution (KxK, K > 1, kernel larger than stride): '
+            f'transform_cnn converts CNNs, not vision transformers or MLPs.')
     stage_of = conv_stages(model)
     available = sorted(set(stage_of.values()))
     bad = [s for s in stages if s not in available]
