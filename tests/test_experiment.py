@@ -173,6 +173,8 @@ def _set(args: list, option: str, *values: str) -> None:
     ('fewer-classes-than-data', 'the model would have 3 classes but'),
     ('kwargs-train-py-sets', '--model-kwargs drop_rate: train.py sets these'),
     ('tcnn-checkpoint', 'is a T-CNN checkpoint'),
+    ('tcnn-kwargs-for-both-arms', "move ['drop_rate', 'tcnn_qk_dim'] to the other one"),
+    ('bad-tcnn-option', '--tcnn-kwargs: tcnn_qk_dim=0: expected an integer >= 1'),
     ('other-architecture', 'does not fit resnetrs50'),
 ])
 def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
@@ -199,6 +201,11 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
         _set(args, '--num-classes', '3')
     elif problem == 'kwargs-train-py-sets':
         args.insert(args.index('layers=(1,1,1,1)') + 1, 'drop_rate=0.1')
+    elif problem == 'tcnn-kwargs-for-both-arms':  # one arm would differ from the other; the CNN has no tcnn_*
+        args += ['--tcnn-kwargs', 'drop_rate=0.1']
+        args.insert(args.index('layers=(1,1,1,1)') + 1, 'tcnn_qk_dim=8')
+    elif problem == 'bad-tcnn-option':
+        args += ['--tcnn-kwargs', 'tcnn_qk_dim=0']
     elif problem == 'tcnn-checkpoint':
         tcnn = timm.create_model('tcnn_resnet50rs', num_classes=10, **KWARGS)
         torch.save(tcnn.state_dict(), tmp_path / 'tcnn.pth')

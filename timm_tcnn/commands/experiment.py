@@ -18,7 +18,8 @@ from ..hub import require_hub_weights
 from ..io import check_writable, load_checkpoint_state_dict, read_mapping
 from ..loading import check_fits, create_model, unknown_model_hint
 from ..numerics import check_finite
-from ..variants import variant
+from ..options import PREFIX
+from ..variants import conversion_options, variant
 from ..robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 from .common import refuse_unused, resolve_device
 
@@ -149,7 +150,7 @@ def _start_classes(args: argparse.Namespace, cnn: str) -> int:
     return found['num_classes']
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+def _check_options(args: argparse.Namespace) -> None:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise InputError(f'--seeds must be distinct integers >= 0, got {" ".join(map(str, args.seeds))}.')
     if (args.epochs is not None and args.epochs < 1) or args.nproc < 1:
@@ -165,6 +166,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if unknown or bad:
         raise InputError(f'unknown corruption(s) {unknown} or severities {bad}: corruptions are '
                          f'{", ".join(CORRUPTIONS + EXTRA_CORRUPTIONS)}; severities 1..5.')
+    not_tcnn = sorted(k for k in args.tcnn_kwargs if not k.startswith(PREFIX))
+    tcnn_in_both = sorted(k for k in args.model_kwargs if k.startswith(PREFIX))
+    if not_tcnn or tcnn_in_both:
+        raise InputError(f'--tcnn-kwargs takes the T-CNN options (tcnn_*), of the tcnn arm only, and --model-kwargs the '
+                         f'arguments of both arms: move {not_tcnn + tcnn_in_both} to the other one.')
+    try:
+        conversion_options(args.model, **args.tcnn_kwargs)
+    except (TypeError, ValueError) as e:
+        raise InputError(f'--tcnn-kwargs: {e}') from None
     repeated = sorted(set(args.model_kwargs) & set(_TRAIN_PY_KWARGS))
     if repeated:
         raise InputError(f'--model-kwargs {", ".join(repeated)}: train.py sets these from its own options (e.g. '
@@ -183,7 +193,7 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
         read_mapping(recipe, 'recipe')
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f'{e} Pass a train.py YAML recipe with --config.') from None
-    _check_numbers(args)
+    _check_options(args)
     data_dir = Path(args.data_dir)
     data_classes = _check_classes(data_dir, args.train_split, args.val_split)
     resolve_device(args.device)
