@@ -3,7 +3,6 @@ same outputs and gradients, for every path (autograd, inference cache, conv and 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention

@@ -8,3 +8,8 @@ from .config import ATTENTION_PATHS, attention_path, get_attention_path, set_att
 from .gated_attention import RATE_SCALED_PARAMS, GatedPositionalAttention2d
 from .numerics import default_block_bytes, rate_scaled, straight_through_clamp
 from .reference import reference_forward
+
+__all__ = [
+    'ATTENTION_PATHS', 'attention_path', 'get_attention_path', 'set_attention_path', 'RATE_SCALED_PARAMS',
+    'GatedPositionalAttention2d', 'default_block_bytes', 'rate_scaled', 'straight_through_clamp', 'reference_forward',
+]

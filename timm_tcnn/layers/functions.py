@@ -9,14 +9,13 @@ that issues a few large operations where autograd would issue many small ones.
 `floored_blend` and `content_mix_reference` are the same maths in standard operations, for scripted, traced and
 compiled graphs and as the references the functions are tested against.
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
 
-__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference', 'queries_of']
+__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):

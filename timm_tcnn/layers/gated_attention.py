@@ -39,7 +39,7 @@ convolution plus those of the attention. Which computation runs is chosen in one
 `config.py`'s switch); every path is tested against `reference.py`.
 """
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -367,7 +367,7 @@ class GatedPositionalAttention2d(nn.Module):
     def content_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled query-key products of every head, always in float32: (B, C_in, H, W) ->
         (B, heads, H_out * W_out, H * W)."""
-        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+        H, W = x.shape[-2], x.shape[-1]
         h, d = self.num_heads, self.qk_dim
         row0, col0 = self.query_start(H, W)
         queries = x[:, :, row0::self.stride, col0::self.stride] if self.stride > 1 else x
