@@ -532,7 +532,7 @@ class GatedPositionalAttention2d(nn.Module):
             return InferencePlan(stored, False, open_positional=positional, open_gates=gate.clone())
         return InferencePlan(
             stored, False, open_heads=open_heads, open_positional=positional[:, open_heads].contiguous(),
-            open_gates=gate[open_heads], **closed)
+            open_gates=gate[open_heads], head_order=torch.cat([open_heads, closed_heads]), **closed)
 
     @torch.jit.unused
     def _inference_forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -547,17 +547,21 @@ class GatedPositionalAttention2d(nn.Module):
         if plan.is_convolution:
             return self._conv_forward(x)
         tokens = tokens_of(x, mixing_dtype(x))
+        # one copy of the tap weight, open heads first: each part's weight is a view of it
+        order = plan.head_order if plan.head_order is not None else plan.closed_heads
+        weight = self.tap_major_weight(order)
+        num_open = 0 if plan.open_positional is None else plan.open_positional.shape[1]
+        split = num_open * (self.in_channels // self.groups)
         out: Optional[torch.Tensor] = None
         if plan.closed_positional is not None:
             positional = cast_without_subnormals(plan.closed_positional, tokens.dtype)
             mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, positional.shape[0], -1, C)
-            out = self._project(mixed, self.tap_major_weight(plan.closed_heads), self.bias)
+            out = self._project(mixed, weight[..., split:], self.bias)
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
             q_weight, k_weight = self._qk_weights(plan.open_heads)
             mixed = self._mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0., fused)
-            weight = self.tap_major_weight(plan.open_heads)
-            out = self._project(mixed, weight, self.bias if out is None else None, out)
+            out = self._project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 
     @torch.jit.unused

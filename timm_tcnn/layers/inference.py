@@ -23,6 +23,8 @@ class InferencePlan(NamedTuple):
         open_heads is None also when every head is open.
     open_positional / closed_positional: (Nq, heads of the part, N) float32 positional attention of each part.
     open_gates: (open heads,) their content gates.
+    head_order: the open heads then the closed ones, when both exist (None: every head in its own order): the
+        order of the one copy of the tap weight per call, whose two parts are then views.
     """
     key: torch.Tensor
     is_convolution: bool
@@ -31,9 +33,10 @@ class InferencePlan(NamedTuple):
     open_gates: Optional[torch.Tensor] = None
     closed_heads: Optional[torch.Tensor] = None
     closed_positional: Optional[torch.Tensor] = None
+    head_order: Optional[torch.Tensor] = None
 
     @property
     def nbytes(self) -> int:
         tensors = (self.key, self.open_heads, self.open_positional, self.open_gates, self.closed_heads,
-                   self.closed_positional)
+                   self.closed_positional, self.head_order)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
