@@ -1,4 +1,4 @@
-""" Look inside a T-CNN before and after a tiny fine-tune, with the Python API of timm_tcnn.analysis.
+""" Look inside a T-CNN before and after a tiny fine-tune, with the Python API of timm_tcnn.tools.analysis.
 
     python examples/analyze_attention.py --out /tmp/tcnn-analysis [--images DIR] [--pretrained]
 
@@ -22,8 +22,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import timm_tcnn
-from timm_tcnn import plots
-from timm_tcnn.analysis import AttentionAnalyzer, LayerStats
+from timm_tcnn.tools import plots
+from timm_tcnn.tools.analysis import AttentionAnalyzer, LayerStats
 
 
 def generated_images(folder: Path, count: int = 6) -> List[Path]:

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from timm_tcnn.experiment.parts import evaluate_parts, load_image_groups, load_label_parts
-from timm_tcnn.experiment.report import read_summary
-from timm_tcnn.experiment.runner import GateRecorder
+from timm_tcnn.tools.experiment.parts import evaluate_parts, load_image_groups, load_label_parts
+from timm_tcnn.tools.experiment.report import read_summary
+from timm_tcnn.tools.experiment.runner import GateRecorder
 
 
 def _train(args: argparse.Namespace, name: str, model: str, kwargs: list, out: Path) -> dict:

@@ -7,7 +7,7 @@ import sys
 import time
 
 import timm_tcnn
-from timm_tcnn.bench import bench_variant
+from timm_tcnn.tools.bench import bench_variant
 
 if __name__ == '__main__':
     names = sys.argv[1:] or list(timm_tcnn.VARIANTS)

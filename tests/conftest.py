@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from timm_tcnn.numerics import relative_error  # noqa: F401  max |out - ref| / max |ref|, inf if not finite
+from timm_tcnn.utils.numerics import relative_error  # noqa: F401  max |out - ref| / max |ref|, inf if not finite
 
 
 def attention_path(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-""" Attention diagnostics (timm_tcnn.analysis), figures and `timm-tcnn analyze`, against independent computations. """
+""" Attention diagnostics (timm_tcnn.tools.analysis), figures and `timm-tcnn analyze`, against independent computations. """
 import copy
 import csv
 import itertools
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import GatedPositionalAttention2d, attention_layers, conv_to_attention
-from timm_tcnn.analysis import AttentionAnalyzer, attention_maps, positional_offset_attention, query_positions
+from timm_tcnn.tools.analysis import AttentionAnalyzer, attention_maps, positional_offset_attention, query_positions
 from timm_tcnn.cli import main
 from conftest import randomize_batchnorm, relative_error
 
@@ -147,7 +147,7 @@ def test_uniform_content_attention_by_hand():
 
 
 def test_statistics_do_not_depend_on_query_blocks(monkeypatch):
-    import timm_tcnn.analysis as analysis
+    import timm_tcnn.tools.analysis as analysis
     layer = open_gates(GatedPositionalAttention2d(4, 4, 3, stride=2), torch.Generator().manual_seed(7))
     x = torch.randn(3, 4, 6, 5)
     results = []
@@ -287,7 +287,7 @@ def test_query_attention_at_conversion_marks_the_tap_pixel(fresh_and_tuned):
 
 
 def test_figures_are_valid_pngs(fresh_and_tuned, fresh_and_tuned_stats, tmp_path):
-    from timm_tcnn import plots
+    from timm_tcnn.tools import plots
     stats = fresh_and_tuned_stats[1]
     paths = [
         plots.plot_content_share(stats, tmp_path / 'share.png'),

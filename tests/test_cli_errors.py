@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 import timm_tcnn  # noqa: F401
 from timm_tcnn.cli import COMMANDS, main
-from timm_tcnn.io import CheckpointError, atomic_directory, load_checkpoint_state_dict, remove_stale_partials
-from timm_tcnn.numerics import relative_error
+from timm_tcnn.utils.io import atomic_directory, remove_stale_partials
+from timm_tcnn.weights.checkpoint import CheckpointError, load_checkpoint_state_dict
+from timm_tcnn.utils.numerics import relative_error
 
 TINY = ['--model-kwargs', 'layers=(1, 1, 1, 1)', 'num_classes=3']  # a one-block-per-stage T-CNN: cheap
 
@@ -119,16 +120,16 @@ def _cases():
          ['does not fit tcnn_resnet50rs', 'It has 3 classes, this model 1000: pass num_classes=3']),
         *[(f'{command}-{folder}', [command, f'local-dir:{{root}}/{folder}', '--pretrained', *data, '{out}'], 2,
            fragments) for command, data in (('analyze', ['--images', '{root}/images', '--no-plots', '--out']),
-                                            ('robustness', ['--corrupt', '{root}/data/train', '--output']))
+                                            ('robustness', ['--corrupt', '{root}/data/train', '--out']))
           for folder, fragments in (('truncated_folder', ['weights do not load', 'incomplete metadata',
                                                           'write or copy the folder again']),
                                     ('no_config_folder', ['has no config.json', 'copy it completely']))],
-        ('robustness-no-weights', ['robustness', 'resnet18', '--imagenet-val', '{root}/images', '--output', '{out}'],
+        ('robustness-no-weights', ['robustness', 'resnet18', '--imagenet-val', '{root}/images', '--out', '{out}'],
          2, ['has no weights', '--pretrained']),
         ('robustness-output-under-file', ['robustness', 'resnet18', '--pretrained', '--imagenet-val',
-                                          '{root}/images', '--output', '{root}/a_file/out'], 2, ['is a file']),
+                                          '{root}/images', '--out', '{root}/a_file/out'], 2, ['is a file']),
         ('robustness-bad-device', ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/images',
-                                   '--output', '{out}', '--device', 'gpu0'], 2, ['not a torch device', 'cpu']),
+                                   '--out', '{out}', '--device', 'gpu0'], 2, ['not a torch device', 'cpu']),
         ('publish-missing', ['publish', '{root}/missing.pth', '--repo-id', 'acme/x', '--model', 'tcnn_resnet50rs',
                              '--dry-run', '--out', '{out}'], 2, ['does not exist']),
         ('publish-existing-out', ['publish', '{root}/tiny.pth.tar', '--repo-id', 'acme/x', '--dry-run', '--out',
@@ -157,16 +158,16 @@ def _cases():
         ('analyze-query-pixel-no-plots', [*analyze, '--random-weights', '--query-pixel', '1', '1', '--plot-heads', '2'],
          2, ['--query-pixel, --plot-heads only act with the figures: drop --no-plots or leave them out']),
         ('robustness-compare-options-alone', ['robustness', 'resnet18', '--pretrained', '--corrupt', '{root}/data/train',
-                                              '--output', '{out}', '--compare-checkpoint', '{root}/tiny.pth.tar'], 2,
+                                              '--out', '{out}', '--compare-checkpoint', '{root}/tiny.pth.tar'], 2,
          ['--compare-checkpoint only acts with --compare OTHER_MODEL']),
         ('robustness-class-map-alone', ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val',
-                                        '--output', '{out}', '--class-map', '{root}/a_file'], 2,
+                                        '--out', '{out}', '--class-map', '{root}/a_file'], 2,
          ['--class-map only acts with --corrupt DIR']),
         ('robustness-corruptions-alone', ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val',
-                                          '--output', '{out}', '--corruptions', 'fog', '--clean-accuracy', '70'], 2,
+                                          '--out', '{out}', '--corruptions', 'fog', '--clean-accuracy', '70'], 2,
          ['--corruptions only acts with --imagenet-c DIR or --corrupt DIR']),
         ('robustness-clean-accuracy-alone', ['robustness', 'resnet18', '--pretrained', '--corrupt', '{root}/data/train',
-                                             '--output', '{out}', '--clean-accuracy', '70'], 2,
+                                             '--out', '{out}', '--clean-accuracy', '70'], 2,
          ['--clean-accuracy only acts with --imagenet-c DIR (the relative mCE): add --imagenet-c DIR']),
         ('publish-dry-run-upload-options', ['publish', '{root}/tiny.pth.tar', '--repo-id', 'acme/x', '--dry-run',
                                             '--out', '{out}', '--private', '--revision', 'b'], 2,
@@ -252,13 +253,13 @@ def test_publish_checks_the_hub_before_any_work(bad, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize('argv', [
-    ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val', '--output', '{out}'],
+    ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val', '--out', '{out}'],
     ['analyze', 'tcnn_resnet50rs', '--pretrained', '--images', '{root}/images', '--out', '{out}'],
     ['convert', 'tcnn_resnet101rs', '--out', '{out}'],
-    ['robustness', 'hf-hub:acme/tcnn', '--pretrained', '--corrupt', '{root}/data/train', '--output', '{out}'],
+    ['robustness', 'hf-hub:acme/tcnn', '--pretrained', '--corrupt', '{root}/data/train', '--out', '{out}'],
     ['analyze', 'hf-hub:acme/tcnn', '--pretrained', '--images', '{root}/images', '--out', '{out}'],
     ['robustness', 'resnet18', '--checkpoint', '{root}/resnetrs50.safetensors', '--compare', 'hf-hub:acme/cnn',
-     '--compare-pretrained', '--corrupt', '{root}/data/train', '--output', '{out}'],
+     '--compare-pretrained', '--corrupt', '{root}/data/train', '--out', '{out}'],
     ['analyze', 'tcnn_resnet50rs', '--random-weights', '--cnn', 'hf-hub:acme/cnn', '--images', '{root}/images',
      '--out', '{out}'],
 ], ids=['robustness', 'analyze', 'convert', 'robustness-hf-hub', 'analyze-hf-hub', 'robustness-compare-hf-hub',
@@ -283,7 +284,7 @@ def test_missing_hub_weights_fail_fast(bad, tmp_path, capsys, monkeypatch, argv,
 
 def _hang_in_analyze_output(monkeypatch, signum=None):
     """Make analyze stop while its output folder is half written: send `signum` to this process, or hang."""
-    import timm_tcnn.commands.analyze as analyze
+    import timm_tcnn.tools.analyze as analyze
 
     def csv_text(rows):
         if signum is None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import timm_tcnn  # noqa: F401
 from timm_tcnn.cli import main
-from timm_tcnn.hub import HubWeightsUnavailable
+from timm_tcnn.utils.hub import HubWeightsUnavailable
 from conftest import attention_path, relative_error
 
 

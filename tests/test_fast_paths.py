@@ -229,8 +229,8 @@ def test_benchmark_state_is_fine_tuned_like():
     """The benchmark's T-CNN state: every gate strictly inside (0, 1) and all attention parameters
     moved off their set values by the optimiser steps, so no conversion-state shortcut applies."""
     import timm
-    from timm_tcnn.bench import fine_tune_like
-    from timm_tcnn.convert import attention_layers
+    from timm_tcnn.tools.bench import fine_tune_like
+    from timm_tcnn.models.convert import attention_layers
     model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
     fine_tune_like(model, steps=2, gate=0.3, alpha=0.5, img_size=64, batch_size=2)
     assert not model.training
@@ -248,8 +248,8 @@ def test_benchmark_spread_state():
     the content branch runs in inference, so no shortcut of the conversion state applies."""
     import math
     import timm
-    from timm_tcnn.bench import _layer_inputs, spread_state
-    from timm_tcnn.convert import attention_layers
+    from timm_tcnn.tools.bench import _layer_inputs, spread_state
+    from timm_tcnn.models.convert import attention_layers
     model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
     spread_state(model, img_size=64, seed=0)
     assert not model.training

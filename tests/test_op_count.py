@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from timm_tcnn.bench import LAYER_SHAPES, _spread_layer
+from timm_tcnn.tools.bench import LAYER_SHAPES, _spread_layer
 from timm_tcnn.layers import GatedPositionalAttention2d, default_block_bytes
 from timm_tcnn.layers.positional import TABLES
-from timm_tcnn.op_count import OpCounter, layer_step_ops
+from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
 
 # at most: (forward + backward of a training step, inference call); version 0.2 issued 231-269 and 24-37
 LIMITS = {

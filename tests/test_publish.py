@@ -22,13 +22,18 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg
 import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import attention_layers
 from timm_tcnn.cli import main
-from timm_tcnn.io import load_checkpoint_state_dict
-from timm_tcnn.publish import PublishError, check_hub_target, check_weights, upload_model_folder
-from timm_tcnn.published import (
+from timm_tcnn.errors import InputError
+from timm_tcnn.weights.checkpoint import load_checkpoint_state_dict
+from timm_tcnn.weights.model_card import ModelCardInfo, render_model_card
+from timm_tcnn.weights.publish import (
+    PublishError, StartWeights, check_hub_target, check_weights, published_pretrained_cfg, resolve_model_args,
+    upload_model_folder,
+)
+from timm_tcnn.models.published import (
     PublishedWeightsError, load_published_weights, published_cfgs, register_published_weights, registry_entry,
     unregister_published_weights,
 )
-from timm_tcnn.variants import conversion_options
+from timm_tcnn.models.variants import conversion_options
 from conftest import randomize_batchnorm, relative_error
 
 REPO_ID = 'acme/tcnn_resnet50rs.ft_test'
@@ -198,6 +203,20 @@ def test_model_card(published):
     assert 'arXiv:2106.05795' in text and "d'Ascoli" in text and 'Sagun' in text and 'Morcos' in text
 
 
+
+@pytest.mark.parametrize('arch', sorted(timm_tcnn.VARIANTS))
+def test_model_card_of_every_family(arch):
+    """Every registered T-CNN publishes with a card naming its own CNN; only ResNet-RS cards cite ResNet-RS."""
+    row = timm_tcnn.VARIANTS[arch]
+    start = StartWeights(hub_id=f'timm/{row.cnn}.x')
+    _, model_args = resolve_model_args(arch, num_classes=10)
+    cfg = published_pretrained_cfg(arch, model_args, start)
+    text = render_model_card(ModelCardInfo(
+        repo_id=f'acme/{arch}.ft', architecture=arch, start=start, model_args=model_args, pretrained_cfg=cfg,
+        param_count=1, attention_layers=['a.b'], checkpoint='model_best.pth.tar'))
+    assert f"from timm's `{row.cnn}`" in text and ModelCard(text).data.base_model == f'timm/{row.cnn}.x'
+    assert ('Revisiting ResNets' in text) == row.cnn.startswith('resnetrs')
+
 class FakeHub:
     """Records the HfApi calls of an upload; `existing` are the files already in the repo (None: no repo)."""
 
@@ -325,12 +344,12 @@ def test_mismatches_named():
         return timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), **kwargs)
 
     state_dict = tiny(num_classes=3).state_dict()
-    with pytest.raises(PublishError, match='It has 3 classes, this model 5'):
+    with pytest.raises(InputError, match='It has 3 classes, this model 5'):
         check_weights(state_dict, tiny(num_classes=5))
-    with pytest.raises(PublishError, match=r'another architecture than tcnn_resnet50rs \(0 entries only in the '
+    with pytest.raises(InputError, match=r'another architecture than tcnn_resnet50rs \(0 entries only in the '
                                            r'checkpoint.*No registered T-CNN has this architecture'):
         check_weights(state_dict, timm.create_model('tcnn_resnet50rs', num_classes=3))
-    with pytest.raises(PublishError, match=r'Converted layers differ.*only in model \[.layer3.0.conv2.\]'):
+    with pytest.raises(InputError, match=r'Converted layers differ.*only in model \[.layer3.0.conv2.\]'):
         check_weights(state_dict, tiny(num_classes=3, tcnn_stages=(3, 4)))
     with pytest.raises(PublishError, match='no attention parameters'):
         check_weights(timm.create_model('resnetrs50', layers=(1, 1, 1, 1), num_classes=3).state_dict(),

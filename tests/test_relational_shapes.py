@@ -9,8 +9,8 @@ import torch
 from timm.data import ImageDataset
 
 from timm_tcnn.errors import InputError
-from timm_tcnn.experiment.parts import load_image_groups, load_label_parts, part_accuracy
-from timm_tcnn.relational_shapes import DOT_COLORS, FAR_DISTANCE, class_names, render, write_dataset
+from timm_tcnn.tools.experiment.parts import load_image_groups, load_label_parts, part_accuracy
+from timm_tcnn.tools.relational_shapes import DOT_COLORS, FAR_DISTANCE, class_names, render, write_dataset
 
 
 @pytest.fixture(scope='module')

@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 
 from conftest import randomize_batchnorm
 from timm_tcnn.cli import main
-from timm_tcnn.robustness import (
+from timm_tcnn.tools.robustness import (
     ALEXNET_ERRORS, CORRUPTIONS, CorruptImage, imagenet_class_to_idx, masked_predictions, scan_imagenet_c, subset_indices,
     summarize_imagenet_c,
 )
-import timm_tcnn.robustness.run as run_module
+import timm_tcnn.tools.robustness.run as run_module
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet18's timm data config
 SYNSETS = {'n01440764': 0, 'n01443537': 1, 'n15075141': 999}  # tench, goldfish, toilet tissue
@@ -164,7 +164,7 @@ def test_imagenet_c_cells_equal_independent_count_and_resume(imagenet_c, cnn, tm
     model, checkpoint = cnn
     output = tmp_path / 'out'
     code, out, err = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', checkpoint, '--imagenet-c', imagenet_c,
-                          '--clean-accuracy', 70, '--output', output)
+                          '--clean-accuracy', 70, '--out', output)
     assert code == 0, err
     entry, = _load(output)['models'].values()
     cells = entry['cells']
@@ -197,7 +197,7 @@ def test_imagenet_c_cells_equal_independent_count_and_resume(imagenet_c, cnn, tm
     monkeypatch.setattr(run_module, 'count_top1', lambda *a, **k: calls.append(k['desc']) or original(*a, **k))
     before = _load(output)
     code, out, _ = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', checkpoint, '--imagenet-c', imagenet_c,
-                        '--clean-accuracy', 70, '--output', output)
+                        '--clean-accuracy', 70, '--out', output)
     assert code == 0 and calls == [] and '7 cell(s) already' in out
     assert _load(output)['models'][entry['fingerprint']['id']]['cells'] == before['models'][
         entry['fingerprint']['id']]['cells']
@@ -205,7 +205,7 @@ def test_imagenet_c_cells_equal_independent_count_and_resume(imagenet_c, cnn, tm
     del data['models'][entry['fingerprint']['id']]['cells']['imagenet-c/fog/2']
     (output / 'robustness.json').write_text(json.dumps(data))
     code, _, _ = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', checkpoint, '--imagenet-c', imagenet_c,
-                      '--clean-accuracy', 70, '--output', output)
+                      '--clean-accuracy', 70, '--out', output)
     assert code == 0 and calls == ['resnet18 imagenet-c/fog/2']
     assert _load(output)['models'][entry['fingerprint']['id']]['cells'] == before['models'][
         entry['fingerprint']['id']]['cells']
@@ -233,7 +233,7 @@ def test_imagenet_a_uses_the_200_class_mask(tmp_path, cnn, capsys):
     unmasked = logits.argmax(1).tolist() + [logits[0].argmax().item()]
     expected_val = sum(p == t for p, t in zip(unmasked, targets))
     code, out, err = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', checkpoint, '--imagenet-a', root,
-                          '--imagenet-val', root, '--img-size', SIZE, '--crop-pct', 1.0, '--output', tmp_path / 'out')
+                          '--imagenet-val', root, '--img-size', SIZE, '--crop-pct', 1.0, '--out', tmp_path / 'out')
     assert code == 0, err
     cells = next(iter(_load(tmp_path / 'out')['models'].values()))['cells']
     assert (cells['imagenet-a']['correct'], cells['imagenet-a']['total']) == (expected, 8)
@@ -255,7 +255,7 @@ def test_corrupt_on_the_fly_and_compare_cnn_with_its_tcnn(tmp_path, cnn, capsys)
     args = ['tcnn_resnet50rs', '--checkpoint', checkpoint, '--model-kwargs', *kwargs,
             '--compare', 'resnetrs50', '--compare-checkpoint', checkpoint, '--compare-model-kwargs', *kwargs,
             '--corrupt', folder, '--corruptions', 'gaussian_noise', 'impulse_noise', '--severities', 1, 5,
-            '--corrupt-size', 32, '--output', tmp_path / 'out']
+            '--corrupt-size', 32, '--out', tmp_path / 'out']
     code, out, err = _run(capsys, *args)
     assert code == 0, err
     entries = list(_load(tmp_path / 'out')['models'].values())
@@ -290,7 +290,7 @@ def test_corrupt_on_the_fly_and_compare_cnn_with_its_tcnn(tmp_path, cnn, capsys)
 def test_bad_input_gives_clear_errors(tmp_path, capsys, args, message):
     (tmp_path / 'EMPTY').mkdir()
     args = [str(tmp_path / a) if a in ('MISSING', 'EMPTY') else a for a in args]
-    code, _, err = _run(capsys, 'resnet18', '--checkpoint', tmp_path / 'none.pth', *args, '--output', tmp_path / 'out')
+    code, _, err = _run(capsys, 'resnet18', '--checkpoint', tmp_path / 'none.pth', *args, '--out', tmp_path / 'out')
     assert code == 2 and message in err and 'error:' in err
     assert not (tmp_path / 'out' / 'robustness.json').exists()
 
@@ -299,7 +299,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, imagenet_c, caps
     path = tmp_path / 'other.safetensors'
     save_file({'weight': torch.zeros(3)}, str(path))
     code, _, err = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', path, '--imagenet-c', imagenet_c,
-                        '--output', tmp_path / 'out')
+                        '--out', tmp_path / 'out')
     assert code == 2 and 'does not fit resnet18' in err and "only in the checkpoint, e.g. ['weight']" in err
 
 
@@ -310,6 +310,6 @@ def test_broken_imagecorruptions_is_reported_before_evaluation(tmp_path, cnn, ca
     Image.new('RGB', (40, 40)).save(folder / 'a.png')
     monkeypatch.setitem(sys.modules, 'imagecorruptions', None)  # import fails, as the unmaintained 1.1.2 does
     code, _, err = _run(capsys, 'resnet18', *KWARGS, '--checkpoint', checkpoint, '--corrupt', tmp_path / 'folder',
-                        '--output', tmp_path / 'out')
+                        '--out', tmp_path / 'out')
     assert code == 2 and 'pip install imagecorruptions-imaug' in err
     assert not (tmp_path / 'out').exists()

@@ -11,8 +11,8 @@ import pytest
 import timm
 
 from timm_tcnn.cli import main as cli_main
-from timm_tcnn.loading import unknown_model_hint
-from timm_tcnn.runner import ScriptNotFoundError, run_script
+from timm_tcnn.weights.loading import unknown_model_hint
+from timm_tcnn.tools.runner import ScriptNotFoundError, run_script
 
 # writes what the script sees to report.json next to itself (timm only if already imported: fast under plain python)
 REPORT_SCRIPT = '''

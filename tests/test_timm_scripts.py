@@ -232,7 +232,7 @@ def test_torchrun_two_cpu_processes(offline_hub, image_folder, workdir):
     assert load_train_checkpoint(workdir / 'ddp' / 'last.pth.tar')['arch'] == 'tcnn_resnet50rs'
 
 
-RECIPES = Path(__file__).resolve().parent.parent / 'examples'
+RECIPES = Path(__file__).resolve().parent.parent / 'timm_tcnn' / 'tools' / 'experiment' / 'recipes'
 
 
 def test_recipe_configs_use_only_train_py_options():
@@ -265,7 +265,7 @@ def test_experiment_transfer_start_in_train_py(offline_hub, image_folder, workdi
     """An experiment's transfer start (the Hub CNN with a new 2-class classifier) loads into both arms through
     train.py's --initial-checkpoint: the same classifier and the CNN's body in both."""
     from safetensors.torch import load_file
-    from timm_tcnn.experiment import ExperimentSpec, Step, start_step
+    from timm_tcnn.tools.experiment import ExperimentSpec, Step, start_step
     spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(image_folder),
                           out=str(workdir / 'transfer'), recipe='', recipe_sha256='', scripts_dir=SCRIPTS_DIR,
                           seeds=(0,), num_classes=2)

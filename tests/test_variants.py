@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 import timm_tcnn
 from timm_tcnn import TcnnOptions, attention_layers, tcnn_class, transform_cnn
-from timm_tcnn.checkpoints import checkpoint_options, describe_mismatch
+from timm_tcnn.models.state_dicts import checkpoint_options, describe_mismatch
 from timm_tcnn.errors import InputError
-from timm_tcnn.hub import HubWeightsUnavailable
+from timm_tcnn.utils.hub import HubWeightsUnavailable
 from conftest import OfflineHub, attention_path, randomize_batchnorm, relative_error
 
 RESNETRS = {f'tcnn_resnet{d}rs' for d in (50, 101, 152, 200, 270, 350, 420)}  # covered in test_models.py

@@ -1,0 +1,188 @@
+""" Running an experiment's steps: resumable, refusing to mix recipes, recording the gates while training.
+
+State lives in `OUT/experiment.json` (rewritten atomically after every step): the spec's fingerprint and,
+per step, its command line, status (`done`, `failed`, `blocked`), exit code, log file and duration. A rerun
+skips steps that are done with the same command line, resumes an interrupted train.py run from its
+`last.pth.tar`, and refuses a folder that holds an experiment of another spec.
+"""
+import argparse
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from ...layers import RATE_SCALED_PARAMS
+from ...models.state_dicts import attention_layer_names
+from ...errors import InputError
+from ...utils.io import atomic_write
+from .spec import ExperimentSpec, Step
+
+__all__ = ['ExperimentState', 'GateRecorder', 'run_steps', 'gate_summary', 'spec_json']
+
+STATE_FILE = 'experiment.json'
+
+
+class ExperimentState:
+    """`OUT/experiment.json`: the spec it belongs to and the status of every step."""
+
+    def __init__(self, spec: ExperimentSpec):
+        self.spec = spec
+        self.path = spec.root / STATE_FILE
+        self.steps: Dict[str, Dict[str, Any]] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text(encoding='utf-8'))
+            if saved.get('fingerprint') != spec.fingerprint():
+                changed = sorted(k for k, v in saved.get('spec', {}).items()
+                                 if k not in ('seeds', 'out') and v != spec_json(spec).get(k))
+                raise InputError(
+                    f'{spec.root} holds an experiment with another recipe or setup (differs in: '
+                    f'{", ".join(changed) or "the spec"}); results of different recipes are never mixed. '
+                    f'Use another --out folder, or repeat the original options to resume it.')
+            self.steps = saved.get('steps', {})
+
+    def done(self, step: Step) -> bool:
+        entry = self.steps.get(step.key)
+        return bool(entry) and entry['status'] == 'done' and entry['argv'] == list(step.argv)
+
+    def record(self, step: Step, status: str, **details: Any) -> None:
+        self.steps[step.key] = dict(argv=list(step.argv), status=status, **details)
+        self.save()
+
+    def save(self) -> None:
+        self.spec.root.mkdir(parents=True, exist_ok=True)
+        data = dict(fingerprint=self.spec.fingerprint(), spec=spec_json(self.spec), steps=self.steps)
+        atomic_write(self.path, json.dumps(data, indent=2) + '\n')
+
+
+def spec_json(spec: ExperimentSpec) -> Dict[str, Any]:
+    """The spec as JSON values."""
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+
+
+def gate_summary(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, List[float]]]:
+    """Per converted layer: content and locality share and alpha of every head, from a T-CNN state dict."""
+    layers = {}
+    for name in attention_layer_names(state_dict):
+        scale = state_dict.get(f'{name}.gate_lr_scale', torch.tensor(1.)).float()
+        value = {p: state_dict[f'{name}.{p}'].float() * scale for p in RATE_SCALED_PARAMS}
+        layers[name] = dict(
+            content_share=value['content_gate'].clamp(0, 1).tolist(),
+            locality_share=value['locality_gate'].clamp(0, 1).tolist(),
+            alpha=value['pos_log_alpha'].exp().tolist(),
+        )
+    return layers
+
+
+def _read_train_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
+    """A train.py checkpoint (weights_only), or None if it is being replaced right now."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return None
+
+
+class GateRecorder:
+    """Records the gates of a T-CNN train.py run from its `last.pth.tar` after every epoch.
+
+    Records go to `out` as {epoch: gate_summary} (at conversion, before epoch 0, every gate is 0).
+    """
+
+    def __init__(self, run_dir: Path, out: Path):
+        self.checkpoint = run_dir / 'last.pth.tar'
+        self.out = out
+        self.records: Dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+        self._seen = None
+
+    def poll(self) -> None:
+        try:
+            stamp = self.checkpoint.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp == self._seen:
+            return
+        checkpoint = _read_train_checkpoint(self.checkpoint)
+        if checkpoint is None:
+            return
+        self._seen = stamp
+        self.records[str(int(checkpoint['epoch']))] = gate_summary(checkpoint['state_dict'])
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out, json.dumps(self.records, indent=1) + '\n')
+
+
+def _log_path(spec: ExperimentSpec, step: Step) -> Path:
+    return spec.root / 'logs' / (step.key.replace('/', '_') + '.log')
+
+
+def _run_subprocess(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], None]]) -> int:
+    argv = list(step.argv)
+    if step.kind == 'train':
+        last = spec.run_dir(step.arm, step.seed) / 'last.pth.tar'
+        if last.exists():  # an interrupted run: continue from its last epoch
+            argv += ['--resume', str(last)]
+    log = _log_path(spec, step)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if step.result:
+        Path(step.result).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, 'a', encoding='utf-8') as f:
+        f.write(f'$ {" ".join(argv)}\n')
+        f.flush()
+        process = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            while process.poll() is None:
+                if poll is not None:
+                    poll()
+                time.sleep(2.)
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+    if poll is not None:
+        poll()
+    return process.returncode
+
+
+def run_steps(
+        spec: ExperimentSpec,
+        steps: List[Step],
+        in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
+        echo: Callable[[str], None] = print,
+) -> ExperimentState:
+    """Run every step not done yet; a failed step blocks the steps that need it, not the others.
+
+    `in_process` maps step kinds run in this process (e.g. 'identity') to functions of (spec, step) returning
+    their result, a dict with `passed` False (and a `reason`) if the step failed.
+    """
+    state = ExperimentState(spec)
+    for step in steps:
+        if state.done(step):
+            echo(f'[done]    {step.key}')
+            continue
+        failed = [n for n in step.needs if state.steps.get(n, {}).get('status') != 'done']
+        if failed:
+            state.record(step, 'blocked', reason=f'needs {", ".join(failed)}')
+            echo(f'[blocked] {step.key}: needs {", ".join(failed)}')
+            continue
+        echo(f'[run]     {step.key}')
+        start = time.time()
+        if step.kind in in_process:
+            result = in_process[step.kind](spec, step)
+            ok = bool(result.get('passed', True))
+            state.record(step, 'done' if ok else 'failed', seconds=round(time.time() - start, 1),
+                         **({} if ok else {'reason': result.get('reason', 'check failed')}))
+        else:
+            recorder = None
+            if step.kind == 'train' and step.arm == 'tcnn':
+                run_dir = spec.run_dir(step.arm, step.seed)
+                recorder = GateRecorder(run_dir, spec.root / 'gates' / f'{run_dir.name}.json')
+            code = _run_subprocess(spec, step, recorder.poll if recorder else None)
+            log = str(_log_path(spec, step))
+            status = 'done' if code == 0 else 'failed'
+            state.record(step, status, returncode=code, log=log, seconds=round(time.time() - start, 1))
+            if code:
+                echo(f'[failed]  {step.key}: exit code {code}, log {log}')
+    return state
