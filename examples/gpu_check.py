@@ -3,7 +3,7 @@
     python examples/gpu_check.py --out gpu_check.json            # CUDA: about 4 minutes on an H200
     python examples/gpu_check.py --device cpu --quick --out x.json  # the same code paths, small, on CPU
 
-Measures, each T-CNN side by side with its CNN in one run (`timm_tcnn.bench`, interleaved medians, T-CNNs in the
+Measures, each T-CNN side by side with its CNN in one run (`timm_tcnn.tools.bench`, interleaved medians, T-CNNs in the
 benchmark's `spread` state; bf16 autocast, channels-last and timm train.py's cuDNN/TF32 settings on CUDA):
 - `operations`: aten operations per converted layer, training step and inference call (host time on a GPU);
 - `sdpa`: each scaled_dot_product_attention backend at the layers' shapes (queries/keys `tcnn_qk_dim` wide, values
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 import timm
 import timm_tcnn
-from timm_tcnn.bench import LAYER_SHAPES, BenchSetup, _spread_layer, bench_models, bench_shapes, create_pair
+from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, _spread_layer, bench_models, bench_shapes, create_pair
 from timm_tcnn.layers import GatedPositionalAttention2d, attention_path
-from timm_tcnn.op_count import layer_step_ops
+from timm_tcnn.tools.op_count import layer_step_ops
 
 BACKENDS = ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH')
 
