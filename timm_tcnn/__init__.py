@@ -3,9 +3,6 @@
 Importing the package registers the `tcnn_*` models with timm. The packages depend one way:
 `cli` -> `tools` -> `weights` -> `models` -> `layers` (see docs/architecture.md).
 """
-import warnings
-from typing import Any
-
 from .version import __version__
 from .layers import GatedPositionalAttention2d
 from .models import (
@@ -23,11 +20,3 @@ from .models import (
     transform_cnn,
 )
 
-
-def __getattr__(name: str) -> Any:
-    """`timm_tcnn.main`, the command line, imported only when asked for (deprecated: use `timm_tcnn.cli.main`)."""
-    if name == 'main':
-        warnings.warn('`timm_tcnn.main` moved to `timm_tcnn.cli.main`.', DeprecationWarning, stacklevel=2)
-        from .cli import main
-        return main
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
