@@ -24,7 +24,7 @@ from pathlib import Path
 
 from timm_tcnn.tools.experiment.parts import evaluate_parts, load_image_groups, load_label_parts
 from timm_tcnn.tools.experiment.report import read_summary
-from timm_tcnn.tools.experiment.runner import GateRecorder
+from timm_tcnn.tools.experiment.runner import EpochRecorder
 
 
 def _train(args: argparse.Namespace, name: str, model: str, kwargs: list, out: Path) -> dict:
@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace, name: str, model: str, kwargs: list, out: P
         argv += ['--img-size', str(args.img_size)]
     if kwargs:
         argv += ['--model-kwargs', *kwargs]
-    recorder = GateRecorder(run_dir, out / 'gates' / f'{name}.json')
+    recorder = EpochRecorder(run_dir, gates=out / 'gates' / f'{name}.json')
     start = time.time()
     with open(out / f'{name}.log', 'w') as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

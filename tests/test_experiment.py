@@ -29,7 +29,12 @@ def setup(tmp_path_factory):
     write_dataset(root / 'data', seed=31, train_images=20, val_images=20, size=64)  # every class in both splits
     cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=10, zero_init_last=False, **KWARGS),
                               torch.Generator().manual_seed(0))
+    # as train.py leaves it: args.yaml at the start of the run, the checkpoint after its 4th epoch (index 3), 500 s later
+    (root / 'args.yaml').write_text('model: resnetrs50\nepochs: 10\npretrained: true\ndata_dir: /elsewhere\n'
+                                    'lr: 0.1\nbatch_size: 4\nopt: sgd\n')
     torch.save({'state_dict': cnn.state_dict(), 'epoch': 3}, root / 'cnn.pth.tar')
+    os.utime(root / 'args.yaml', (1e9, 1e9))
+    os.utime(root / 'cnn.pth.tar', (1e9 + 500, 1e9 + 500))
     (root / 'recipe.yaml').write_text('epochs: 2\nbatch_size: 4\nopt: adamw\n')
     return root
 
@@ -49,13 +54,17 @@ def run_cli(args: list, env: dict = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=900)
 
 
+ALL_ARMS = ('--arms', 'tcnn', 'cnn', 'scratch')
+
+
 @pytest.fixture(scope='module')
 def finished(setup):
-    """One full experiment (2 seeds, 2 epochs) with the stand-in scripts."""
+    """One full experiment (2 seeds; tcnn and cnn 2 epochs, scratch 4 + 2) with the stand-in scripts."""
     out = setup / 'run'
     log = setup / 'standin.log'
-    # epochs longer than the 2 s between looks at last.pth.tar, so that every epoch's gates are recorded
-    result = run_cli(experiment_args(setup, out), env={'STANDIN_LOG': str(log), 'STANDIN_EPOCH_SECONDS': '3'})
+    # epochs longer than the 2 s between looks at last.pth.tar, so that every epoch's gates and weights are recorded
+    result = run_cli(experiment_args(setup, out, *ALL_ARMS),
+                     env={'STANDIN_LOG': str(log), 'STANDIN_EPOCH_SECONDS': '2.5'})
     assert result.returncode == 0, result.stdout + result.stderr
     return out, [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -73,6 +82,27 @@ def test_dry_run_prints_every_command(setup, capsys):
     assert sum('--model resnetrs50' in line and '--seed 1' in line for line in train) == 1
     assert sum('validate.py' in line for line in out.splitlines()) == 2 * 2 * 2  # arms, seeds, checkpoints
     assert out.count('timm_tcnn robustness tcnn_resnet50rs') == 2 and out.count('timm_tcnn analyze') == 2
+    assert '--epochs' not in ' '.join(train)  # the recipe's
+
+
+def test_dry_run_plans_the_scratch_arm_with_the_same_total_epochs(setup, capsys):
+    """The checkpoint records 4 epochs (index 3) and the recipe 2: the scratch arm trains 6, from its own
+    initialisation, with the CNN's recipe (its args.yaml without the options of that run)."""
+    out = setup / 'dry-scratch'
+    assert main(experiment_args(setup, out, '--dry-run', *ALL_ARMS)) == 0
+    printed = capsys.readouterr().out
+    train = [line for line in printed.splitlines() if 'train.py' in line]
+    scratch = [line for line in train if '--experiment scratch-seed' in line]
+    assert len(train) == 6 and len(scratch) == 2
+    for line in scratch:
+        assert f'--config {out / "scratch" / "recipe.yaml"}' in line and line.endswith('--epochs 6')
+        assert '--model tcnn_resnet50rs' in line and "tcnn_qk_dim" not in line  # no --tcnn-kwargs given
+        assert '--initial-checkpoint' not in line and '--pretrained' not in line and '--num-classes 10' in line
+    assert sum(f'--initial-checkpoint {setup / "cnn.pth.tar"}' in line for line in train) == 4
+    assert '# scratch/recipe\n' in printed and not out.exists()
+    # with --epochs 3 the scratch arm trains 4 + 3
+    assert main(experiment_args(setup, out, '--dry-run', '--epochs', '3', *ALL_ARMS)) == 0
+    assert capsys.readouterr().out.count('--epochs 7\n') == 2
 
 
 def test_full_run_writes_report(finished, setup):
@@ -80,34 +110,111 @@ def test_full_run_writes_report(finished, setup):
     identity = json.loads((out / 'identity' / 'identity.json').read_text())
     assert identity['passed'] and identity['max_relative_error'] <= 1e-4 and identity['top1_agreement'] == 1
     results = json.loads((out / 'results.json').read_text())
-    table = results['comparison']
-    # stand-in validation: CNN 50 + seed + epoch, T-CNN 52 + 2 seed + epoch; last epoch 1
+    table = results['comparisons']['tcnn - cnn']
+    # stand-in validation: CNN 50 + seed + epoch, T-CNN 52 + 2 seed + epoch, scratch 40 + seed + epoch
     assert table['top1_last_64px']['cnn']['mean'] == pytest.approx(51.5)
     assert table['top1_last_64px']['tcnn']['mean'] == pytest.approx(54.0)
     assert table['top1_best_64px']['difference']['mean'] == pytest.approx(2.5)
     assert table['top1_best_64px']['paired'] == [2.0, 3.0]
-    assert 'corrupted_accuracy' in table and 'part/relation' in table and 'part/shape' in table
+    scratch = results['comparisons']['tcnn - scratch']['top1_last_64px']
+    assert scratch['scratch']['mean'] == pytest.approx(45.5) and scratch['paired'] == [8.0, 9.0]  # last epoch 5
+    assert scratch['verdict'] == 'too few seeds (2 < 3)'
+    assert 'corrupted_accuracy' in table and 'part/relation' in table and 'part/shape (far)' in table
+    assert 'corrupted_accuracy' not in results['comparisons']['tcnn - scratch']  # robustness: tcnn and cnn only
     gates = json.loads((out / 'gates' / 'tcnn-seed0.json').read_text())
     assert sorted(gates) == ['0', '1']  # recorded after each epoch
     assert gates['1']['layer4.0.conv2']['content_share'] == pytest.approx([min(1., 0.02 * GATE_LR_SCALE)] * 9, rel=1e-4)
+    assert sorted(json.loads((out / 'gates' / 'scratch-seed1.json').read_text()), key=int) == [str(e) for e in range(6)]
     report = (out / 'report.md').read_text()
     assert '| top1_last_64px | 51.50 +- 0.71 | 54.00 +- 1.41 | +2.50 +- 0.71 |' in report
-    for name in ('validation_top1.png', 'corruption_accuracy.png', 'gates.png', 'attention_by_layer.png'):
+    assert '### tcnn (T-CNN from the CNN) against scratch (T-CNN from scratch)' in report
+    for name in ('learning_curves.png', 'accuracy_time.png', 'corruption_accuracy.png', 'gates.png',
+                 'attention_by_layer.png'):
         assert (out / name).stat().st_size > 0
-    assert sum(c['script'] == 'train' for c in calls) == 4 and sum(c['script'] == 'validate' for c in calls) == 8
+    assert sum(c['script'] == 'train' for c in calls) == 6 and sum(c['script'] == 'validate' for c in calls) == 12
+    recipe = (out / 'scratch' / 'recipe.yaml').read_text()
+    assert 'lr: 0.1' in recipe and 'opt: sgd' in recipe
+    assert not any(f'\n{key}:' in recipe for key in ('model', 'epochs', 'pretrained', 'data_dir'))
+
+
+def _image_se(a: list, b: list) -> float:
+    """Hand computation: SE of the mean over images of (a - b) averaged over seeds, in points."""
+    per_image = [100 * sum(x[i] - y[i] for x, y in zip(a, b)) / len(a) for i in range(len(a[0]))]
+    mean = sum(per_image) / len(per_image)
+    return (sum((v - mean) ** 2 for v in per_image) / (len(per_image) - 1) / len(per_image)) ** 0.5
+
+
+def test_report_verdicts_and_curves_from_every_image(finished):
+    """The interval of a metric with per-image predictions, recomputed by hand from the predictions files; per-epoch
+    curves from the recorded weights; the starting CNN's accuracy."""
+    out, _ = finished
+    results = json.loads((out / 'results.json').read_text())
+    row = results['comparisons']['tcnn - cnn']['part/relation']
+    predictions = {arm: [json.loads((out / 'predictions' / f'{arm}-seed{s}.json').read_text()) for s in (0, 1)]
+                   for arm in ('tcnn', 'cnn')}
+    parts = json.loads((setup_data(out) / 'dataset.json').read_text())['label_parts']
+    classes = sorted(parts)
+
+    def relation_hits(record: dict) -> list:
+        return [int(parts[record['classes'][t]]['relation'] == parts[classes[p]]['relation'])
+                for t, p in zip(record['targets'], record['predicted']['best'])]
+
+    hits = {arm: [relation_hits(r) for r in predictions[arm]] for arm in predictions}
+    paired = [100 * (sum(t) - sum(c)) / len(t) for t, c in zip(hits['tcnn'], hits['cnn'])]
+    assert row['paired'] == pytest.approx(paired)
+    assert row['image_error'] == 'paired per image' and row['se_images'] == pytest.approx(_image_se(hits['tcnn'], hits['cnn']))
+    se_seeds = abs(paired[0] - paired[1]) / 2 ** 0.5 / 2 ** 0.5  # std of two values / sqrt(2)
+    half = 2 * (se_seeds ** 2 + row['se_images'] ** 2) ** 0.5
+    assert row['interval'] == pytest.approx([sum(paired) / 2 - half, sum(paired) / 2 + half])
+    corrupted = results['comparisons']['tcnn - cnn']['corrupted_accuracy']
+    assert corrupted['image_error'] == 'unpaired bound'
+    pa, pb = corrupted['tcnn']['mean'] / 100, corrupted['cnn']['mean'] / 100
+    assert corrupted['se_images'] == pytest.approx(100 * ((pa * (1 - pa) + pb * (1 - pb)) / 20) ** 0.5)
+    curves = results['results']['runs']['scratch-seed0']['curves']
+    assert sorted(curves, key=int) == [str(e) for e in range(1, 7)]  # epochs done
+    assert curves['6']['validation_top1'] == 45 and 'part/relation (near)' in curves['6'] and 'content_share' in curves['6']
+    assert 'content_share' not in results['results']['runs']['cnn-seed0']['curves']['2']
+    last = predictions['tcnn'][0]['predicted']
+    assert last['epoch1'] == last['last']  # the last epoch's recorded weights are the last checkpoint's
+    assert 0 <= results['results']['start_parts']['top1'] <= 100
+
+
+def setup_data(out: Path) -> Path:
+    return Path(json.loads((out / 'experiment.json').read_text())['spec']['data_dir'])
+
+
+def test_report_times_against_hand_computation(finished, setup, tmp_path):
+    """Training times per arm and route (the starting CNN's 500 s counted for tcnn and cnn), from the step records."""
+    out, _ = finished
+    state_file = out / 'experiment.json'
+    state = json.loads(state_file.read_text())
+    seconds = {'tcnn': (100., 120.), 'cnn': (60., 70.), 'scratch': (300., 340.)}
+    for arm, values in seconds.items():
+        for seed, value in enumerate(values):
+            state['steps'][f'train/{arm}/seed{seed}']['seconds'] = value
+    state_file.write_text(json.dumps(state))
+    assert main(experiment_args(setup, out, *ALL_ARMS)) == 0
+    times = json.loads((out / 'results.json').read_text())['results']['times']
+    assert times['tcnn']['train_seconds']['mean'] == 110 and times['tcnn']['route_seconds'] == 610
+    assert times['cnn']['route_seconds'] == 565 and times['scratch']['route_seconds'] == 320
+    assert times['scratch']['before_seconds'] is None
+    assert times['tcnn']['route_device_hours'] == pytest.approx(610 / 3600)
+    report = (out / 'report.md').read_text()
+    assert '| tcnn | 2 | 110 +- 14 | 500 | 610 | 0.169 |' in report
+    assert '| scratch | 6 | 320 +- 28 | - | 320 | 0.089 |' in report
 
 
 def test_rerun_skips_finished_steps(finished, setup, capsys):
     out, _ = finished
     before = (out / 'experiment.json').read_text()
-    assert main(experiment_args(setup, out)) == 0
+    assert main(experiment_args(setup, out, *ALL_ARMS)) == 0
     printed = capsys.readouterr().out
     assert '[run]' not in printed and printed.count('[done]') == len(json.loads(before)['steps'])
 
 
 def test_other_recipe_is_refused(finished, setup, capsys):
     out, _ = finished
-    assert main(experiment_args(setup, out, '--epochs', '3')) == 2
+    assert main(experiment_args(setup, out, '--epochs', '3', *ALL_ARMS)) == 2
     err = capsys.readouterr().err
     assert 'error:' in err and 'another recipe' in err and 'epochs' in err
 
@@ -119,7 +226,7 @@ def test_interrupted_training_resumes_from_last_checkpoint(finished, setup, tmp_
     del state['steps']['train/tcnn/seed1']  # as if killed during training, after it saved last.pth.tar
     state_file.write_text(json.dumps(state))
     log = tmp_path / 'standin.log'
-    result = run_cli(experiment_args(setup, out), env={'STANDIN_LOG': str(log)})
+    result = run_cli(experiment_args(setup, out, *ALL_ARMS), env={'STANDIN_LOG': str(log)})
     assert result.returncode == 0, result.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c['script'] for c in calls] == ['train']  # nothing else reran
@@ -142,19 +249,44 @@ def test_failed_arm_keeps_the_other(setup, tmp_path):
     assert 'train/cnn/seed0: failed' in report and 'top1_last_64px' in report
 
 
+def _runs(values: dict, hits: dict = None) -> dict:
+    return {f'{arm}-seed{s}': dict(metrics={'top1': v}, hits={'top1': hits[arm][s]} if hits else {})
+            for arm, vs in values.items() for s, v in enumerate(vs)}
+
+
 def test_report_arithmetic():
-    runs = {f'{arm}-seed{s}': dict(metrics={'top1': value}) for arm, values in
-            (('cnn', (70., 71., 72.)), ('tcnn', (71., 73., 72.5))) for s, value in enumerate(values)}
-    row = compare(runs, [0, 1, 2])['top1']
-    assert row['cnn']['mean'] == pytest.approx(71.) and row['cnn']['std'] == pytest.approx(1.)
-    assert row['paired'] == [1., 2., 0.5]
-    assert row['difference']['mean'] == pytest.approx(3.5 / 3)
-    std = ((1 - 3.5 / 3) ** 2 + (2 - 3.5 / 3) ** 2 + (0.5 - 3.5 / 3) ** 2) / 2
-    assert row['difference']['std'] == pytest.approx(std ** 0.5)
-    # 1.167 > 2 * 0.764 / sqrt(3) = 0.882: beyond the seed spread
-    assert row['exceeds_seed_spread'] is True
-    runs['tcnn-seed2']['metrics']['top1'] = 70.
-    assert compare(runs, [0, 1, 2])['top1']['exceeds_seed_spread'] is False
+    """Seed spread, image error, interval and verdict by hand: 3 seeds, 4 images."""
+    hits = {'cnn': [[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0]], 'tcnn': [[1, 1, 0, 1], [1, 1, 1, 0], [1, 1, 1, 1]]}
+    values = {arm: [100 * sum(h) / 4 for h in hs] for arm, hs in hits.items()}  # cnn 50 50 50, tcnn 75 75 100
+    row = compare(_runs(values, hits), [0, 1, 2])['top1']
+    assert row['cnn']['mean'] == pytest.approx(50.) and row['paired'] == [25., 25., 50.]
+    mean, std = 100 / 3, (((25 - 100 / 3) ** 2 * 2 + (50 - 100 / 3) ** 2) / 2) ** 0.5
+    assert row['difference']['mean'] == pytest.approx(mean) and row['difference']['std'] == pytest.approx(std)
+    assert row['se_seeds'] == pytest.approx(std / 3 ** 0.5)
+    # per image, tcnn - cnn averaged over seeds: 1/3, 1/3, 1/3, 1/3 (x 100): no spread over images
+    assert row['se_images'] == pytest.approx(0.) and row['image_error'] == 'paired per image'
+    assert row['interval'] == pytest.approx([mean - 2 * std / 3 ** 0.5, mean + 2 * std / 3 ** 0.5])
+    assert row['verdict'] == 'tcnn better, beyond the noise'  # 33.3 - 19.2 > 0
+    # without per-image results: the unpaired bound over 4 images
+    row = compare(_runs(values), [0, 1, 2], images=4)['top1']
+    se_images = 100 * ((0.5 * 0.5 + (250 / 300) * (50 / 300)) / 4) ** 0.5
+    assert row['image_error'] == 'unpaired bound' and row['se_images'] == pytest.approx(se_images)
+    half = 2 * ((std / 3 ** 0.5) ** 2 + se_images ** 2) ** 0.5
+    assert row['interval'] == pytest.approx([mean - half, mean + half])
+    assert row['verdict'] == 'within the noise (seeds and images)'  # 33.3 - 42.5 < 0
+
+
+def test_one_image_is_not_a_result():
+    """One image of 251 right in every seed (+0.40 +- 0.00): not a verdict with two seeds, nor with three."""
+    for seeds in (2, 3):
+        cnn = [[1] * 100 + [0] * 151 for _ in range(seeds)]
+        tcnn = [[1] * 101 + [0] * 150 for _ in range(seeds)]
+        values = {'cnn': [100 * 100 / 251] * seeds, 'tcnn': [100 * 101 / 251] * seeds}
+        row = compare(_runs(values, {'cnn': cnn, 'tcnn': tcnn}), list(range(seeds)))['top1']
+        assert row['difference']['mean'] == pytest.approx(100 / 251) and row['se_seeds'] == pytest.approx(0.)
+        assert row['se_images'] == pytest.approx(_image_se(tcnn, cnn))
+        assert row['interval'][0] < 0 < row['interval'][1]
+        assert row['verdict'] == ('too few seeds (2 < 3)' if seeds == 2 else 'within the noise (seeds and images)')
 
 
 def _set(args: list, option: str, *values: str) -> None:

@@ -4,7 +4,8 @@ Builds the model as train.py does (timm_tcnn registered by `timm-tcnn run`; --in
 timm's `load_checkpoint`), and
 for each epoch opens the content gates a little and writes `last.pth.tar`, `model_best.pth.tar` (train.py's
 checkpoint layout) and a summary.csv row. Validation top-1 is a known function of model, seed and epoch:
-50 + seed + epoch for the CNN, 52 + 2 * seed + epoch for the T-CNN. Fails when STANDIN_FAIL names the model.
+50 + seed + epoch for the CNN, 52 + 2 * seed + epoch for the T-CNN, 40 + seed + epoch for a model trained from
+scratch (neither --initial-checkpoint nor --pretrained). Fails when STANDIN_FAIL names the model.
 Records its command line in STANDIN_LOG (one JSON line per run).
 """
 import argparse
@@ -46,7 +47,10 @@ if args.resume:
     checkpoint = torch.load(args.resume, weights_only=True)
     model.load_state_dict(checkpoint['state_dict'])
     start = checkpoint['epoch'] + 1
-base = 50 + args.seed if args.model.startswith('resnet') else 52 + 2 * args.seed
+if not (args.initial_checkpoint or args.pretrained):
+    base = 40 + args.seed
+else:
+    base = 50 + args.seed if args.model.startswith('resnet') else 52 + 2 * args.seed
 for epoch in range(start, epochs):
     with torch.no_grad():
         for name, param in model.named_parameters():

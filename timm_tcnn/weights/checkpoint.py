@@ -2,14 +2,14 @@
 import argparse
 import pickle
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from timm.models import load_state_dict
 
 from ..errors import InputError
 
-__all__ = ['CheckpointError', 'load_checkpoint_state_dict']
+__all__ = ['CheckpointError', 'checkpoint_epochs', 'load_checkpoint_state_dict']
 
 _EMA_KEYS = ('state_dict_ema', 'model_ema')
 
@@ -18,13 +18,30 @@ class CheckpointError(InputError):
     """A checkpoint file is missing, empty, unreadable or holds something other than a state dict."""
 
 
+def _peek(path: Path) -> object:
+    """A torch checkpoint's contents, memory-mapped where possible so that its tensors are not read."""
+    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def _has_ema(path: Path) -> bool:
-    """Whether a torch checkpoint holds EMA weights; memory-mapped, so the tensors are not read."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    """Whether a torch checkpoint holds EMA weights."""
+    checkpoint = _peek(path)
     return isinstance(checkpoint, dict) and any(isinstance(checkpoint.get(k), dict) for k in _EMA_KEYS)
+
+
+def checkpoint_epochs(path: Union[str, Path]) -> Optional[int]:
+    """Epochs trained to reach a train.py checkpoint (its `epoch` entry is the last finished epoch's index, so
+    index 4 is 5 epochs), or None for a file that does not record it (safetensors, plain state dicts)."""
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        return None
+    checkpoint = _peek(path)
+    epoch = checkpoint.get('epoch') if isinstance(checkpoint, dict) else None
+    return int(epoch) + 1 if isinstance(epoch, int) else None
 
 
 def load_checkpoint_state_dict(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:

@@ -10,7 +10,10 @@ import timm
 from timm.data import ImageDataset
 
 from ...errors import InputError, WorkError
-from ...tools.experiment import ExperimentSpec, build_steps, identity_check, parts_step, run_steps, start_step, write_report
+from ...tools.experiment import (
+    ARMS, DEFAULT_ARMS, ExperimentSpec, build_steps, identity_check, predictions_step, run_steps, scratch_arm,
+    scratch_recipe_step, start_step, write_report,
+)
 from ...tools.experiment.parts import load_label_parts
 from ...tools.experiment.recipes import DEFAULT_RECIPE, recipe_path
 from ...utils.hub import require_hub_weights
@@ -35,6 +38,11 @@ measure their robustness (ImageNet-C/A/R when given, else the validation split c
 analyse the T-CNN's attention at conversion and at the end and record its gates every epoch; then write
 OUT/report.md, OUT/results.json and figures. A rerun continues where the last one stopped.
 
+Partially trained CNN: with --arms tcnn cnn scratch, a third arm trains the T-CNN from its own initialisation
+with the starting CNN's recipe (args.yaml beside --cnn-checkpoint, or --scratch-config) for the CNN's epochs (read
+from the checkpoint, or --cnn-epochs) plus the fine-tune's: both routes to a T-CNN then train for as many epochs, and
+the report compares them, with their training times (the CNN's counted for the tcnn route).
+
 Transfer: with --num-classes other than the starting weights' class count (e.g. an ImageNet CNN fine-tuned
 on a 10-class data set), both arms of a seed start from the same CNN whose classifier is replaced by a new
 random one drawn with that seed (OUT/start/seedS.safetensors); the identity check runs on the CNN as loaded.
@@ -45,6 +53,8 @@ examples:
   timm-tcnn experiment --model tcnn_resnet50rs --data-dir /data/imagenet --out runs/rs50 --nproc 8
   timm-tcnn experiment --model tcnn_resnet18 --data-dir DATA --cnn-checkpoint cnn.pth.tar \\
       --config examples/relational_shapes_ft.yaml --seeds 0 1 2 --out runs/demo -- --batch-size 32
+  timm-tcnn experiment --model tcnn_resnet18 --data-dir DATA --cnn-checkpoint run/checkpoint-3.pth.tar \\
+      --config examples/relational_shapes_ft.yaml --arms tcnn cnn scratch --out runs/partial
   timm-tcnn experiment ... --dry-run        # print every command, run nothing
 
 Arguments after `--` go to train.py unchanged (both arms).
@@ -61,6 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--config', metavar='YAML', help=f'train.py --config recipe (default: the shipped {DEFAULT_RECIPE})')
     parser.add_argument('--epochs', type=int, help="override the recipe's epochs")
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='one run per arm and seed')
+    parser.add_argument('--arms', nargs='+', choices=ARMS, default=list(DEFAULT_ARMS),
+                        help='training arms (default: tcnn cnn); scratch: the T-CNN trained from scratch (see above)')
+    parser.add_argument('--cnn-epochs', type=int, metavar='N',
+                        help="epochs the starting CNN was trained for (default: read from --cnn-checkpoint)")
+    parser.add_argument('--scratch-config', metavar='YAML',
+                        help="the scratch arm's train.py recipe (default: the args.yaml beside --cnn-checkpoint)")
     parser.add_argument('--nproc', type=int, default=1, help='processes per training run (torchrun when > 1)')
     parser.add_argument('--cnn-checkpoint', metavar='FILE',
                         help="start from this CNN checkpoint instead of timm's pretrained weights")
@@ -142,8 +158,13 @@ def _start_classes(args: argparse.Namespace, cnn: str) -> int:
 def _check_options(args: argparse.Namespace) -> None:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise InputError(f'--seeds must be distinct integers >= 0, got {" ".join(map(str, args.seeds))}.')
-    if (args.epochs is not None and args.epochs < 1) or args.nproc < 1:
-        raise InputError('--epochs and --nproc must be >= 1.')
+    if (args.epochs is not None and args.epochs < 1) or args.nproc < 1 or (args.cnn_epochs is not None and args.cnn_epochs < 1):
+        raise InputError('--epochs, --cnn-epochs and --nproc must be >= 1.')
+    if 'tcnn' not in args.arms or len(set(args.arms)) != len(args.arms):
+        raise InputError(f'--arms must name the tcnn arm and each arm once, got {" ".join(args.arms)}.')
+    if 'scratch' not in args.arms:
+        refuse_unused({'--cnn-epochs': args.cnn_epochs is not None, '--scratch-config': bool(args.scratch_config)},
+                      'the scratch arm', 'add --arms tcnn cnn scratch')
     if args.num_classes is not None and args.num_classes < 1:
         raise InputError(f'--num-classes must be >= 1, got {args.num_classes}.')
     if (args.imagenet_a or args.imagenet_r) and not args.imagenet_c:  # no corrupted images in the robustness step
@@ -177,7 +198,7 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
         raise InputError(f'{where}. {_SCRIPTS_HINT}')
     recipe = Path(args.config) if args.config else recipe_path()
     with input_errors(fix='Pass a train.py YAML recipe with --config.'):
-        read_mapping(recipe, 'recipe')
+        recipe_epochs = read_mapping(recipe, 'recipe').get('epochs')
     _check_options(args)
     data_dir = Path(args.data_dir)
     data_classes = _check_classes(data_dir, args.train_split, args.val_split)
@@ -190,6 +211,12 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
                          f'--num-classes {data_classes}.')
     cfg = timm.models.get_pretrained_cfg(names['cnn']) or {}
     cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+    scratch = None
+    if 'scratch' in args.arms:
+        finetune_epochs = args.epochs or recipe_epochs
+        if not isinstance(finetune_epochs, int):
+            raise InputError(f'--arms scratch needs the fine-tune\'s epochs: {recipe} sets none, pass --epochs N.')
+        scratch = scratch_arm(args.cnn_checkpoint, finetune_epochs, classes, args.cnn_epochs, args.scratch_config)
     train_size = args.train_size or cfg.get('input_size', (3, 224, 224))[-1]
     test_size = args.test_size or (cfg.get('test_input_size') or cfg.get('input_size', (3, 224, 224)))[-1]
     spec = ExperimentSpec(
@@ -202,20 +229,22 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
         train_args=tuple(args.train_args), device=args.device, workers=args.workers,
         eval_batch_size=args.eval_batch_size, corruptions=tuple(args.corruptions), severities=tuple(args.severities),
         imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
-        analyze_images=args.analyze_images,
+        analyze_images=args.analyze_images, arms=tuple(args.arms), scratch=scratch,
     )
     return spec, classes != start_classes
 
 
 def run(args: argparse.Namespace) -> int:
     spec, transfer = _spec(args)
-    steps = build_steps(spec, label_parts=load_label_parts(spec.data_dir) is not None, transfer=transfer)
+    steps = build_steps(spec, transfer=transfer)
     if args.dry_run:
         for step in steps:
             command = shlex.join(step.argv) if step.argv else f'(in process: {step.kind} check)'
             print(f'# {step.key}\n{command}')
         return 0
-    state = run_steps(spec, steps, {'identity': identity_check, 'start': start_step, 'parts': parts_step})
+    in_process = {'identity': identity_check, 'start': start_step, 'predictions': predictions_step,
+                  'scratch-recipe': scratch_recipe_step}
+    state = run_steps(spec, steps, in_process, record_weights=load_label_parts(spec.data_dir) is not None)
     write_report(spec, state)
     print(f'report: {spec.root / "report.md"}')
     failed = [k for k, v in state.steps.items() if v['status'] != 'done']

@@ -2,22 +2,67 @@
 import statistics
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
-from .spec import ARMS, ExperimentSpec
+from .report import curve_stats
+from .spec import ExperimentSpec
 
 __all__ = ['write_figures']
 
-_COLORS = {'cnn': 'tab:blue', 'tcnn': 'tab:orange'}
+_COLORS = {'cnn': 'tab:blue', 'tcnn': 'tab:orange', 'scratch': 'tab:green'}
 
 
-def _validation_curves(ax, spec: ExperimentSpec, results: Dict[str, Any]) -> None:
-    for run in results['runs'].values():
-        epochs = [row for row in run['epochs'] if 'eval_top1' in row]
-        ax.plot([row['epoch'] for row in epochs], [row['eval_top1'] for row in epochs], color=_COLORS[run['arm']],
-                alpha=0.8, label=f'{run["arm"]} seed {run["seed"]}')
-    ax.set(xlabel='epoch', ylabel='validation top-1 (%)', title=f'train.py validation at {spec.train_size} px')
-    ax.legend(fontsize='small')
+def _mean_band(ax, xs: List[float], stats: List[Dict[str, Any]], arm: str) -> None:
+    """An arm's mean over seeds, with its std as a band."""
+    means = [s['mean'] for s in stats]
+    stds = [s['std'] or 0. for s in stats]
+    ax.plot(xs, means, marker='o', color=_COLORS[arm], label=arm)
+    ax.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                    color=_COLORS[arm], alpha=0.2)
+
+
+def _learning_curves(fig, spec: ExperimentSpec, results: Dict[str, Any]) -> bool:
+    """One panel per curve (train.py's validation top-1, each label part and group, content share)."""
+    from matplotlib.ticker import MaxNLocator
+    stats = {arm: curve_stats(results['runs'], arm) for arm in spec.arms}
+    keys = sorted({k for s in stats.values() for k in s}, key=lambda k: (k != 'validation_top1', k == 'content_share', k))
+    if not keys:
+        return False
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig.set_size_inches(4.5 * columns, 3.5 * rows)
+    for index, key in enumerate(keys):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        for arm in spec.arms:
+            curve = stats[arm].get(key)
+            if curve:
+                _mean_band(ax, list(curve), list(curve.values()), arm)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        label = {'validation_top1': 'validation top-1 (%)', 'content_share': 'mean content share'}.get(key, f'{key} (%)')
+        ax.set(xlabel='epochs done', ylabel=label, title=label)
+        ax.legend(fontsize='small')
+    return True
+
+
+def _accuracy_against_time(ax, spec: ExperimentSpec, results: Dict[str, Any]) -> bool:
+    """Mean validation top-1 against training hours, the starting CNN's included for the routes from it (epochs
+    assumed to take equal time within a run)."""
+    drawn = False
+    for arm in spec.arms:
+        curve = curve_stats(results['runs'], arm).get('validation_top1')
+        times = results['times'][arm]
+        if not curve or times['train_seconds']['mean'] is None:
+            continue
+        last = max(curve)
+        start = times['before_seconds'] or 0.
+        hours = [(start + times['train_seconds']['mean'] * done / last) / 3600 for done in curve]
+        _mean_band(ax, hours, list(curve.values()), arm)
+        drawn = True
+    ax.set(xlabel='training wall clock (hours, the starting CNN\'s included where known)',
+           ylabel='validation top-1 (%)', title='accuracy against training time')
+    if drawn:
+        ax.legend(fontsize='small')
+    return drawn
 
 
 def _corruptions(ax, table: Dict[str, Any]) -> bool:
@@ -25,7 +70,7 @@ def _corruptions(ax, table: Dict[str, Any]) -> bool:
     if not names:
         return False
     width = 0.4
-    for i, arm in enumerate(ARMS):
+    for i, arm in enumerate(('tcnn', 'cnn')):
         ax.bar([j + (i - 0.5) * width for j in range(len(names))], [table[m][arm]['mean'] or 0 for m in names],
                width, yerr=[table[m][arm]['std'] or 0 for m in names], color=_COLORS[arm], label=arm)
     ax.set_xticks(range(len(names)), [m.split('/', 1)[1] for m in names], rotation=45, ha='right')
@@ -35,6 +80,7 @@ def _corruptions(ax, table: Dict[str, Any]) -> bool:
 
 
 def _gates(ax, results: Dict[str, Any]) -> bool:
+    from matplotlib.ticker import MaxNLocator
     drawn = False
     for seed, record in results['gates'].items():
         if not record:
@@ -42,9 +88,10 @@ def _gates(ax, results: Dict[str, Any]) -> bool:
         epochs = sorted(int(e) for e in record)
         for name in record[str(epochs[0])]:
             shares = [statistics.fmean(record[str(e)][name]['content_share']) for e in epochs]
-            ax.plot([-1] + epochs, [0.] + shares, marker='o', label=f'{name} ({seed})')
+            ax.plot([0] + [e + 1 for e in epochs], [0.] + shares, marker='o', label=f'{name} ({seed})')
             drawn = True
-    ax.set(xlabel='epoch (-1: conversion)', ylabel='mean content share', title='content gates during fine-tuning')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel='epochs done (0: conversion)', ylabel='mean content share', title='content gates during fine-tuning')
     if drawn:
         ax.legend(fontsize='x-small')
     return drawn
@@ -68,7 +115,7 @@ def _attention(axes, results: Dict[str, Any]) -> bool:
     return True
 
 
-def write_figures(spec: ExperimentSpec, results: Dict[str, Any], table: Dict[str, Any]) -> List[str]:
+def write_figures(spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[Tuple[str, str], Any]) -> List[str]:
     """Write the report's PNG figures into the experiment folder; returns their paths."""
     try:
         import matplotlib
@@ -88,11 +135,12 @@ def write_figures(spec: ExperimentSpec, results: Dict[str, Any], table: Dict[str
             written.append(str(path))
         plt.close(fig)
 
+    fig = plt.figure()
+    save(fig, 'learning_curves.png', _learning_curves(fig, spec, results))
     fig, ax = plt.subplots(figsize=(6, 4))
-    _validation_curves(ax, spec, results)
-    save(fig, 'validation_top1.png', any(run['epochs'] for run in results['runs'].values()))
+    save(fig, 'accuracy_time.png', _accuracy_against_time(ax, spec, results))
     fig, ax = plt.subplots(figsize=(8, 4))
-    save(fig, 'corruption_accuracy.png', _corruptions(ax, table))
+    save(fig, 'corruption_accuracy.png', _corruptions(ax, tables.get(('tcnn', 'cnn'), {})))
     fig, ax = plt.subplots(figsize=(6, 4))
     save(fig, 'gates.png', _gates(ax, results))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from ...layers import RATE_SCALED_PARAMS
 from ...models.state_dicts import attention_layer_names
 from ...errors import InputError
-from ...utils.io import atomic_write
-from .spec import ExperimentSpec, Step
+from ...utils.io import atomic_path, atomic_write
+from .spec import TCNN_ARMS, ExperimentSpec, Step
 
-__all__ = ['ExperimentState', 'GateRecorder', 'run_steps', 'gate_summary', 'spec_json']
+__all__ = ['ExperimentState', 'EpochRecorder', 'run_steps', 'gate_summary', 'spec_json']
 
 STATE_FILE = 'experiment.json'
 
@@ -86,16 +87,19 @@ def _read_train_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-class GateRecorder:
-    """Records the gates of a T-CNN train.py run from its `last.pth.tar` after every epoch.
+class EpochRecorder:
+    """Records a train.py run after every epoch, from its `last.pth.tar` (train.py replaces it atomically).
 
-    Records go to `out` as {epoch: gate_summary} (at conversion, before epoch 0, every gate is 0).
+    - `gates`: a T-CNN's gates, as {epoch: gate_summary} in that JSON file (at conversion every gate is 0);
+    - `weights`: the epoch's weights as `weights/epoch<N>.safetensors`, from which the report's per-epoch accuracies
+      (label parts, image groups) are computed after training.
     """
 
-    def __init__(self, run_dir: Path, out: Path):
+    def __init__(self, run_dir: Path, gates: Optional[Path] = None, weights: Optional[Path] = None):
         self.checkpoint = run_dir / 'last.pth.tar'
-        self.out = out
-        self.records: Dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+        self.gates = gates
+        self.weights = weights
+        self.records: Dict[str, Any] = json.loads(gates.read_text()) if gates and gates.exists() else {}
         self._seen = None
 
     def poll(self) -> None:
@@ -109,9 +113,15 @@ class GateRecorder:
         if checkpoint is None:
             return
         self._seen = stamp
-        self.records[str(int(checkpoint['epoch']))] = gate_summary(checkpoint['state_dict'])
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.out, json.dumps(self.records, indent=1) + '\n')
+        epoch = int(checkpoint['epoch'])
+        if self.gates is not None:
+            self.records[str(epoch)] = gate_summary(checkpoint['state_dict'])
+            self.gates.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.gates, json.dumps(self.records, indent=1) + '\n')
+        if self.weights is not None:
+            self.weights.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.weights / f'epoch{epoch}.safetensors') as tmp:
+                save_file({k: v.contiguous() for k, v in checkpoint['state_dict'].items()}, str(tmp))
 
 
 def _log_path(spec: ExperimentSpec, step: Step) -> Path:
@@ -151,11 +161,13 @@ def run_steps(
         steps: List[Step],
         in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
         echo: Callable[[str], None] = print,
+        record_weights: bool = False,
 ) -> ExperimentState:
     """Run every step not done yet; a failed step blocks the steps that need it, not the others.
 
     `in_process` maps step kinds run in this process (e.g. 'identity') to functions of (spec, step) returning
-    their result, a dict with `passed` False (and a `reason`) if the step failed.
+    their result, a dict with `passed` False (and a `reason`) if the step failed. While an arm trains, its gates (T-CNN
+    arms) and, with `record_weights`, its weights are recorded after every epoch (`EpochRecorder`).
     """
     state = ExperimentState(spec)
     for step in steps:
@@ -176,9 +188,11 @@ def run_steps(
                          **({} if ok else {'reason': result.get('reason', 'check failed')}))
         else:
             recorder = None
-            if step.kind == 'train' and step.arm == 'tcnn':
+            if step.kind == 'train':
                 run_dir = spec.run_dir(step.arm, step.seed)
-                recorder = GateRecorder(run_dir, spec.root / 'gates' / f'{run_dir.name}.json')
+                recorder = EpochRecorder(
+                    run_dir, gates=spec.root / 'gates' / f'{run_dir.name}.json' if step.arm in TCNN_ARMS else None,
+                    weights=spec.epoch_weights(step.arm, step.seed) if record_weights else None)
             code = _run_subprocess(spec, step, recorder.poll if recorder else None)
             log = str(_log_path(spec, step))
             status = 'done' if code == 0 else 'failed'

@@ -1,9 +1,11 @@
 """ What a T-CNN vs CNN experiment runs: its specification and the command line of every step.
 
-Each training arm is one run of timm's train.py per seed, with the same recipe, seed, epochs and data:
+Each training arm is one run of timm's train.py per seed, with the same seed and data:
 
 - arm `tcnn`: the T-CNN, initialised from the CNN weights (converted on load);
-- arm `cnn`: the CNN itself, fine-tuned identically (the control).
+- arm `cnn`: the CNN itself, fine-tuned identically (the control);
+- arm `scratch` (optional): the T-CNN from its own initialisation, trained with the starting CNN's recipe for the
+  CNN's epochs plus the fine-tune's, so that it and the `tcnn` route (CNN, then T-CNN) train for as many epochs.
 
 In a transfer (a class count other than the starting weights'), both arms of a seed start from the same
 file: the CNN with its classifier replaced by a new random one drawn with the seed (step `start/seedS`).
@@ -21,11 +23,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ['ARMS', 'ExperimentSpec', 'Step', 'analyze_argv', 'build_steps', 'run_name']
+__all__ = ['ARMS', 'DEFAULT_ARMS', 'ExperimentSpec', 'ScratchArm', 'Step', 'analyze_argv', 'build_steps', 'run_name']
 
-ARMS = ('tcnn', 'cnn')
+ARMS = ('tcnn', 'cnn', 'scratch')
+DEFAULT_ARMS = ('tcnn', 'cnn')
+TCNN_ARMS = ('tcnn', 'scratch')  # arms whose model is the T-CNN
 CHECKPOINTS = ('best', 'last')
 CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
+
+
+@dataclass(frozen=True)
+class ScratchArm:
+    """The `scratch` arm: the T-CNN trained from its own initialisation with the starting CNN's recipe, for the
+    CNN's epochs plus the fine-tune's."""
+    recipe_source: str  # the starting CNN's train.py recipe (its args.yaml, or --scratch-config)
+    cnn_epochs: int  # epochs the starting CNN was trained for
+    finetune_epochs: int  # epochs of the tcnn and cnn arms
+    num_classes: int
+    cnn_seconds: Optional[float] = None  # the starting CNN's training time, where its run folder tells it
+
+    @property
+    def epochs(self) -> int:
+        return self.cnn_epochs + self.finetune_epochs
 
 
 @dataclass(frozen=True)
@@ -59,23 +78,30 @@ class ExperimentSpec:
     imagenet_a: Optional[str] = None
     imagenet_r: Optional[str] = None
     analyze_images: int = 32
+    arms: Tuple[str, ...] = DEFAULT_ARMS
+    scratch: Optional[ScratchArm] = None
 
     def fingerprint(self) -> str:
-        """Hash of every field that changes results (seeds excluded: seeds can be added to a folder)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ('seeds', 'out')}
+        """Hash of every field that changes the `tcnn` and `cnn` arms' results. Seeds and arms can be added to a
+        folder; the scratch arm's own settings are in its steps' command lines, which a rerun compares."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ('seeds', 'out', 'arms', 'scratch')}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def model_name(self, arm: str) -> str:
-        return self.model if arm == 'tcnn' else self.cnn_model
+        return self.model if arm in TCNN_ARMS else self.cnn_model
 
     def arm_kwargs(self, arm: str) -> Dict[str, Any]:
         """`create_model` arguments of an arm (without the class count)."""
-        return {**self.model_kwargs, **(self.tcnn_kwargs if arm == 'tcnn' else {})}
+        return {**self.model_kwargs, **(self.tcnn_kwargs if arm in TCNN_ARMS else {})}
+
+    def num_classes_of(self, arm: str) -> Optional[int]:
+        """The class count passed to train.py and validate.py for `arm` (None: the starting weights')."""
+        return self.scratch.num_classes if arm == 'scratch' else self.num_classes
 
     def eval_kwargs(self, arm: str) -> Dict[str, Any]:
         """`create_model` arguments that rebuild an arm's train.py checkpoints."""
-        classes = {} if self.num_classes is None else {'num_classes': self.num_classes}
-        return {**self.arm_kwargs(arm), **classes}
+        classes = self.num_classes_of(arm)
+        return {**self.arm_kwargs(arm), **({} if classes is None else {'num_classes': classes})}
 
     @property
     def root(self) -> Path:
@@ -86,6 +112,19 @@ class ExperimentSpec:
 
     def checkpoint(self, arm: str, seed: int, which: str) -> Path:
         return self.run_dir(arm, seed) / CHECKPOINT_FILES[which]
+
+    def epoch_weights(self, arm: str, seed: int) -> Path:
+        """Folder of a run's weights after every epoch (`epoch<N>.safetensors`, recorded while it trains)."""
+        return self.root / 'epochs' / run_name(arm, seed)
+
+    def predictions(self, arm: Optional[str], seed: Optional[int]) -> Path:
+        """Every validation image's prediction by a run (by the starting CNN for arm None)."""
+        return self.root / 'predictions' / (f'{run_name(arm, seed)}.json' if arm else 'start.json')
+
+    @property
+    def scratch_recipe(self) -> Path:
+        """The scratch arm's train.py recipe: the starting CNN's, without the options of its own run."""
+        return self.root / 'scratch' / 'recipe.yaml'
 
     def start_checkpoint(self, seed: int) -> Path:
         """In a transfer, the CNN both arms of `seed` start from (its classifier replaced)."""
@@ -121,21 +160,27 @@ def _train_step(spec: ExperimentSpec, arm: str, seed: int, transfer: bool) -> St
     script = str(Path(spec.scripts_dir) / 'train.py')
     launcher = (_timm_tcnn('run', script) if spec.nproc == 1 else
                 ('torchrun', f'--nproc_per_node={spec.nproc}', '-m', 'timm_tcnn', 'run', script))
-    start = str(spec.start_checkpoint(seed)) if transfer else spec.cnn_checkpoint
-    weights = ['--initial-checkpoint', start] if start else ['--pretrained']
+    if arm == 'scratch':
+        recipe, weights, epochs = str(spec.scratch_recipe), [], spec.scratch.epochs
+    else:
+        start = str(spec.start_checkpoint(seed)) if transfer else spec.cnn_checkpoint
+        recipe, weights, epochs = spec.recipe, ['--initial-checkpoint', start] if start else ['--pretrained'], spec.epochs
     argv = [
-        *launcher, '--config', spec.recipe, '--data-dir', spec.data_dir,
+        *launcher, '--config', recipe, '--data-dir', spec.data_dir,
         '--train-split', spec.train_split, '--val-split', spec.val_split,
         '--model', spec.model_name(arm), *weights, *_kwargs_args(spec.arm_kwargs(arm)),
         '--seed', str(seed), '--output', str(spec.root / 'train'), '--experiment', run_name(arm, seed),
         '--checkpoint-hist', '1', '--device', spec.device, '--img-size', str(spec.train_size),
     ]
-    if spec.num_classes is not None:
-        argv += ['--num-classes', str(spec.num_classes)]
-    if spec.epochs is not None:
-        argv += ['--epochs', str(spec.epochs)]
+    if spec.num_classes_of(arm) is not None:
+        argv += ['--num-classes', str(spec.num_classes_of(arm))]
+    if epochs is not None:
+        argv += ['--epochs', str(epochs)]
     argv += list(spec.train_args)
-    needs = ('identity', f'start/seed{seed}') if transfer else ('identity',)
+    if arm == 'scratch':
+        needs = ('identity', 'scratch/recipe')
+    else:
+        needs = ('identity', f'start/seed{seed}') if transfer else ('identity',)
     return Step(f'train/{arm}/seed{seed}', 'train', tuple(argv), needs, arm, seed,
                 str(spec.run_dir(arm, seed) / 'summary.csv'))
 
@@ -149,8 +194,8 @@ def _validate_step(spec: ExperimentSpec, arm: str, seed: int, which: str, size: 
         '--img-size', str(size), '--batch-size', str(spec.eval_batch_size), '--workers', str(spec.workers),
         '--device', spec.device, '--results-file', str(result), '--results-format', 'json',
     ]
-    if spec.num_classes is not None:
-        argv += ['--num-classes', str(spec.num_classes)]
+    if spec.num_classes_of(arm) is not None:
+        argv += ['--num-classes', str(spec.num_classes_of(arm))]
     return Step(f'validate/{arm}/seed{seed}/{which}/{size}px', 'validate', tuple(argv),
                 (f'train/{arm}/seed{seed}',), arm, seed, str(result))
 
@@ -199,25 +244,32 @@ def _analyze_step(spec: ExperimentSpec, seed: int) -> Step:
                 (f'train/tcnn/seed{seed}',), 'tcnn', seed, str(out / 'attention_stats.json'))
 
 
-def build_steps(spec: ExperimentSpec, label_parts: bool = False, transfer: bool = False) -> List[Step]:
-    """Every step of the experiment in the order they run: identity, then per seed both arms' training,
-    validation, robustness and analysis. With `label_parts`, also the accuracy per part of the label of
-    the starting CNN (not in a transfer, whose classifier is new) and of each arm's best checkpoint (in process).
+def _predictions_step(spec: ExperimentSpec, arm: str, seed: int) -> Step:
+    return Step(f'predictions/{arm}/seed{seed}', 'predictions', (), (f'train/{arm}/seed{seed}',), arm, seed,
+                str(spec.predictions(arm, seed)))
+
+
+def build_steps(spec: ExperimentSpec, transfer: bool = False) -> List[Step]:
+    """Every step of the experiment in the order they run: identity, the starting CNN's predictions (not in a
+    transfer, whose classifier is new), the scratch arm's recipe, then per seed every arm's training, validation and
+    predictions (in process), the robustness of `tcnn` and `cnn`, and the T-CNN's analysis.
     With `transfer`, per seed first the starting CNN with its new classifier (in process)."""
     steps = [Step('identity', 'identity', (), result=str(spec.root / 'identity' / 'identity.json'))]
-    if label_parts and not transfer:
-        steps.append(Step('parts/start', 'parts', (), ('identity',), result=str(spec.root / 'parts' / 'start.json')))
+    if not transfer:
+        steps.append(Step('predictions/start', 'predictions', (), ('identity',), result=str(spec.predictions(None, None))))
+    if 'scratch' in spec.arms:
+        steps.append(Step('scratch/recipe', 'scratch-recipe', (), result=str(spec.scratch_recipe)))
+    arms = [arm for arm in ARMS if arm in spec.arms]
     for seed in spec.seeds:
         if transfer:
             steps.append(Step(f'start/seed{seed}', 'start', (), ('identity',), seed=seed,
                               result=str(spec.start_checkpoint(seed))))
-        steps += [_train_step(spec, arm, seed, transfer) for arm in ARMS]
-        for arm in ARMS:
+        steps += [_train_step(spec, arm, seed, transfer) for arm in arms]
+        for arm in arms:
             steps += [_validate_step(spec, arm, seed, which, size)
                       for which in CHECKPOINTS for size in sorted({spec.train_size, spec.test_size})]
-            if label_parts:
-                steps.append(Step(f'parts/{arm}/seed{seed}', 'parts', (), (f'train/{arm}/seed{seed}',), arm, seed,
-                                  str(spec.root / 'parts' / f'{run_name(arm, seed)}.json')))
-        steps.append(_robustness_step(spec, seed))
+            steps.append(_predictions_step(spec, arm, seed))
+        if 'cnn' in spec.arms:
+            steps.append(_robustness_step(spec, seed))
         steps.append(_analyze_step(spec, seed))
     return steps
