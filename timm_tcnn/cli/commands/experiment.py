@@ -33,10 +33,12 @@ _SCRIPTS_HINT = ("timm's train.py and validate.py are not in the timm package: c
 
 DESCRIPTION = """\
 Fine-tune a T-CNN and its CNN (the control) with the same train.py recipe, seed, data order and epochs, for
-every seed; validate both arms' best and last checkpoints at the train and test sizes with validate.py;
-measure their robustness (ImageNet-C/A/R when given, else the validation split corrupted on the fly);
-analyse the T-CNN's attention at conversion and at the end and record its gates every epoch; then write
-OUT/report.md, OUT/results.json and figures. A rerun continues where the last one stopped.
+every seed; validate every arm's best and last checkpoints at the train and test sizes with validate.py and
+record every validation image's prediction; measure the robustness of the T-CNN and the CNN (ImageNet-C/A/R when
+given, else the validation split corrupted on the fly); analyse the T-CNN's attention at conversion and at the
+end and record its gates every epoch; then write OUT/report.md (verdicts with intervals counting seeds and
+images, training times, learning curves), OUT/results.json and figures. A rerun continues where the last one
+stopped.
 
 Partially trained CNN: with --arms tcnn cnn scratch, a third arm trains the T-CNN from its own initialisation
 with the starting CNN's recipe (args.yaml beside --cnn-checkpoint, or --scratch-config) for the CNN's epochs (read
