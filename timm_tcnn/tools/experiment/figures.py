@@ -4,7 +4,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from .report import curve_stats
+from .report import curve_order, curve_stats
 from .spec import ExperimentSpec
 
 __all__ = ['write_figures']
@@ -25,7 +25,7 @@ def _learning_curves(fig, spec: ExperimentSpec, results: Dict[str, Any]) -> bool
     """One panel per curve (train.py's validation top-1, each label part and group, content share)."""
     from matplotlib.ticker import MaxNLocator
     stats = {arm: curve_stats(results['runs'], arm) for arm in spec.arms}
-    keys = sorted({k for s in stats.values() for k in s}, key=lambda k: (k != 'validation_top1', k == 'content_share', k))
+    keys = sorted({k for s in stats.values() for k in s}, key=curve_order)
     if not keys:
         return False
     columns = min(3, len(keys))
@@ -38,7 +38,8 @@ def _learning_curves(fig, spec: ExperimentSpec, results: Dict[str, Any]) -> bool
             if curve:
                 _mean_band(ax, list(curve), list(curve.values()), arm)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        label = {'validation_top1': 'validation top-1 (%)', 'content_share': 'mean content share'}.get(key, f'{key} (%)')
+        label = {'validation_top1': "train.py's validation top-1 (%)", 'top1': 'top-1 at the test size (%)',
+                 'content_share': 'mean content share'}.get(key, f'{key} (%)')
         ax.set(xlabel='epochs done', ylabel=label, title=label)
         ax.legend(fontsize='small')
     return True

@@ -263,6 +263,18 @@ def training_times(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> Dic
     return times
 
 
+CURVE_TITLES = {
+    'validation_top1': "train.py's own validation top-1 (%, its recipe's preprocessing)",
+    'top1': "top-1 (%) at the test size (validate.py's preprocessing)",
+    'content_share': 'mean content share over heads',
+}
+
+
+def curve_order(key: str) -> Tuple[int, str]:
+    """Curves in reading order: the top-1 curves, the label parts and groups, the content share."""
+    return (0 if key in ('validation_top1', 'top1') else 2 if key == 'content_share' else 1, key)
+
+
 def curve_stats(runs: Dict[str, Dict[str, Any]], arm: str) -> Dict[str, Dict[int, Dict[str, Optional[float]]]]:
     """{curve key: {epochs done: mean/std over seeds}} of an arm."""
     values: Dict[str, Dict[int, List[float]]] = {}
@@ -276,15 +288,14 @@ def curve_stats(runs: Dict[str, Dict[str, Any]], arm: str) -> Dict[str, Dict[int
 
 def _curve_lines(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> List[str]:
     stats = {arm: curve_stats(runs, arm) for arm in spec.arms}
-    keys = sorted({k for arm_stats in stats.values() for k in arm_stats}, key=lambda k: (k != 'validation_top1', k))
+    keys = sorted({k for arm_stats in stats.values() for k in arm_stats}, key=curve_order)
     if not keys:
         return ['No per-epoch results yet.']
     lines = []
     for key in keys:
         epochs = sorted({e for arm in spec.arms for e in stats[arm].get(key, {})})
         arms = [arm for arm in spec.arms if key in stats[arm]]
-        what = {'validation_top1': "train.py's validation top-1 (%)", 'content_share': 'mean content share'}.get(
-            key, f'accuracy (%) on {key}')
+        what = CURVE_TITLES.get(key, f'accuracy (%) on {key}, at the test size')
         lines += [f'**{what}**', '', '| epochs done | ' + ' | '.join(arms) + ' |', '|---' * (len(arms) + 1) + '|']
         for e in epochs:
             cells = [stats[arm][key].get(e) for arm in arms]
