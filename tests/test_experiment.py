@@ -308,6 +308,10 @@ def _set(args: list, option: str, *values: str) -> None:
     ('tcnn-kwargs-for-both-arms', "move ['drop_rate', 'tcnn_qk_dim'] to the other one"),
     ('bad-tcnn-option', '--tcnn-kwargs: tcnn_qk_dim=0: expected an integer >= 1'),
     ('other-architecture', 'does not fit resnetrs50'),
+    ('scratch-epochs-unknown', 'does not record its epochs: pass --cnn-epochs N'),
+    ('scratch-recipe-unknown', "has no args.yaml beside it: pass the CNN's train.py recipe with --scratch-config"),
+    ('scratch-options-without-scratch', '--cnn-epochs only acts with the scratch arm: add --arms tcnn cnn scratch'),
+    ('arms-without-tcnn', '--arms must name the tcnn arm and each arm once, got cnn scratch'),
 ])
 def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
     args = experiment_args(setup, tmp_path / 'out', '--dry-run')
@@ -342,6 +346,15 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
         tcnn = timm.create_model('tcnn_resnet50rs', num_classes=10, **KWARGS)
         torch.save(tcnn.state_dict(), tmp_path / 'tcnn.pth')
         _set(args, '--cnn-checkpoint', str(tmp_path / 'tcnn.pth'))
+    elif problem in ('scratch-epochs-unknown', 'scratch-recipe-unknown'):  # a state dict alone, in a folder without args.yaml
+        checkpoint = torch.load(setup / 'cnn.pth.tar', weights_only=True)
+        torch.save(checkpoint if problem == 'scratch-recipe-unknown' else checkpoint['state_dict'], tmp_path / 'cnn.pth')
+        _set(args, '--cnn-checkpoint', str(tmp_path / 'cnn.pth'))
+        args += list(ALL_ARMS)
+    elif problem == 'scratch-options-without-scratch':
+        args += ['--cnn-epochs', '4']
+    elif problem == 'arms-without-tcnn':
+        args += ['--arms', 'cnn', 'scratch']
     elif problem == 'other-architecture':
         args.remove('--model-kwargs')
         args.remove('layers=(1,1,1,1)')
