@@ -19,13 +19,14 @@ __all__ = ['predict_folder', 'predictions_step', 'correct']
 @torch.no_grad()
 def predict_folder(model: torch.nn.Module, folder: str, img_size: int, batch_size: int = 64,
                    desc: str = 'predictions') -> Dict[str, Any]:
-    """The model's top-1 class of every image of the ImageFolder `folder`, with its eval transform at `img_size`.
+    """The model's top-1 class of every image of the ImageFolder `folder`, with the eval transform validate.py gives
+it at `img_size` (the pretrained config's test crop), so that the experiment's per-image results are validate.py's.
 
     Returns `images` (paths relative to `folder`), `classes` (the folder's class names, index order), `targets`
     and `predicted` (indices of the model's outputs; the same as the targets' when the model was trained on a split
     with the same classes, as the experiment checks).
     """
-    config = resolve_data_config(dict(img_size=img_size), model=model)
+    config = resolve_data_config(dict(img_size=img_size), model=model, use_test_size=True)
     dataset = ImageDataset(folder, transform=create_transform(**config))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     model.eval()

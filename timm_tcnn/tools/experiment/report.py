@@ -113,8 +113,10 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
                 if gates and str(done - 1) in gates:
                     shares = [s for layer in gates[str(done - 1)].values() for s in layer['content_share']]
                     curves[done]['content_share'] = statistics.fmean(shares)
+            checked = {m: v for m, v in _accuracy(hits.get('best', {}) | hits.get('last', {})).items() if m in metrics}
             runs[run_name(arm, seed)] = dict(
                 arm=arm, seed=seed, metrics=metrics, seconds=_train_seconds(state, arm, seed),
+                predictions_vs_validate={m: v - metrics[m] for m, v in checked.items() if m.startswith('top1_')},
                 hits={**hits.get('best', {}), **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')}},
                 images=len(record['images']) if record else None,
                 curves={str(k): curves[k] for k in sorted(curves)})
@@ -323,6 +325,16 @@ def _time_lines(spec: ExperimentSpec, times: Dict[str, Dict[str, Any]]) -> List[
     return lines
 
 
+def _consistency_line(runs: Dict[str, Dict[str, Any]]) -> str:
+    """Whether the per-image predictions behind the verdicts give validate.py's top-1 (same checkpoints and size)."""
+    gaps = [abs(g) for run in runs.values() for g in run['predictions_vs_validate'].values()]
+    if not gaps:
+        return '- per-image predictions: none yet'
+    return (f'- per-image predictions (behind the intervals) against validate.py on the same {len(gaps)} checkpoints: '
+            f'largest top-1 difference {max(gaps):.2f} points' + ('' if max(gaps) < 0.01 else
+                                                                ' (they should agree: check the preprocessing)'))
+
+
 def _comparison_lines(table: Dict[str, Any], arms: Tuple[str, str]) -> List[str]:
     a, b = arms
     lines = [f'### {a} ({ARM_TITLES[a]}) against {b} ({ARM_TITLES[b]})', '',
@@ -354,6 +366,7 @@ def _markdown(spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[str, A
         f'- identity at conversion: max relative error {identity.get("max_relative_error", float("nan")):.2e} '
         f'(tolerance {identity.get("tolerance", float("nan")):.0e}), top-1 agreement '
         f'{100 * identity.get("top1_agreement", float("nan")):.0f}% on {identity.get("images", 0)} validation images',
+        _consistency_line(results['runs']),
         '', '## Headline', '',
         'Top-1 in %. Difference = first arm minus second with the same seed (mean +- std over seeds). 95% interval = '
         'mean +- 2 x sqrt(SE_seeds^2 + SE_images^2), SE_seeds = std / sqrt(seeds); SE_images from every image\'s '
