@@ -113,11 +113,13 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
                 if gates and str(done - 1) in gates:
                     shares = [s for layer in gates[str(done - 1)].values() for s in layer['content_share']]
                     curves[done]['content_share'] = statistics.fmean(shares)
-            checked = {m: v for m, v in _accuracy(hits.get('best', {}) | hits.get('last', {})).items() if m in metrics}
+            # the best checkpoint's per-image results, and the last one's top-1
+            run_hits = {**hits.get('best', {}), **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')}}
             runs[run_name(arm, seed)] = dict(
                 arm=arm, seed=seed, metrics=metrics, seconds=_train_seconds(state, arm, seed),
-                predictions_vs_validate={m: v - metrics[m] for m, v in checked.items() if m.startswith('top1_')},
-                hits={**hits.get('best', {}), **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')}},
+                predictions_vs_validate={m: v - metrics[m] for m, v in _accuracy(run_hits).items()
+                                         if m.startswith('top1_') and m in metrics},
+                hits=run_hits,
                 images=len(record['images']) if record else None,
                 curves={str(k): curves[k] for k in sorted(curves)})
     start = _read_json(spec.predictions(None, None))

@@ -91,7 +91,7 @@ class EpochRecorder:
     """Records a train.py run after every epoch, from its `last.pth.tar` (train.py replaces it atomically).
 
     - `gates`: a T-CNN's gates, as {epoch: gate_summary} in that JSON file (at conversion every gate is 0);
-    - `weights`: the epoch's weights as `weights/epoch<N>.safetensors`, from which the report's per-epoch accuracies
+    - `weights`: the epoch's weights as `epoch<N>.safetensors` in that folder, from which the report's per-epoch accuracies
       (label parts, image groups) are computed after training.
     """
 
@@ -116,10 +116,8 @@ class EpochRecorder:
         epoch = int(checkpoint['epoch'])
         if self.gates is not None:
             self.records[str(epoch)] = gate_summary(checkpoint['state_dict'])
-            self.gates.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.gates, json.dumps(self.records, indent=1) + '\n')
         if self.weights is not None:
-            self.weights.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.weights / f'epoch{epoch}.safetensors') as tmp:
                 save_file({k: v.contiguous() for k, v in checkpoint['state_dict'].items()}, str(tmp))
 
