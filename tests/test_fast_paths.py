@@ -7,7 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import default_block_bytes, reference_forward
-from timm_tcnn.layers.functions import ContentMix, MixGeometry, content_mix_reference
+from timm_tcnn.layers.functions import AttentionMix, MixGeometry, content_mix_reference
+from timm_tcnn.layers.positional import positional_mixing, positional_tables
 from conftest import relative_error
 
 # the layer's definition written plainly (`timm_tcnn.layers.reference`): unfolded one-hot taps, separable
@@ -78,29 +79,34 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
 
 @pytest.mark.parametrize('amp', [False, True])
 @pytest.mark.parametrize('stride,block', [(1, 100), (1, 2), (2, 100), (2, 3)])
-def test_content_mix_function_matches_its_composition(amp, stride, block):
-    """The content mixing (Q/K projection, softmax, blend and mixing GEMM as one autograd function that recomputes
-    the attention in its backward pass) equals its composition in standard operations, forward and the gradients
-    of all five inputs, with a gradient floor above some gates (one at 0), in one block of queries and in several,
-    in float32 and under bf16 autocast (there against the composition in float64: bf16 rounds both ways of
-    computing by about 2%); no double backward."""
-    heads, d, floor = 4, 3, 0.1
+def test_attention_mix_function_matches_its_composition(amp, stride, block):
+    """The attention mixing (positional attention, Q/K projection, softmax, blend and mixing GEMM as one autograd
+    function that recomputes the attention in its backward pass) equals its composition in standard operations,
+    forward and the gradients of all four inputs, with a gradient floor above some gates (one at 0) and a Gaussian
+    off its tap, in one block of queries and in several, in float32 and under bf16 autocast (there against the
+    composition in float64: bf16 rounds both ways of computing by about 2%); no double backward."""
+    d, floor, kernel = 3, 0.1, 3
+    heads = kernel * kernel
     x = torch.randn(2, 6, 6, 7, requires_grad=True)
     q_weight = torch.randn(heads * d, 6, requires_grad=True)
     k_weight = torch.randn(heads * d, 6, requires_grad=True)
-    num_queries = ((6 - 1) // stride + 1) * ((7 - 1) // stride + 1)
-    positional = torch.rand(num_queries, heads, 42, requires_grad=True)
-    values = torch.tensor([0., 0.05, 0.3, 0.9, 0.5], requires_grad=True)  # gates lead; the rest unused here
-    inputs = (x, q_weight, k_weight, positional, values)
+    values = torch.cat([
+        torch.linspace(0, 0.9, heads), torch.linspace(0.05, 1, heads), torch.linspace(-1, 2, heads),
+        torch.randn(2 * heads)]).requires_grad_()
+    inputs = (x, q_weight, k_weight, values)
     geometry = MixGeometry(6, 7, stride, (stride - 1, 0), d, d ** -0.5, block)  # 'same' padding's start
+    same = stride == 2
 
     def fused():
-        return ContentMix.apply(*inputs, geometry, floor)
+        return AttentionMix.apply(*inputs, positional_tables(kernel, stride, 6, 7, same), geometry, floor)
 
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
         got = fused()
     ref_inputs = tuple(t.detach().double().requires_grad_() for t in inputs) if amp else inputs
-    ref = content_mix_reference(*ref_inputs, geometry, floor)
+    tables = positional_tables(kernel, stride, 6, 7, same, dtype=ref_inputs[-1].dtype)
+    positional = positional_mixing(ref_inputs[-1], tables, floor)
+    ref = content_mix_reference(*ref_inputs[:3], positional, ref_inputs[-1], geometry, floor)
+    num_queries = positional.shape[0]
     assert got.dtype == (torch.bfloat16 if amp else torch.float32)
     tol = 5e-2 if amp else 1e-5  # bf16 GEMMs round their outputs to 8 bits
     assert got.shape == ref.shape == (2, num_queries, heads, 6) and relative_error(got.double(), ref.double()) <= tol

@@ -3,8 +3,9 @@ that issues a few large operations where autograd would issue many small ones.
 
 - `ScaledValues`: the four gate and positional parameters -> one (5 * heads,) float32 vector of values
   (rate-scaled, gates clamped to [0, 1] with a straight-through gradient).
-- `ContentMix`: maps -> queries and keys of every head (one GEMM per sample), content softmax blended with
-  the positional attention, mixing the full-width tokens of every head; queries processed in blocks.
+- `AttentionMix`: maps and values -> the positional attention (`positional_forward`), queries and keys of every
+  head (one GEMM per sample), content softmax blended with the positional attention, mixing the full-width tokens
+  of every head; queries processed in blocks (`content_mix`, also the inference path's).
 
 `floored_blend` and `content_mix_reference` are the same maths in standard operations, for scripted, traced and
 compiled graphs and as the references the functions are tested against.
@@ -14,8 +15,9 @@ from typing import List, NamedTuple, Tuple
 import torch
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
+from .positional import PositionalSaved, PositionalTables, positional_backward, positional_forward
 
-__all__ = ['ScaledValues', 'ContentMix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference']
+__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):
@@ -42,7 +44,7 @@ class ScaledValues(torch.autograd.Function):
 
 
 class MixGeometry(NamedTuple):
-    """What `ContentMix` needs to know of the maps: input (height, width), stride, first query (row, col), the
+    """What `content_mix` needs to know of the maps: input (height, width), stride, first query (row, col), the
     query/key width per head, the logit scale and the number of queries per block."""
     height: int
     width: int
@@ -93,54 +95,69 @@ def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + block, num_queries)) for start in range(0, num_queries, block)]
 
 
-class ContentMix(torch.autograd.Function):
-    """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), queries, keys and softmax in float32
-    (`softmax_without_subnormals_`): maps x (B, C, H, W), query and key weights (heads * d, C), positional
-    (Nq, heads, N) float32, values (5 * heads,) (the content gates lead) -> mixed (B, Nq, heads, C) in the
-    mixing dtype (`mixing_dtype`: autocast's, else x's).
+def content_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
+                gate: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
+    query and key weights (heads * d, C), positional (Nq, heads, N) float32, gate (heads,) -> mixed (B, Nq, heads,
+    C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and the softmax of each block of queries.
+    Queries, keys and softmax are float32 (`softmax_without_subnormals_`); queries go in blocks of
+    `geometry.block`."""
+    dtype = mixing_dtype(x)
+    num_queries, heads = positional.shape[:2]
+    with autocast_off(x.device):
+        maps = x.to(dtype)
+        tokens = tokens_of(maps, dtype)
+        B, N, C = tokens.shape
+        queries, keys = project_qk(maps, q_weight, k_weight, geometry)
+        mixed = tokens.new_empty(B, num_queries, heads, C)
+        probs_blocks = []
+        for start, stop in _blocks(num_queries, geometry.block):
+            block_queries = queries[:, :, start:stop].transpose(1, 2)
+            logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0., alpha=geometry.scale)
+            probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
+            attn = _blended(positional[start:stop], probs, gate[:, None], dtype)
+            torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
+            probs_blocks.append(probs)
+    return mixed, [maps, queries, keys] + probs_blocks
 
-    Queries go in blocks of `geometry.block`. Stores each block's softmax, not A: the backward pass recomputes A
-    (one pass) where autograd would keep both. Backward, per block: three passes over the attention and no
-    temporary (the softmax's row sums r = <grad, p> also give the gate's gradient). Queries and keys learn as if
+
+def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, block * heads, N) attention positional + gate * probs in `dtype`, rows in the order the mixing GEMM
+    reads."""
+    B, heads, block, N = probs.shape
+    attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
+    return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
+
+
+class AttentionMix(torch.autograd.Function):
+    """The attention of every head built and applied in one function: maps x (B, C, H, W), query and key weights
+    (heads * d, C), the packed values (5 * heads,) (`ScaledValues`) and the positional tables -> mixed (B, Nq,
+    heads, C), `content_mix` of the positional attention (`positional_forward`) and the content gates.
+
+    Stores each block's softmax, not A: the backward pass recomputes A (one pass) where autograd would keep both.
+    Backward, per block: three passes over the attention and no temporary (the softmax's row sums r = <grad, p>
+    also give the gate's gradient); then `positional_backward` on the positional attention's gradient (the sum of
+    the attention's over the batch), which writes the values' gradient, gate included. Queries and keys learn as if
     their gate were at least `grad_floor`; the maps' gradient sums the mixing's and the projection's in place.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-                values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
-        dtype = mixing_dtype(x)
-        num_queries, heads = positional.shape[:2]
-        gate = values[:heads, None]
-        with autocast_off(x.device):
-            maps = x.to(dtype)
-            tokens = tokens_of(maps, dtype)
-            B, N, C = tokens.shape
-            queries, keys = project_qk(maps, q_weight, k_weight, geometry)
-            mixed = tokens.new_empty(B, num_queries, heads, C)
-            probs_blocks = []
-            for start, stop in _blocks(num_queries, geometry.block):
-                block_queries = queries[:, :, start:stop].transpose(1, 2)
-                logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0., alpha=geometry.scale)
-                probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
-                attn = ContentMix._attention(positional[start:stop], probs, gate, dtype)
-                torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
-                probs_blocks.append(probs)
-        ctx.save_for_backward(maps, q_weight, k_weight, positional, values, queries, keys, *probs_blocks)
-        ctx.x_dtype = x.dtype
-        ctx.geometry, ctx.grad_floor, ctx.dtype = geometry, grad_floor, dtype
+    def forward(ctx, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, values: torch.Tensor,
+                tables: PositionalTables, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+        positional, positional_saved = positional_forward(values, tables, grad_floor)
+        heads = positional.shape[1]
+        mixed, saved = content_mix(x, q_weight, k_weight, positional, values[:heads], geometry)
+        ctx.save_for_backward(q_weight, k_weight, positional, values, *positional_saved, *saved)
+        ctx.x_dtype, ctx.tables = x.dtype, tables
+        ctx.geometry, ctx.grad_floor, ctx.dtype = geometry, grad_floor, mixed.dtype
         return mixed
-
-    @staticmethod
-    def _attention(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype):
-        """(B, block * heads, N) attention in `dtype`, rows in the order the mixing GEMM reads."""
-        B, heads, block, N = probs.shape
-        attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
-        return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        maps, q_weight, k_weight, positional, values, queries, keys, *probs_blocks = ctx.saved_tensors
+        q_weight, k_weight, positional, values, *saved = ctx.saved_tensors
+        positional_saved = PositionalSaved(*saved[:len(PositionalSaved._fields)])
+        maps, queries, keys, *probs_blocks = saved[len(PositionalSaved._fields):]
         geometry, dtype = ctx.geometry, ctx.dtype
         num_queries, heads = positional.shape[:2]
         gate = values[:heads, None]
@@ -155,11 +172,11 @@ class ContentMix(torch.autograd.Function):
             else:
                 grad_queries, grad_keys = torch.empty_like(queries), torch.empty_like(keys)
             grad_positional = torch.empty_like(positional)
-            grad_values = values.new_zeros(values.shape)
+            grad_gate = values.new_empty(heads, 1)
             for index, ((start, stop), probs) in enumerate(zip(_blocks(num_queries, geometry.block), probs_blocks)):
                 first = index == 0
                 grad_block = grad[:, start:stop].reshape(B, -1, C)
-                attn = ContentMix._attention(positional[start:stop], probs, gate, dtype)
+                attn = _blended(positional[start:stop], probs, gate, dtype)
                 _bmm_into(attn.transpose(1, 2), grad_block, grad_tokens, accumulate=not first)
                 grad_attn = torch.bmm(grad_block, tokens.transpose(1, 2)).float().view(B, stop - start, heads, N)
                 torch.sum(grad_attn, 0, out=grad_positional[start:stop])
@@ -168,14 +185,16 @@ class ContentMix(torch.autograd.Function):
                 row_sums = grad_logits.sum(-1, keepdim=True)
                 grad_logits.addcmul_(probs, row_sums, value=-1.)
                 grad_logits = grad_logits.view(B * heads, stop - start, N)
-                _bmm_into(grad_logits, keys.transpose(1, 2), grad_queries[:, :, start:stop].transpose(1, 2))
-                _bmm_into(queries[:, :, start:stop], grad_logits, grad_keys, accumulate=not first)
+                # the logits' scale applied by the GEMMs
+                _bmm_into(grad_logits, keys.transpose(1, 2), grad_queries[:, :, start:stop].transpose(1, 2),
+                          alpha=geometry.scale)
+                _bmm_into(queries[:, :, start:stop], grad_logits, grad_keys, accumulate=not first, alpha=geometry.scale)
                 if first:
-                    torch.sum(row_sums, (0, 2), out=grad_values[:heads, None])
+                    torch.sum(row_sums, (0, 2), out=grad_gate)
                 else:
-                    grad_values[:heads, None] += row_sums.sum((0, 2))
-            # the logits' scale, and the gate (at least grad_floor) through which queries and keys act
-            factor = gate.clamp(min=ctx.grad_floor).mul_(geometry.scale)
+                    grad_gate += row_sums.sum((0, 2))
+            # the gate (at least grad_floor) through which queries and keys act
+            factor = gate.clamp(min=ctx.grad_floor)
             if geometry.stride == 1:
                 grad_x, grad_q_weight, grad_k_weight = _joint_qk_backward(
                     maps, q_weight, k_weight, grad_qk, factor, geometry.qk_dim)
@@ -183,7 +202,9 @@ class ContentMix(torch.autograd.Function):
                 grad_x, grad_q_weight, grad_k_weight = _split_qk_backward(
                     maps, q_weight, k_weight, grad_queries, grad_keys, factor, geometry)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
-        return grad_x.to(ctx.x_dtype), grad_q_weight, grad_k_weight, grad_positional, grad_values, None, None
+            grad_values = positional_backward(
+                grad_positional, positional_saved, ctx.tables, values.new_empty(values.shape), grad_gate.view(heads))
+        return grad_x.to(ctx.x_dtype), grad_q_weight, grad_k_weight, grad_values, None, None, None
 
 
 def _joint_qk_backward(
@@ -222,10 +243,10 @@ def _split_qk_backward(
     return grad_maps, grad_q_weight.to(q_weight.dtype), grad_k_weight.to(k_weight.dtype)
 
 
-def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
-    """out = a @ b, or out += a @ b (batched)."""
-    if accumulate:
-        out.baddbmm_(a, b)
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.) -> None:
+    """out = alpha * a @ b, or out += alpha * a @ b (batched)."""
+    if accumulate or alpha != 1.:
+        out.baddbmm_(a, b, beta=float(accumulate), alpha=alpha)  # beta 0: out's old contents are ignored
     else:
         torch.bmm(a, b, out=out)
 
@@ -241,7 +262,7 @@ def floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.T
 
 def content_mix_reference(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
                           values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
-    """`ContentMix` in standard operations, all queries at once."""
+    """`content_mix` (with autograd) in standard operations, all queries at once."""
     num_queries, heads = positional.shape[:2]
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)

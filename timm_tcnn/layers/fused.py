@@ -67,7 +67,7 @@ def _queries_keys(maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
 
 def fused_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
               gate: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
-    """What `ContentMix` computes, (B, Nq, heads, C) in the mixing dtype, with the content attention fused: maps x
+    """What `content_mix` computes, (B, Nq, heads, C) in the mixing dtype, with the content attention fused: maps x
     (B, C, H, W), weights (heads * d, C), positional (Nq, heads, N) float32, gate (heads,) float32."""
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)

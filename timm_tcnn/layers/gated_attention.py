@@ -50,7 +50,7 @@ from timm.layers.padding import pad_same
 
 from .config import resolve_attention_path
 from .fused import fused_mix
-from .functions import ContentMix, MixGeometry, ScaledValues, content_mix_reference, floored_blend
+from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
 from .cache import BoundedCache
 from .inference import InferencePlan
 from .numerics import (
@@ -476,18 +476,15 @@ class GatedPositionalAttention2d(nn.Module):
     def _attention(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         B, C, H, W = x.shape
         values = self._scaled_values()
-        positional = PositionalMixing.apply(values, self._tables(H, W, x.device), self.grad_floor)
+        tables = self._tables(H, W, x.device)
         geometry = self._geometry(x, self._block(B, H, W, x.device))
-        mixed = self._mix(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor, fused)
-        return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
-
-    @torch.jit.unused
-    def _mix(self, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-             values: torch.Tensor, geometry: MixGeometry, grad_floor: float, fused: bool) -> torch.Tensor:
-        """(B, Nq, heads, C) inputs mixed by each head's attention (the content gates lead `values`)."""
         if fused:
-            return fused_mix(x, q_weight, k_weight, positional, values[:positional.shape[1]], geometry, grad_floor)
-        return ContentMix.apply(x, q_weight, k_weight, positional, values, geometry, grad_floor)
+            positional = PositionalMixing.apply(values, tables, self.grad_floor)
+            mixed = fused_mix(
+                x, self.q.weight, self.k.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
+        else:
+            mixed = AttentionMix.apply(x, self.q.weight, self.k.weight, values, tables, geometry, self.grad_floor)
+        return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training computation in standard operations, all queries at once: scripted, traced, exported and
@@ -560,7 +557,10 @@ class GatedPositionalAttention2d(nn.Module):
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
             q_weight, k_weight = self._qk_weights(plan.open_heads)
-            mixed = self._mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0., fused)
+            if fused:
+                mixed = fused_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
+            else:
+                mixed = content_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry)[0]
             out = self._project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 

@@ -14,7 +14,7 @@ closed-form backward pass (a handful of operations where autograd takes about a 
 as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
 operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
 """
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ from .numerics import exp_without_subnormals
 
 __all__ = [
     'PositionalTables', 'TABLES', 'positional_tables', 'cached_positional_tables', 'gaussian_factors', 'positional_mixing',
-    'PositionalMixing', 'split_values', 'same_pad_before', 'query_start',
+    'PositionalMixing', 'PositionalSaved', 'positional_forward', 'positional_backward', 'split_values', 'same_pad_before', 'query_start',
 ]
 
 class PositionalTables(NamedTuple):
@@ -33,12 +33,15 @@ class PositionalTables(NamedTuple):
     offsets: (2, Ho * H + 2 * H - 1) for square maps; per dimension (rows, cols), the key's offset from each
         query, (out_size, size) flattened, then every offset of the normalisation, -(size - 1) ... size - 1,
         padded to a common length with offsets no Gaussian reaches.
-    powers: (1., 2.): the offsets' powers the backward pass reduces against.
+    basis: (Nq, N, 5) per query and key, (-2 dy, dy^2, -2 dx, dx^2, 1) of the key's offset (dy, dx): what the
+        backward pass reduces the Gaussian's gradient against, in one GEMM.
+    norm_basis: (2, M, 2) per dimension, (-2 o, o^2) of the normalisation's offsets (the last M of `offsets`).
     rows: (Ho, H), cols: (Wo, W): the shapes of the two factors.
     """
     onehot: torch.Tensor
     offsets: torch.Tensor
-    powers: torch.Tensor
+    basis: torch.Tensor
+    norm_basis: torch.Tensor
     rows: Tuple[int, int]
     cols: Tuple[int, int]
 
@@ -106,8 +109,14 @@ def positional_tables(
     # head = tap row * K + tap col
     onehot = torch.einsum('aiy,bjx->ijabyx', row_onehot, col_onehot).reshape(
         out_h * out_w, kernel_size * kernel_size, height * width)
-    powers = torch.tensor([1., 2.], device=device, dtype=dtype)
-    return PositionalTables(onehot.contiguous(), offsets, powers, (out_h, height), (out_w, width))
+    dy = row_rel.view(out_h, 1, height, 1).expand(out_h, out_w, height, width)
+    dx = col_rel.view(1, out_w, 1, width).expand(out_h, out_w, height, width)
+    basis = torch.stack([-2 * dy, dy.square(), -2 * dx, dx.square(), torch.ones_like(dy)], -1)
+    norm = offsets[:, length - max(row_norm.numel(), col_norm.numel()):]
+    norm_basis = torch.stack([-2 * norm, norm.square()], -1)
+    return PositionalTables(
+        onehot.contiguous(), offsets, basis.view(out_h * out_w, height * width, 5), norm_basis,
+        (out_h, height), (out_w, width))
 
 
 # shared by every layer of the process; the one-hot matrix of a 56x56 -> 28x28 layer is 88 MiB
@@ -124,7 +133,7 @@ def cached_positional_tables(
     tables = TABLES.get(key)
     if tables is None:
         tables = positional_tables(kernel_size, stride, height, width, same_padding, device)
-        TABLES.put(key, tables, sum(t.numel() * t.element_size() for t in tables[:3]))
+        TABLES.put(key, tables, sum(t.numel() * t.element_size() for t in tables[:4]))
     return tables
 
 
@@ -189,59 +198,80 @@ def positional_mixing(values: torch.Tensor, tables: PositionalTables, grad_floor
     return dense
 
 
-class PositionalMixing(torch.autograd.Function):
-    """`positional_mixing` with a closed-form backward pass: (5 * heads,) values -> P (Nq, heads, N).
+class PositionalSaved(NamedTuple):
+    """What `positional_backward` reads of a forward pass: the locality gate, 1 - content gate, the Gaussian's
+    learning share max((1 - g) * l, grad_floor), -alpha (heads,), the centre (heads, 2), the normalised
+    per-dimension logits (heads, 2, L) and the dense Gaussian (Nq, heads, N)."""
+    locality: torch.Tensor
+    keep: torch.Tensor
+    learn_share: torch.Tensor
+    neg_alpha: torch.Tensor
+    center: torch.Tensor
+    logits: torch.Tensor
+    gauss: torch.Tensor
 
-    Keeps the dense Gaussian (one attention-sized tensor) and (heads, 2, L) offsets for the backward pass, which
-    reads the incoming gradient three times (its products with the one-hot matrix and the Gaussian, and the
-    Gaussian product's two partial sums) and otherwise works on (heads, L) tensors.
-    """
+
+def positional_forward(
+        values: torch.Tensor, tables: PositionalTables, grad_floor: float) -> Tuple[torch.Tensor, PositionalSaved]:
+    """`positional_mixing` without autograd, and what its closed-form backward pass needs: P (Nq, heads, N)."""
+    gate, locality, log_alpha, center = split_values(values)
+    neg_alpha = log_alpha.exp().neg_()
+    logits = (tables.offsets - center[:, :, None]).square_().mul_(neg_alpha[:, None, None])  # heads, 2, L
+    logits = _normalised_logits(logits, tables)
+    gauss = exp_without_subnormals(_dense_log_gaussian(*_factors(logits, tables.rows, tables.cols)))
+    keep = 1 - gate
+    gauss_share = keep * locality
+    dense = torch.mul(tables.onehot, (keep - gauss_share)[:, None])
+    dense.addcmul_(gauss, gauss_share[:, None])
+    saved = PositionalSaved(locality, keep, gauss_share.clamp(min=grad_floor), neg_alpha, center, logits, gauss)
+    return dense, saved
+
+
+def positional_backward(
+        grad: torch.Tensor, saved: PositionalSaved, tables: PositionalTables, grad_values: torch.Tensor,
+        content_gate_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Writes the gradient of the packed values (5 * heads,) from that of P (Nq, heads, N) into `grad_values`,
+    adding `content_gate_grad` (heads,), the content's share of the gates' gradient, when given.
+
+    With Z = grad * gauss and S its sums against `tables.basis` (one GEMM), the Gaussian's parameters get, scaled
+    by their learning share: centre 2 alpha U_1, log alpha -alpha (U_2 - 2 c U_1) summed over the dimensions,
+    where U_k = S_k - sum(Z) E[o^k] takes out the normaliser (E over its softmax)."""
+    heads = saved.keep.shape[0]
+    sums = torch.bmm(grad * saved.gauss, tables.basis).sum(0)  # heads, 5
+    onehot_sum = (grad * tables.onehot).sum((0, 2))
+    gauss_sum = sums[:, 4]
+    norm_len = tables.norm_basis.shape[1]
+    softmax = exp_without_subnormals(saved.logits[:, :, saved.logits.shape[-1] - norm_len:])  # heads, 2, M
+    moments = torch.bmm(softmax.transpose(0, 1), tables.norm_basis).transpose(0, 1)  # heads, 2, (E[-2o], E[o^2])
+    centred = torch.addcmul(sums[:, :4].view(heads, 2, 2), gauss_sum[:, None, None], moments, value=-1.)
+    rate = saved.learn_share * saved.neg_alpha  # -alpha, at the learning share
+    grad_gate, grad_locality, grad_log_alpha, grad_center = split_values(grad_values)
+    torch.mul(centred[..., 0], rate[:, None], out=grad_center)
+    torch.mul(torch.addcmul(centred[..., 1], saved.center, centred[..., 0]).sum(-1), rate, out=grad_log_alpha)
+    share_diff = gauss_sum - onehot_sum
+    torch.mul(share_diff, saved.keep, out=grad_locality)
+    torch.addcmul(onehot_sum, saved.locality, share_diff, out=grad_gate)
+    if content_gate_grad is None:
+        grad_gate.neg_()
+    else:
+        torch.sub(content_gate_grad, grad_gate, out=grad_gate)
+    return grad_values
+
+
+class PositionalMixing(torch.autograd.Function):
+    """`positional_mixing` with a closed-form backward pass (`positional_backward`): (5 * heads,) values ->
+    P (Nq, heads, N). Keeps the dense Gaussian (one attention-sized tensor) for the backward pass."""
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, tables: PositionalTables, grad_floor: float) -> torch.Tensor:
-        gate, locality, log_alpha, center = split_values(values)
-        neg_alpha = log_alpha.exp().neg_()
-        powers = (tables.offsets - center[:, :, None])[..., None].pow(tables.powers)  # heads, 2, L, (diff, diff^2)
-        logits = _normalised_logits(powers[..., 1] * neg_alpha[:, None, None], tables)
-        gauss = exp_without_subnormals(_dense_log_gaussian(*_factors(logits, tables.rows, tables.cols)))
-        keep = 1 - gate
-        gauss_share = keep * locality
-        dense = torch.mul(tables.onehot, (keep - gauss_share)[:, None])
-        dense.addcmul_(gauss, gauss_share[:, None])
-        ctx.save_for_backward(
-            locality, keep, gauss_share.clamp(min=grad_floor), neg_alpha, powers, logits, gauss, tables.onehot)
-        ctx.shapes = tables.rows, tables.cols
+        dense, saved = positional_forward(values, tables, grad_floor)
+        ctx.save_for_backward(*saved)
+        ctx.tables = tables
         return dense
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        locality, keep, learn_share, neg_alpha, powers, logits, gauss, onehot = ctx.saved_tensors
-        (out_h, height), (out_w, width) = ctx.shapes
-        heads, length = logits.shape[0], logits.shape[-1]
-        grad_onehot_share = (grad * onehot).sum((0, 2))
-        grad_gauss = grad * gauss  # d loss / d log gauss, per unit share
-        grad_gauss_share = grad_gauss.sum((0, 2))
-        grad_gauss = grad_gauss.view(out_h, out_w, heads, height, width)
-        # gradient of the normalised logits (heads, 2, L), each row's Gaussian learning at `learn_share`
-        square = (out_h, height) == (out_w, width)  # no padding between the factors and the normalisers
-        grad_logits = torch.empty_like(logits) if square else torch.zeros_like(logits)
-        rows_out, cols_out = _factors(grad_logits, *ctx.shapes)
-        torch.mul(grad_gauss.sum((1, 4)).transpose(0, 1), learn_share[:, None, None], out=rows_out)
-        torch.mul(grad_gauss.sum((0, 3)).transpose(0, 1), learn_share[:, None, None], out=cols_out)
-        # each normaliser's gradient, -(sum of its factor's gradient), spread by its softmax over the offsets
-        norm_len = 2 * max(height, width) - 1
-        softmax = exp_without_subnormals(logits[:, :, length - norm_len:])
-        total = grad_gauss_share.mul(learn_share).neg_()
-        torch.mul(softmax, total[:, None, None], out=grad_logits[:, :, length - norm_len:])
-        # logits = -alpha * diff^2: one GEMM gives sum(g * diff) and sum(g * diff^2) per head and dimension
-        sums = torch.bmm(grad_logits.view(heads * 2, 1, length), powers.view(heads * 2, length, 2)).view(heads, 2, 2)
-        grad_values = logits.new_empty(5 * heads)
-        grad_gate, grad_locality, grad_log_alpha, grad_center = split_values(grad_values)
-        torch.mul(sums[..., 0], neg_alpha[:, None], out=grad_center).mul_(-2.)  # d diff / d centre = -1
-        torch.mul(sums[..., 1].sum(-1), neg_alpha, out=grad_log_alpha)
-        diff_share = grad_gauss_share - grad_onehot_share
-        torch.addcmul(grad_onehot_share, locality, diff_share, out=grad_gate).neg_()
-        torch.mul(diff_share, keep, out=grad_locality)
-        return grad_values, None, None
-
+        saved = PositionalSaved(*ctx.saved_tensors)
+        grad_values = saved.logits.new_empty(5 * saved.keep.shape[0])
+        return positional_backward(grad, saved, ctx.tables, grad_values), None, None
