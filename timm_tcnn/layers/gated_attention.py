@@ -436,12 +436,27 @@ class GatedPositionalAttention2d(nn.Module):
         return out if add_to is None else out + add_to
 
     def _to_map(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B * Nq, C_out) -> (B, C_out, H_out, W_out), channels-last when x is."""
+        """(B * Nq, C_out) (or `_project_channels_first`'s (B, C_out, Nq)) -> (B, C_out, H_out, W_out),
+        channels-last when x is."""
         out_h, out_w = self.output_size(x.shape[-2], x.shape[-1])
+        if out.dim() == 3:
+            return out.view(x.shape[0], self.out_channels, out_h, out_w)
         out = out.view(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
         if x.is_contiguous(memory_format=torch.channels_last):
             return out
         return out.contiguous()
+
+    def _project_channels_first(
+            self, mixed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            add_to: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """`_project` of a dense layer written channels first, (B, C_out, Nq): one GEMM per sample against the
+        shared weight, so that an NCHW map needs no transposing copy. Inference only (autograd would expand the
+        weight's gradient over the batch)."""
+        B, Nq = mixed.shape[:2]
+        flat, weight = mixed.reshape(B, Nq, -1).transpose(1, 2), weight.flatten(0, 1).expand(B, -1, -1)
+        base = add_to if add_to is not None else None if bias is None else bias[:, None]
+        return torch.bmm(weight, flat) if base is None else torch.baddbmm(base, weight, flat)
 
     def _geometry(self, x: torch.Tensor, block: int) -> MixGeometry:
         H, W = x.shape[-2], x.shape[-1]
@@ -549,11 +564,15 @@ class GatedPositionalAttention2d(nn.Module):
         weight = self.tap_major_weight(order)
         num_open = 0 if plan.open_positional is None else plan.open_positional.shape[1]
         split = num_open * (self.in_channels // self.groups)
+        # NCHW maps of dense layers written channels first, others by `_project`
+        project = self._project
+        if self.groups == 1 and not x.is_contiguous(memory_format=torch.channels_last):
+            project = self._project_channels_first
         out: Optional[torch.Tensor] = None
         if plan.closed_positional is not None:
             positional = cast_without_subnormals(plan.closed_positional, tokens.dtype)
             mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, positional.shape[0], -1, C)
-            out = self._project(mixed, weight[..., split:], self.bias)
+            out = project(mixed, weight[..., split:], self.bias)
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
             q_weight, k_weight = self._qk_weights(plan.open_heads)
@@ -561,7 +580,7 @@ class GatedPositionalAttention2d(nn.Module):
                 mixed = fused_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
             else:
                 mixed = content_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry)[0]
-            out = self._project(mixed, weight[..., :split], self.bias if out is None else None, out)
+            out = project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 
     @torch.jit.unused
