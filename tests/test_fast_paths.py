@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import default_block_bytes, reference_forward
 from timm_tcnn.layers.functions import AttentionMix, MixGeometry, content_mix_reference
-from timm_tcnn.layers.positional import positional_mixing, positional_tables
+from timm_tcnn.layers.positional import ClosedFormPositional, positional_mixing, positional_tables
 from conftest import relative_error
 
 # the layer's definition written plainly (`timm_tcnn.layers.reference`): unfolded one-hot taps, separable
@@ -98,7 +98,8 @@ def test_attention_mix_function_matches_its_composition(amp, stride, block):
     same = stride == 2
 
     def fused():
-        return AttentionMix.apply(*inputs, positional_tables(kernel, stride, 6, 7, same), geometry, floor)
+        builder = ClosedFormPositional(positional_tables(kernel, stride, 6, 7, same))
+        return AttentionMix.apply(*inputs, builder, geometry, floor)
 
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
         got = fused()

@@ -4,12 +4,15 @@ Dependencies run one way inside the package: `numerics` <- `positional`, `functi
 `config` holds the process-wide choice of computation, `reference` the plain definition every path is tested
 against, `inference` what the layer reuses between inference calls.
 """
-from .config import ATTENTION_PATHS, attention_path, get_attention_path, set_attention_path
+from .config import (
+    ATTENTION_PATHS, attention_path, get_attention_path, positional_kernels_enabled, set_attention_path,
+    set_positional_kernels)
 from .gated_attention import RATE_SCALED_PARAMS, GatedPositionalAttention2d
 from .numerics import default_block_bytes, rate_scaled, straight_through_clamp
 from .reference import reference_forward
 
 __all__ = [
-    'ATTENTION_PATHS', 'attention_path', 'get_attention_path', 'set_attention_path', 'RATE_SCALED_PARAMS',
+    'ATTENTION_PATHS', 'attention_path', 'get_attention_path', 'set_attention_path', 'set_positional_kernels',
+    'positional_kernels_enabled', 'RATE_SCALED_PARAMS',
     'GatedPositionalAttention2d', 'default_block_bytes', 'rate_scaled', 'straight_through_clamp', 'reference_forward',
 ]

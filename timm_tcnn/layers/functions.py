@@ -3,19 +3,18 @@ that issues a few large operations where autograd would issue many small ones.
 
 - `ScaledValues`: the four gate and positional parameters -> one (5 * heads,) float32 vector of values
   (rate-scaled, gates clamped to [0, 1] with a straight-through gradient).
-- `AttentionMix`: maps and values -> the positional attention (`positional_forward`), queries and keys of every
+- `AttentionMix`: maps and values -> the positional attention (its builder's), queries and keys of every
   head (one GEMM per sample), content softmax blended with the positional attention, mixing the full-width tokens
   of every head; queries processed in blocks (`content_mix`, also the inference path's).
 
 `floored_blend` and `content_mix_reference` are the same maths in standard operations, for scripted, traced and
 compiled graphs and as the references the functions are tested against.
 """
-from typing import List, NamedTuple, Tuple
+from typing import Any, List, NamedTuple, Tuple
 
 import torch
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
-from .positional import PositionalSaved, PositionalTables, positional_backward, positional_forward
 
 __all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference']
 
@@ -131,24 +130,25 @@ def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
 
 class AttentionMix(torch.autograd.Function):
     """The attention of every head built and applied in one function: maps x (B, C, H, W), query and key weights
-    (heads * d, C), the packed values (5 * heads,) (`ScaledValues`) and the positional tables -> mixed (B, Nq,
-    heads, C), `content_mix` of the positional attention (`positional_forward`) and the content gates.
+    (heads * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional attention
+    (`ClosedFormPositional` or `KernelPositional`) -> mixed (B, Nq, heads, C), `content_mix` of the positional
+    attention and the content gates.
 
     Stores each block's softmax, not A: the backward pass recomputes A (one pass) where autograd would keep both.
     Backward, per block: three passes over the attention and no temporary (the softmax's row sums r = <grad, p>
-    also give the gate's gradient); then `positional_backward` on the positional attention's gradient (the sum of
-    the attention's over the batch), which writes the values' gradient, gate included. Queries and keys learn as if
+    also give the gate's gradient); then the builder's backward pass on the positional attention's gradient (the sum
+    of the attention's over the batch), which gives the values' gradient, gates included. Queries and keys learn as if
     their gate were at least `grad_floor`; the maps' gradient sums the mixing's and the projection's in place.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, values: torch.Tensor,
-                tables: PositionalTables, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
-        positional, positional_saved = positional_forward(values, tables, grad_floor)
+                builder: Any, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+        positional, positional_saved = builder.forward(values, grad_floor)
         heads = positional.shape[1]
         mixed, saved = content_mix(x, q_weight, k_weight, positional, values[:heads], geometry)
         ctx.save_for_backward(q_weight, k_weight, positional, values, *positional_saved, *saved)
-        ctx.x_dtype, ctx.tables = x.dtype, tables
+        ctx.x_dtype, ctx.builder, ctx.num_positional_saved = x.dtype, builder, len(positional_saved)
         ctx.geometry, ctx.grad_floor, ctx.dtype = geometry, grad_floor, mixed.dtype
         return mixed
 
@@ -156,8 +156,8 @@ class AttentionMix(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q_weight, k_weight, positional, values, *saved = ctx.saved_tensors
-        positional_saved = PositionalSaved(*saved[:len(PositionalSaved._fields)])
-        maps, queries, keys, *probs_blocks = saved[len(PositionalSaved._fields):]
+        positional_saved = tuple(saved[:ctx.num_positional_saved])
+        maps, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
         geometry, dtype = ctx.geometry, ctx.dtype
         num_queries, heads = positional.shape[:2]
         gate = values[:heads, None]
@@ -202,8 +202,8 @@ class AttentionMix(torch.autograd.Function):
                 grad_x, grad_q_weight, grad_k_weight = _split_qk_backward(
                     maps, q_weight, k_weight, grad_queries, grad_keys, factor, geometry)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
-            grad_values = positional_backward(
-                grad_positional, positional_saved, ctx.tables, values.new_empty(values.shape), grad_gate.view(heads))
+            grad_values = ctx.builder.backward(
+                grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads))
         return grad_x.to(ctx.x_dtype), grad_q_weight, grad_k_weight, grad_values, None, None, None
 
 

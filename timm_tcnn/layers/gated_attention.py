@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
-from .config import resolve_attention_path
+from .config import positional_kernels_enabled, resolve_attention_path
 from .fused import fused_mix
 from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
 from .cache import BoundedCache
@@ -57,7 +57,7 @@ from .numerics import (
     cast_without_subnormals, default_block_bytes, float32_matmul, mixing_dtype, rate_scaled,
     softmax_without_subnormals_, straight_through_clamp, tokens_of)
 from .positional import (
-    PositionalMixing, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
+    ClosedFormPositional, PositionalMixing, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
     positional_tables, query_start, split_values)
 from .reference import reference_forward
 
@@ -312,6 +312,17 @@ class GatedPositionalAttention2d(nn.Module):
         return self._cached_tables(height, width, device)
 
     @torch.jit.unused
+    def _positional_builder(self, height: int, width: int, device: torch.device) -> Any:
+        """What builds the positional attention in the eager training path: the Triton kernels where they are enabled,
+        run and agree with the closed form (`config.py`), else the closed form."""
+        if positional_kernels_enabled(device):
+            from .positional_kernels import checked_kernels  # imports Triton
+            kernels = checked_kernels(self.kernel_size, self.stride, height, width, self.same_padding, device)
+            if kernels is not None:
+                return kernels
+        return ClosedFormPositional(self._tables(height, width, device))
+
+    @torch.jit.unused
     def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         return cached_positional_tables(
             self.kernel_size, self.stride, int(height), int(width), self.same_padding, device)
@@ -491,14 +502,14 @@ class GatedPositionalAttention2d(nn.Module):
     def _attention(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         B, C, H, W = x.shape
         values = self._scaled_values()
-        tables = self._tables(H, W, x.device)
+        builder = self._positional_builder(H, W, x.device)
         geometry = self._geometry(x, self._block(B, H, W, x.device))
         if fused:
-            positional = PositionalMixing.apply(values, tables, self.grad_floor)
+            positional = PositionalMixing.apply(values, builder, self.grad_floor)
             mixed = fused_mix(
                 x, self.q.weight, self.k.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
         else:
-            mixed = AttentionMix.apply(x, self.q.weight, self.k.weight, values, tables, geometry, self.grad_floor)
+            mixed = AttentionMix.apply(x, self.q.weight, self.k.weight, values, builder, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:

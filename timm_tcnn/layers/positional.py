@@ -14,7 +14,7 @@ closed-form backward pass (a handful of operations where autograd takes about a 
 as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
 operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ from .numerics import exp_without_subnormals
 
 __all__ = [
     'PositionalTables', 'TABLES', 'positional_tables', 'cached_positional_tables', 'gaussian_factors', 'positional_mixing',
-    'PositionalMixing', 'PositionalSaved', 'positional_forward', 'positional_backward', 'split_values', 'same_pad_before', 'query_start',
+    'ClosedFormPositional', 'PositionalMixing', 'PositionalSaved', 'positional_forward', 'positional_backward', 'split_values', 'same_pad_before', 'query_start',
 ]
 
 class PositionalTables(NamedTuple):
@@ -258,20 +258,37 @@ def positional_backward(
     return grad_values
 
 
+class ClosedFormPositional(NamedTuple):
+    """Builds the positional attention of one map size in its closed form (`positional_forward`) and reduces its
+    gradient (`positional_backward`): about fifteen operations each way. `positional_kernels.KernelPositional` has
+    the same interface."""
+    tables: PositionalTables
+
+    def forward(self, values: torch.Tensor, grad_floor: float) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """P (Nq, heads, N) from the packed values, and the tensors `backward` needs."""
+        dense, saved = positional_forward(values, self.tables, grad_floor)
+        return dense, tuple(saved)
+
+    def backward(self, grad: torch.Tensor, values: torch.Tensor, saved: Tuple[torch.Tensor, ...], grad_floor: float,
+                 content_gate_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The values' gradient (5 * heads,) from P's, plus `content_gate_grad` (heads,) on the gates if given."""
+        grad_values = values.new_empty(values.shape)
+        return positional_backward(grad, PositionalSaved(*saved), self.tables, grad_values, content_gate_grad)
+
+
 class PositionalMixing(torch.autograd.Function):
-    """`positional_mixing` with a closed-form backward pass (`positional_backward`): (5 * heads,) values ->
-    P (Nq, heads, N). Keeps the dense Gaussian (one attention-sized tensor) for the backward pass."""
+    """The positional attention P (Nq, heads, N) of (5 * heads,) values as an autograd function, built and
+    differentiated by `positional` (`ClosedFormPositional` or the kernels' `KernelPositional`)."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, tables: PositionalTables, grad_floor: float) -> torch.Tensor:
-        dense, saved = positional_forward(values, tables, grad_floor)
-        ctx.save_for_backward(*saved)
-        ctx.tables = tables
+    def forward(ctx, values: torch.Tensor, positional: Any, grad_floor: float) -> torch.Tensor:
+        dense, saved = positional.forward(values, grad_floor)
+        ctx.save_for_backward(values, *saved)
+        ctx.positional, ctx.grad_floor = positional, grad_floor
         return dense
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        saved = PositionalSaved(*ctx.saved_tensors)
-        grad_values = saved.logits.new_empty(5 * saved.keep.shape[0])
-        return positional_backward(grad, saved, ctx.tables, grad_values), None, None
+        values, *saved = ctx.saved_tensors
+        return ctx.positional.backward(grad.contiguous(), values, tuple(saved), ctx.grad_floor), None, None

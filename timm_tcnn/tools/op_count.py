@@ -1,5 +1,6 @@
-""" The aten operations a computation issues, counted below autograd: what a GPU pays host time (launches)
-for, visible on any device. Views and allocations launch no kernel and are not counted. """
+""" The operations a computation issues, counted below autograd: what a GPU pays host time (launches) for,
+visible on any device. Counted: aten operations, and the layer's own kernels (`timm_tcnn::` operations, one launch
+each); views and allocations launch no kernel and are not counted. """
 import collections
 from typing import Callable, Counter, Tuple
 
@@ -28,7 +29,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if func.namespace == 'aten' and name not in _NOT_COUNTED and not _is_view(func):
+        if func.namespace == 'timm_tcnn' or (func.namespace == 'aten' and name not in _NOT_COUNTED and not _is_view(func)):
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
