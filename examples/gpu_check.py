@@ -5,10 +5,13 @@
 
 Measures, each T-CNN side by side with its CNN in one run (`timm_tcnn.tools.bench`, interleaved medians, T-CNNs in the
 benchmark's `spread` state; bf16 autocast, channels-last and timm train.py's cuDNN/TF32 settings on CUDA):
-- `operations`: aten operations per converted layer, training step and inference call (host time on a GPU);
+- `operations`: operations per converted layer, training step and inference call (host time on a GPU);
+- `kernels`: the positional attention's Triton kernels at each layer shape: accepted by their first-use check
+  against the closed form (or the warning), and the time of building P and its gradient, kernels vs closed form;
 - `sdpa`: each scaled_dot_product_attention backend at the layers' shapes (queries/keys `tcnn_qk_dim` wide, values
   full width and shared by the heads): runs or not (the error), time, peak memory, error against the math backend;
-- `shapes`: single layers against their convolutions, per attention path (`explicit`, `fused`);
+- `shapes`: single layers against their convolutions, per configuration (`explicit` and `fused` paths with the
+  positional kernels, `explicit-closed-form` without them);
 - `models`: tcnn_resnet50rs (stage 4, and stages 3+4) against resnetrs50, per path: inference, training,
   peak training memory;
 - `compiled`: torch.compile'd training steps of T-CNN and CNN, compile time and throughput ratio.
@@ -19,7 +22,8 @@ import math
 import platform
 import time
 import traceback
-from typing import Callable, Dict, List
+import warnings
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +31,13 @@ import torch.nn.functional as F
 import timm
 import timm_tcnn
 from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, _spread_layer, bench_models, bench_shapes, create_pair
-from timm_tcnn.layers import GatedPositionalAttention2d, attention_path
+from timm_tcnn.layers import GatedPositionalAttention2d, attention_path, positional_kernels_enabled, set_positional_kernels
+from timm_tcnn.layers.positional import ClosedFormPositional, cached_positional_tables
 from timm_tcnn.tools.op_count import layer_step_ops
 
 BACKENDS = ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH')
+# configuration -> (attention path, positional kernels on)
+CONFIGS = {'explicit': ('explicit', True), 'explicit-closed-form': ('explicit', False), 'fused': ('fused', True)}
 
 
 def operations() -> Dict[str, Dict[str, int]]:
@@ -59,6 +66,31 @@ def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def positional_kernels(setup: BenchSetup, reps: int) -> Dict[str, Dict]:
+    """Per layer shape: the kernels' first-use check, and P built and differentiated by kernels and closed form."""
+    if not positional_kernels_enabled(setup.device):
+        return dict(skipped=f'the kernels do not run on {setup.device.type}')
+    from timm_tcnn.layers.positional_kernels import checked_kernels
+    out = {}
+    for name, (channels, size, stride, kernel, groups) in LAYER_SHAPES.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            kernels = checked_kernels(kernel, stride, size, size, False, setup.device)
+        result = dict(accepted=kernels is not None, warnings=[str(w.message) for w in caught])
+        if kernels is not None:
+            closed = ClosedFormPositional(cached_positional_tables(kernel, stride, size, size, False, setup.device))
+            heads = kernel * kernel
+            values = torch.cat([torch.rand(2 * heads), torch.randn(3 * heads)]).to(setup.device)
+            values[:2 * heads].clamp_(0, 1)
+            for label, builder in (('kernels', kernels), ('closed_form', closed)):
+                def step(builder=builder):
+                    dense, saved = builder.forward(values, 0.1)
+                    builder.backward(dense, values, saved, 0.1)
+                result[f'{label}_ms'] = 1e3 * _timed(step, setup.device, reps)
+        out[name] = result
+    return out
 
 
 def sdpa_backends(setup: BenchSetup, batch_size: int, reps: int, qk_dim: int = 32) -> List[Dict]:
@@ -145,7 +177,7 @@ def main() -> None:
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--out', required=True, help='JSON file to write')
     parser.add_argument('--quick', action='store_true', help='small sizes and batches: a check of the script itself')
-    parser.add_argument('--skip', nargs='*', default=[], choices=['sdpa', 'shapes', 'models', 'compiled'])
+    parser.add_argument('--skip', nargs='*', default=[], choices=['kernels', 'sdpa', 'shapes', 'models', 'compiled'])
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
@@ -176,22 +208,29 @@ def main() -> None:
         print(f'{name}: {time.time() - t0:.0f} s', flush=True)
 
     part('operations', operations)
+    part('kernels', lambda: positional_kernels(setup, reps))
     part('sdpa', lambda: sdpa_backends(setup, batch, reps))
 
-    def per_path(fn: Callable[[], List]) -> Dict[str, List[Dict]]:
+    def per_config(fn: Callable[[], List], configs: Sequence[str] = ('explicit', 'fused')) -> Dict[str, List[Dict]]:
         out = {}
-        for path in ('explicit', 'fused'):
-            with attention_path(path):
-                out[path] = _results(fn())
+        for config in configs:
+            path, kernels = CONFIGS[config]
+            set_positional_kernels(kernels)
+            try:
+                with attention_path(path):
+                    out[config] = _results(fn())
+            finally:
+                set_positional_kernels(True)
         return out
 
     shapes = [name for name in LAYER_SHAPES if 'depthwise' not in name]
-    part('shapes', lambda: per_path(lambda: bench_shapes(shapes[-1:] if args.quick else shapes, batch, reps, setup)))
+    part('shapes', lambda: per_config(
+        lambda: bench_shapes(shapes[-1:] if args.quick else shapes, batch, reps, setup), tuple(CONFIGS)))
     model_configs = ['default'] if args.quick else ['default', 's34-full']
 
     def models():
         pair, description = create_pair(model_configs)
-        out = per_path(lambda: bench_models(pair, sizes['infer'], sizes['train'], sizes['memory'], batch, reps, setup))
+        out = per_config(lambda: bench_models(pair, sizes['infer'], sizes['train'], sizes['memory'], batch, reps, setup))
         out['state'] = description
         return out
 

@@ -300,10 +300,15 @@ def _agree(kernels: KernelPositional, closed: ClosedFormPositional, heads: int, 
         torch.randn(heads, generator=generator), torch.randn(2 * heads, generator=generator),
     ]).to(device)
     ours, _ = kernels.forward(values, 0.1)
-    theirs, saved = closed.forward(values, 0.1)
-    grad = torch.randn(theirs.shape, generator=generator).to(device)
+    grad = torch.randn(ours.shape, generator=generator).to(device)
     content = torch.randn(heads, generator=generator).to(device)
     ours_grad = kernels.backward(grad, values, (), 0.1, content)
-    theirs_grad = closed.backward(grad, values, saved, 0.1, content)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')  # the closed form's GEMMs in full float32, not TF32
+    try:
+        theirs, saved = closed.forward(values, 0.1)
+        theirs_grad = closed.backward(grad, values, saved, 0.1, content)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return all(
         bool((a - b).abs().max() <= tolerance * b.abs().max()) for a, b in ((ours, theirs), (ours_grad, theirs_grad)))
