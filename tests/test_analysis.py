@@ -35,7 +35,7 @@ def open_gates(layer: GatedPositionalAttention2d, generator: torch.Generator) ->
         layer.set_attention_values(locality_gate=torch.rand(layer.num_heads, generator=generator) * 0.8 + 0.1)
         layer.set_attention_values(pos_log_alpha=torch.rand(layer.num_heads, generator=generator) * 2 - 1.5)
         layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(layer.num_heads, 2, generator=generator) * 0.5)
-        layer.q.weight.normal_(std=0.3, generator=generator)
+        layer.qk.weight.view(layer.num_heads, 2, -1)[:, 0].normal_(std=0.3, generator=generator)
     return layer
 
 
@@ -119,7 +119,7 @@ def test_uniform_content_attention_by_hand():
     layer = conv_to_attention(nn.Conv2d(3, 3, 3, stride=2, padding=1))
     g = 0.25
     with torch.no_grad():
-        layer.q.weight.zero_()
+        layer.query_key_weights()[0].zero_()
         layer.set_attention_values(content_gate=g)
     H, W = 5, 6
     analyzer = AttentionAnalyzer(nn.Sequential(layer))

@@ -68,7 +68,7 @@ def test_manual_and_fused_content_attention_agree():
     with torch.no_grad():
         layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
         layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
-        layer.q.weight.normal_(std=0.3)
+        layer.qk.weight.view(layer.num_heads, 2, -1)[:, 0].normal_(std=0.3)
     x = torch.randn(2, 8, 9, 6)
     layer.fused_attn = True
     fused = layer(x)

@@ -17,8 +17,7 @@ def small_tcnn() -> nn.Module:
     layer = conv_to_attention(nn.Conv2d(16, 16, 3, 2, 1), qk_dim=8, gate_lr_scale=30., grad_floor=0.1)
     with torch.no_grad():
         layer.set_attention_values(content_gate=torch.linspace(0., 0.4, 9), locality_gate=0.2)
-        layer.q.weight.normal_(std=0.3)
-        layer.k.weight.normal_(std=0.3)
+        layer.qk.weight.normal_(std=0.3)
     return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), layer,
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 

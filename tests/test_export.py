@@ -17,7 +17,7 @@ def open_gates(model: nn.Module) -> nn.Module:
             layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
             layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
             layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1., 0.))
-            layer.q.weight.normal_(std=0.2)
+            layer.qk.weight.view(layer.num_heads, 2, -1)[:, 0].normal_(std=0.2)
     return model
 
 
@@ -104,8 +104,7 @@ def test_compiled_gradients_match_eager():
     gradients, in a state where the raise applies (sharp logits)."""
     layer = open_gates(conv_to_attention(nn.Conv2d(6, 5, 3, 1, 1)))
     with torch.no_grad():
-        layer.q.weight.mul_(30.)
-        layer.k.weight.mul_(30.)
+        layer.qk.weight.mul_(30.)
     x = torch.randn(2, 6, 9, 7, requires_grad=True)
     assert (layer.content_logits(x).detach().amax(-1) - layer.content_logits(x).detach().amin(-1) > 40).any()
     compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)

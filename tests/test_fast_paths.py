@@ -24,8 +24,7 @@ def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True, gr
         layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.1, 0.9))
         layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
         layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn_like(layer.pos_center) * 0.3)
-        layer.q.weight.normal_(std=0.3)
-        layer.k.weight.normal_(std=0.3)
+        layer.qk.weight.normal_(std=0.3)
     return layer
 
 
@@ -88,12 +87,11 @@ def test_attention_mix_function_matches_its_composition(amp, stride, block):
     d, floor, kernel = 3, 0.1, 3
     heads = kernel * kernel
     x = torch.randn(2, 6, 6, 7, requires_grad=True)
-    q_weight = torch.randn(heads * d, 6, requires_grad=True)
-    k_weight = torch.randn(heads * d, 6, requires_grad=True)
+    qk_weight = torch.randn(heads * 2 * d, 6, requires_grad=True)
     values = torch.cat([
         torch.linspace(0, 0.9, heads), torch.linspace(0.05, 1, heads), torch.linspace(-1, 2, heads),
         torch.randn(2 * heads)]).requires_grad_()
-    inputs = (x, q_weight, k_weight, values)
+    inputs = (x, qk_weight, values)
     geometry = MixGeometry(6, 7, stride, (stride - 1, 0), d, d ** -0.5, block)  # 'same' padding's start
     same = stride == 2
 
@@ -106,7 +104,7 @@ def test_attention_mix_function_matches_its_composition(amp, stride, block):
     ref_inputs = tuple(t.detach().double().requires_grad_() for t in inputs) if amp else inputs
     tables = positional_tables(kernel, stride, 6, 7, same, dtype=ref_inputs[-1].dtype)
     positional = positional_mixing(ref_inputs[-1], tables, floor)
-    ref = content_mix_reference(*ref_inputs[:3], positional, ref_inputs[-1], geometry, floor)
+    ref = content_mix_reference(*ref_inputs[:2], positional, ref_inputs[-1], geometry, floor)
     num_queries = positional.shape[0]
     assert got.dtype == (torch.bfloat16 if amp else torch.float32)
     tol = 5e-2 if amp else 1e-5  # bf16 GEMMs round their outputs to 8 bits
@@ -114,7 +112,7 @@ def test_attention_mix_function_matches_its_composition(amp, stride, block):
     target = torch.randn(got.shape)
     assert_same_grads([g.double() for g in torch.autograd.grad((got.float() * target).sum(), inputs)],
                       torch.autograd.grad((ref * target.to(ref.dtype)).sum(), ref_inputs), tol=tol)
-    grad_q, = torch.autograd.grad((fused() * target).sum(), q_weight, create_graph=True)
+    grad_q, = torch.autograd.grad((fused() * target).sum(), qk_weight, create_graph=True)
     with pytest.raises(RuntimeError):
         grad_q.sum().backward()
 

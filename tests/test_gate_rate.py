@@ -134,13 +134,14 @@ def test_grad_floor_lets_closed_heads_learn(stride):
     plain_out, plain = grads(0., 0., 0.)
     assert torch.equal(closed_out, plain_out)  # the forward pass is untouched
     assert relative_error(closed_out, F.conv2d(x, conv.weight, conv.bias, stride, 1)) <= 1e-5
-    assert plain['q.weight'].abs().max() == 0 and plain['pos_log_alpha'].abs().max() == 0  # nothing learns
+    assert plain['qk.weight'].abs().max() == 0 and plain['pos_log_alpha'].abs().max() == 0  # nothing learns
     for name in ('content_gate', 'locality_gate', 'weight'):
         assert torch.allclose(closed[name], plain[name], rtol=1e-5, atol=1e-7), name
     _, content_open = grads(0., floor, 0.)
-    for name in ('q.weight', 'k.weight'):
-        assert closed[name].abs().max() > 0
-        assert torch.allclose(closed[name], content_open[name], rtol=1e-4, atol=1e-9), name
+    for part in (0, 1):  # queries, keys
+        got, want = (grads['qk.weight'].view(9, 2, -1)[:, part] for grads in (closed, content_open))
+        assert got.abs().max() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-9), part
     _, locality_open = grads(0., 0., floor)
     for name in ('pos_log_alpha', 'pos_center'):
         assert closed[name].abs().max() > 0

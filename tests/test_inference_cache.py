@@ -15,8 +15,7 @@ def open_layer(stride: int = 1) -> GatedPositionalAttention2d:
         layer.set_attention_values(
             content_gate=torch.linspace(0., 0.6, 9) * (torch.arange(9) % 2),  # open and closed heads
             locality_gate=torch.linspace(0.1, 0.5, 9))
-        layer.q.weight.normal_(std=0.5)
-        layer.k.weight.normal_(std=0.5)
+        layer.qk.weight.normal_(std=0.5)
     return layer.eval()
 
 
@@ -55,7 +54,7 @@ def optimizer_write(layer, name):
 
 
 WRITES = [data_write, copy_write, state_dict_write, foreach_write, optimizer_write]
-PARAMS = ['weight', 'bias', 'content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'q.weight', 'k.weight']
+PARAMS = ['weight', 'bias', 'content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'qk.weight']
 
 
 @pytest.mark.parametrize('write', WRITES)

@@ -19,8 +19,7 @@ def layer_with_heads(heads: str, stride: int, grad_floor: float) -> nn.Module:
             content_gate=content, locality_gate=torch.linspace(0.1, 0.6, 9),
             pos_log_alpha=torch.linspace(-1., 1., 9),
             pos_center=layer.attention_values()['pos_center'] + torch.randn(9, 2) * 0.3)
-        layer.q.weight.normal_(std=0.5)
-        layer.k.weight.normal_(std=0.5)
+        layer.qk.weight.normal_(std=0.5)
     return layer
 
 

@@ -22,8 +22,7 @@ def fine_tuned_tcnn() -> nn.Module:
             layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
             layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
             layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1., 0.))
-            layer.q.weight.normal_(std=0.1)
-            layer.k.weight.normal_(std=0.1)
+            layer.qk.weight.normal_(std=0.1)
     return model.eval()
 
 
@@ -43,7 +42,7 @@ def test_bf16_autocast_forward_backward_close_to_float32():
     assert relative_error(out.float(), ref) <= 5e-2  # bf16 keeps 8 bits: ~4e-3 per op, ~50 ops deep
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
-    for name in ('layer4.0.conv2.content_gate', 'layer4.0.conv2.weight', 'layer3.0.conv2.q.weight'):
+    for name in ('layer4.0.conv2.content_gate', 'layer4.0.conv2.weight', 'layer3.0.conv2.qk.weight'):
         cosine = F.cosine_similarity(model.get_parameter(name).grad.flatten(), ref_grads[name].flatten(), dim=0)
         assert cosine > 0.95, (name, cosine)
 
@@ -53,13 +52,15 @@ def test_fp16_logits_beyond_fp16_range_do_not_overflow():
     layer = conv_to_attention(nn.Conv2d(8, 8, 3, padding=1))
     with torch.no_grad():
         layer.set_attention_values(content_gate=0.5)
-        layer.q.weight.copy_(torch.eye(8).repeat(36, 1) * 20)  # each head: q = 20 x, four times
-        layer.k.weight.copy_(layer.q.weight)
+        q_weight, k_weight = layer.query_key_weights()  # views, heads, d, C
+        q_weight.copy_(torch.eye(8).repeat(4, 1) * 20)  # each head: q = 20 x, four times
+        k_weight.copy_(q_weight)
     x = torch.full((1, 8, 5, 5), 10.) + torch.randn(1, 8, 5, 5)
     logits = layer.content_logits(x)
     assert logits.abs().max() > 2 * FP16_MAX
     tokens = x.flatten(2).half()
-    naive = (layer.q.weight.half() @ tokens).transpose(1, 2) @ (layer.k.weight.half() @ tokens)
+    q_weight, k_weight = (w.flatten(0, 1).half() for w in layer.query_key_weights())
+    naive = (q_weight @ tokens).transpose(1, 2) @ (k_weight @ tokens)
     assert not torch.isfinite(naive).all()  # what an fp16 computation of the logits would do
     ref = layer(x)
     with torch.autocast('cpu', dtype=torch.float16):
@@ -88,8 +89,7 @@ def test_fp16_autocast_at_four_times_the_test_size():
     assert relative_error(out.float(), ref) <= 2e-2
     for name, layer in attention_layers(model):
         norm = inputs[name].flatten(2).norm(dim=1).max()  # largest token norm
-        s_q = torch.linalg.matrix_norm(layer.q.weight.unflatten(0, (layer.num_heads, -1)), ord=2)
-        s_k = torch.linalg.matrix_norm(layer.k.weight.unflatten(0, (layer.num_heads, -1)), ord=2)
+        s_q, s_k = (torch.linalg.matrix_norm(w, ord=2) for w in layer.query_key_weights())
         assert (max(s_q.max(), s_k.max()) * norm) < FP16_MAX / 100, name  # q, k far inside the fp16 range
         bound = (s_q * s_k).max() * norm ** 2 * layer.scale
         logits = layer.content_logits(inputs[name])

@@ -331,12 +331,12 @@ def test_bad_options_fail_before_building(source, tmp_path, capsys):
 
 def test_nan_weights_rejected(tiny_source, tmp_path, capsys):
     state_dict = dict(tiny_source.model.state_dict())
-    state_dict['layer4.0.conv2.q.weight'] = state_dict['layer4.0.conv2.q.weight'].clone()
-    state_dict['layer4.0.conv2.q.weight'][0, 0] = float('nan')
+    state_dict['layer4.0.conv2.qk.weight'] = state_dict['layer4.0.conv2.qk.weight'].clone()
+    state_dict['layer4.0.conv2.qk.weight'][0, 0] = float('nan')
     ckpt = tmp_path / 'nan.pth'
     torch.save(state_dict, ckpt)
     err = _publish_fails(tiny_source, tmp_path, capsys, ckpt, '--args', str(tiny_source.root / 'args.yaml'))
-    assert 'NaN or Inf' in err and 'layer4.0.conv2.q.weight' in err
+    assert 'NaN or Inf' in err and 'layer4.0.conv2.qk.weight' in err
 
 
 def test_mismatches_named():

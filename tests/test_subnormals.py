@@ -64,8 +64,7 @@ def hard_layer(
             pos_center=layer.attention_values()['pos_center'] + torch.randn(heads, 2) * 0.4,
         )
         std = layer.content_logits(x).std()
-        for w in (layer.q.weight, layer.k.weight):
-            w.mul_((logit_std / std).sqrt())
+        layer.qk.weight.mul_((logit_std / std).sqrt())
     with torch.no_grad():
         assert math.isclose(float(layer.content_logits(x).std()), logit_std, rel_tol=1e-3)
     return layer

@@ -206,7 +206,7 @@ def test_train_options(offline_hub, image_folder, workdir):
     model = timm.create_model('tcnn_resnet50rs', num_classes=2, **checkpoint['args'].model_kwargs)
     converted = [name for name, _ in attention_layers(model)]
     assert len(converted) == 6 + 3 and converted[0] == 'layer3.0.conv2'
-    assert model.layer3[0].conv2.q.weight.shape[0] == 9 * 16
+    assert model.layer3[0].conv2.qk.weight.shape[0] == 2 * 9 * 16
     for key in ('state_dict', 'state_dict_ema'):
         model.load_state_dict(checkpoint[key])  # strict: the EMA copy is a full T-CNN too
         assert all(torch.isfinite(v).all() for v in checkpoint[key].values())

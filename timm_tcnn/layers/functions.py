@@ -16,7 +16,7 @@ import torch
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
 
-__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'project_qk', 'floored_blend', 'content_mix_reference']
+__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weights', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):
@@ -67,26 +67,35 @@ def query_maps(x: torch.Tensor, geometry: MixGeometry) -> torch.Tensor:
     return x[:, :, row0::s, col0::s]
 
 
-def _joint_weight(q_weight: torch.Tensor, k_weight: torch.Tensor, qk_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """(heads * 2 * d, C) in `dtype`: per head, its d query rows then its d key rows."""
-    heads = q_weight.shape[0] // qk_dim
-    return torch.stack([q_weight.view(heads, qk_dim, -1), k_weight.view(heads, qk_dim, -1)], 1).flatten(0, 2).to(dtype)
+def split_qk(qk_weight: torch.Tensor, qk_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """(2, heads * d, C) query and key weights in `dtype`, one copy, of the joint projection (heads * 2 * d, C)
+    (per head, its d query rows then its d key rows)."""
+    heads = qk_weight.shape[0] // (2 * qk_dim)
+    weights = qk_weight.new_empty(2, heads, qk_dim, qk_weight.shape[1], dtype=dtype)
+    return weights.copy_(qk_weight.view(heads, 2, qk_dim, -1).transpose(0, 1)).view(2, heads * qk_dim, -1)
 
 
-def project_qk(maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-               geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps, the GEMMs in the maps'
-    dtype: one per sample for stride 1 (views of its (B * heads, 2, d, N) output), reading NCHW or channels-last
-    maps in place."""
-    B, d = maps.shape[0], geometry.qk_dim
-    heads = q_weight.shape[0] // d
+def projection_weights(qk_weight: torch.Tensor, geometry: MixGeometry, dtype: torch.dtype) -> torch.Tensor:
+    """What `project_qk` multiplies by, in `dtype`: the joint weight (heads * 2 * d, C) for stride 1, the split one
+    (2, heads * d, C) (`split_qk`) for stride 2. One copy at most, kept for the backward pass."""
     if geometry.stride == 1:
-        weight = _joint_weight(q_weight, k_weight, d, maps.dtype)
-        qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
+        return qk_weight.to(dtype)
+    return split_qk(qk_weight, geometry.qk_dim, dtype)
+
+
+def project_qk(maps: torch.Tensor, weights: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps with `projection_weights`
+    in the maps' dtype: for stride 1 one GEMM per sample (views of its (B * heads, 2, d, N) output), reading NCHW or
+    channels-last maps in place; for stride 2 two."""
+    B, d = maps.shape[0], geometry.qk_dim
+    if geometry.stride == 1:
+        heads = weights.shape[0] // (2 * d)
+        qk = torch.bmm(weights.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
         return qk[:, 0], qk[:, 1]
+    heads = weights.shape[1] // d
     queries = query_maps(maps, geometry).flatten(2)
-    q = torch.bmm(q_weight.to(maps.dtype).expand(B, -1, -1), queries).float().view(B * heads, d, -1)
-    k = torch.bmm(k_weight.to(maps.dtype).expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
+    q = torch.bmm(weights[0].expand(B, -1, -1), queries).float().view(B * heads, d, -1)
+    k = torch.bmm(weights[1].expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
     return q, k
 
 
@@ -94,11 +103,12 @@ def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + block, num_queries)) for start in range(0, num_queries, block)]
 
 
-def content_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-                gate: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor,
+                geometry: MixGeometry) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
-    query and key weights (heads * d, C), positional (Nq, heads, N) float32, gate (heads,) -> mixed (B, Nq, heads,
-    C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and the softmax of each block of queries.
+    the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) float32, gate (heads,) -> mixed (B, Nq, heads,
+    C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the backward pass reads: the maps and
+    projection weights in that dtype, queries, keys and the softmax of each block of queries.
     Queries, keys and softmax are float32 (`softmax_without_subnormals_`); queries go in blocks of
     `geometry.block`."""
     dtype = mixing_dtype(x)
@@ -107,7 +117,8 @@ def content_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
         maps = x.to(dtype)
         tokens = tokens_of(maps, dtype)
         B, N, C = tokens.shape
-        queries, keys = project_qk(maps, q_weight, k_weight, geometry)
+        weights = projection_weights(qk_weight, geometry, dtype)
+        queries, keys = project_qk(maps, weights, geometry)
         mixed = tokens.new_empty(B, num_queries, heads, C)
         probs_blocks = []
         for start, stop in _blocks(num_queries, geometry.block):
@@ -117,7 +128,7 @@ def content_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
             attn = _blended(positional[start:stop], probs, gate[:, None], dtype)
             torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
             probs_blocks.append(probs)
-    return mixed, [maps, queries, keys] + probs_blocks
+    return mixed, [maps, weights, queries, keys] + probs_blocks
 
 
 def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -142,22 +153,23 @@ class AttentionMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, values: torch.Tensor,
-                builder: Any, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, qk_weight: torch.Tensor, values: torch.Tensor, builder: Any,
+                geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
         positional, positional_saved = builder.forward(values, grad_floor)
         heads = positional.shape[1]
-        mixed, saved = content_mix(x, q_weight, k_weight, positional, values[:heads], geometry)
-        ctx.save_for_backward(q_weight, k_weight, positional, values, *positional_saved, *saved)
-        ctx.x_dtype, ctx.builder, ctx.num_positional_saved = x.dtype, builder, len(positional_saved)
+        mixed, saved = content_mix(x, qk_weight, positional, values[:heads], geometry)
+        ctx.save_for_backward(positional, values, *positional_saved, *saved)
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, qk_weight.dtype
+        ctx.builder, ctx.num_positional_saved = builder, len(positional_saved)
         ctx.geometry, ctx.grad_floor, ctx.dtype = geometry, grad_floor, mixed.dtype
         return mixed
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        q_weight, k_weight, positional, values, *saved = ctx.saved_tensors
+        positional, values, *saved = ctx.saved_tensors
         positional_saved = tuple(saved[:ctx.num_positional_saved])
-        maps, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
+        maps, weights, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
         geometry, dtype = ctx.geometry, ctx.dtype
         num_queries, heads = positional.shape[:2]
         gate = values[:heads, None]
@@ -196,51 +208,48 @@ class AttentionMix(torch.autograd.Function):
             # the gate (at least grad_floor) through which queries and keys act
             factor = gate.clamp(min=ctx.grad_floor)
             if geometry.stride == 1:
-                grad_x, grad_q_weight, grad_k_weight = _joint_qk_backward(
-                    maps, q_weight, k_weight, grad_qk, factor, geometry.qk_dim)
+                grad_x, grad_qk_weight = _joint_qk_backward(maps, weights, grad_qk, factor, geometry.qk_dim)
             else:
-                grad_x, grad_q_weight, grad_k_weight = _split_qk_backward(
-                    maps, q_weight, k_weight, grad_queries, grad_keys, factor, geometry)
+                grad_x, grad_qk_weight = _split_qk_backward(maps, weights, grad_queries, grad_keys, factor, geometry)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
             grad_values = ctx.builder.backward(
                 grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads))
-        return grad_x.to(ctx.x_dtype), grad_q_weight, grad_k_weight, grad_values, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_qk_weight.to(ctx.weight_dtype), grad_values, None, None, None
 
 
 def _joint_qk_backward(
-        maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, grad_qk: torch.Tensor,
-        factor: torch.Tensor, qk_dim: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stride 1: gradients of `project_qk`'s maps (in their dtype) and weights from that of its joint float32 output
-    (B * heads, 2, d, N), scaled in place per head by `factor` (heads, 1); the weights' as slices of one buffer."""
-    B, C = maps.shape[:2]
-    heads = q_weight.shape[0] // qk_dim
+        maps: torch.Tensor, weight: torch.Tensor, grad_qk: torch.Tensor, factor: torch.Tensor, qk_dim: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stride 1: gradients of `project_qk`'s maps and joint weight (both in the maps' dtype) from that of its joint
+    float32 output (B * heads, 2, d, N), scaled in place per head by `factor` (heads, 1)."""
+    B = maps.shape[0]
+    heads = weight.shape[0] // (2 * qk_dim)
     grad_qk = grad_qk.view(B, heads, -1).mul_(factor).view(B, 2 * heads * qk_dim, -1).to(maps.dtype)
-    weight = _joint_weight(q_weight, k_weight, qk_dim, maps.dtype)
     grad_maps = torch.bmm(weight.t().expand(B, -1, -1), grad_qk).view(maps.shape)
-    grad_weights = q_weight.new_empty(2, heads, qk_dim, C)
-    per_sample = torch.bmm(grad_qk, maps.flatten(2).transpose(1, 2)).view(B, heads, 2, qk_dim, C)
-    torch.sum(per_sample, 0, out=grad_weights.transpose(0, 1))
-    return grad_maps, grad_weights[0].flatten(0, 1), grad_weights[1].flatten(0, 1)
+    return grad_maps, torch.bmm(grad_qk, maps.flatten(2).transpose(1, 2)).sum(0)
 
 
 def _split_qk_backward(
-        maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, grad_queries: torch.Tensor,
-        grad_keys: torch.Tensor, factor: torch.Tensor, geometry: MixGeometry,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stride 2: gradients of `project_qk`'s maps (in their dtype) and weights from those of its float32 queries
-    and keys, scaled in place per head by `factor` (heads, 1)."""
+        maps: torch.Tensor, weights: torch.Tensor, grad_queries: torch.Tensor, grad_keys: torch.Tensor,
+        factor: torch.Tensor, geometry: MixGeometry,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stride 2: gradients of `project_qk`'s maps (in their dtype) and joint weight (float32, in its layout) from those
+    of its float32 queries and keys, scaled in place per head by `factor` (heads, 1); `weights` split (2, heads * d,
+    C)."""
     B, C = maps.shape[:2]
-    heads = q_weight.shape[0] // geometry.qk_dim
+    d = geometry.qk_dim
+    heads = weights.shape[1] // d
     dtype = maps.dtype
-    grad_q = grad_queries.view(B, heads, -1).mul_(factor).view(B, q_weight.shape[0], -1).to(dtype)
-    grad_k = grad_keys.view(B, heads, -1).mul_(factor).view(B, k_weight.shape[0], -1).to(dtype)
-    grad_maps = torch.bmm(k_weight.to(dtype).t().expand(B, -1, -1), grad_k).view(maps.shape)
+    grad_q = grad_queries.view(B, heads, -1).mul_(factor).view(B, heads * d, -1).to(dtype)
+    grad_k = grad_keys.view(B, heads, -1).mul_(factor).view(B, heads * d, -1).to(dtype)
+    grad_maps = torch.bmm(weights[1].t().expand(B, -1, -1), grad_k).view(maps.shape)
     query_maps(grad_maps, geometry).add_(
-        torch.bmm(q_weight.to(dtype).t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
-    grad_q_weight = torch.bmm(grad_q, query_maps(maps, geometry).flatten(2).transpose(1, 2)).sum(0)
-    grad_k_weight = torch.bmm(grad_k, maps.flatten(2).transpose(1, 2)).sum(0)
-    return grad_maps, grad_q_weight.to(q_weight.dtype), grad_k_weight.to(k_weight.dtype)
+        torch.bmm(weights[0].t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
+    grad_weight = grad_queries.new_empty(heads, 2, d, C)
+    for part, (grad, inputs) in enumerate(((grad_q, query_maps(maps, geometry)), (grad_k, maps))):
+        per_sample = torch.bmm(grad, inputs.flatten(2).transpose(1, 2)).view(B, heads, d, C)
+        torch.sum(per_sample, 0, dtype=grad_weight.dtype, out=grad_weight[:, part])
+    return grad_maps, grad_weight.flatten(0, 2)
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.) -> None:
@@ -260,14 +269,14 @@ def floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.T
     return out
 
 
-def content_mix_reference(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-                          values: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+def content_mix_reference(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, values: torch.Tensor,
+                          geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
     """`content_mix` (with autograd) in standard operations, all queries at once."""
     num_queries, heads = positional.shape[:2]
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)
     B, N, C = tokens.shape
-    queries, keys = project_qk(maps, q_weight, k_weight, geometry)
+    queries, keys = project_qk(maps, projection_weights(qk_weight, geometry, maps.dtype), geometry)
     logits = torch.bmm(queries.transpose(1, 2), keys) * geometry.scale
     probs = softmax_without_subnormals_(logits).view(B, heads, num_queries, N).transpose(1, 2)
     attn = floored_blend(positional, probs, values[:heads, None], grad_floor)

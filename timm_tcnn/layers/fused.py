@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .functions import MixGeometry, query_maps
+from .functions import MixGeometry, query_maps, split_qk
 from .numerics import mixing_dtype, tokens_of
 
 __all__ = ['FlooredHeadScale', 'SharedValues', 'fused_mix']
@@ -55,26 +55,26 @@ class SharedValues(torch.autograd.Function):
         return torch.einsum('bhnc,h->bnc', grad, ratio.to(grad.dtype)), None
 
 
-def _queries_keys(maps: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                  geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+def _queries_keys(maps: torch.Tensor, qk_weight: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
     """Queries (B, heads, Nq, d) and keys (B, heads, N, d), d contiguous (as SDPA's kernels read them)."""
     d = geometry.qk_dim
+    q_weight, k_weight = split_qk(qk_weight, d, maps.dtype)
     queries = query_maps(maps, geometry).flatten(2).transpose(1, 2)
-    q = F.linear(queries, q_weight.to(maps.dtype)).unflatten(-1, (-1, d)).transpose(1, 2)
-    k = F.linear(tokens_of(maps, maps.dtype), k_weight.to(maps.dtype)).unflatten(-1, (-1, d)).transpose(1, 2)
+    q = F.linear(queries, q_weight).unflatten(-1, (-1, d)).transpose(1, 2)
+    k = F.linear(tokens_of(maps, maps.dtype), k_weight).unflatten(-1, (-1, d)).transpose(1, 2)
     return q, k
 
 
-def fused_mix(x: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, positional: torch.Tensor,
-              gate: torch.Tensor, geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+def fused_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor,
+              geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
     """What `content_mix` computes, (B, Nq, heads, C) in the mixing dtype, with the content attention fused: maps x
-    (B, C, H, W), weights (heads * d, C), positional (Nq, heads, N) float32, gate (heads,) float32."""
+    (B, C, H, W), the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) float32, gate (heads,) float32."""
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)
     B, N, C = tokens.shape
     num_queries, heads = positional.shape[:2]
     mixed = torch.matmul(positional.to(maps.dtype).view(num_queries * heads, N), tokens)  # B, Nq * heads, C
-    q, k = _queries_keys(maps, q_weight, k_weight, geometry)
+    q, k = _queries_keys(maps, qk_weight, geometry)
     ratio = gate.detach() / gate.detach().clamp(min=max(grad_floor, 1e-30))
     values = SharedValues.apply(tokens, ratio)
     content = F.scaled_dot_product_attention(q, k, values, scale=geometry.scale)  # B, heads, Nq, C

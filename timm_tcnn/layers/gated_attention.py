@@ -61,10 +61,20 @@ from .positional import (
     positional_tables, query_start, split_values)
 from .reference import reference_forward
 
-__all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS']
+__all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS', 'join_query_key_entries']
 
 # parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
 RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
+
+
+def join_query_key_entries(state_dict: Dict[str, torch.Tensor], prefix: str, num_heads: int) -> None:
+    """Replaces, in place, a layer's separate `q.weight` and `k.weight` entries (heads * d, C) by the joint
+    `qk.weight` (per head, its query rows then its key rows)."""
+    query, key = prefix + 'q.weight', prefix + 'k.weight'
+    if query in state_dict and key in state_dict and prefix + 'qk.weight' not in state_dict:
+        q, k = state_dict.pop(query), state_dict.pop(key)
+        state_dict[prefix + 'qk.weight'] = torch.stack(
+            [q.view(num_heads, -1, q.shape[-1]), k.view(num_heads, -1, k.shape[-1])], 1).flatten(0, 2)
 
 
 class GatedPositionalAttention2d(nn.Module):
@@ -83,7 +93,8 @@ class GatedPositionalAttention2d(nn.Module):
         locality_gate: (heads,) Gaussian share of the positional attention; 0 at conversion
         pos_log_alpha: (heads,) log locality strength of the Gaussian positional attention
         pos_center:    (heads, 2) Gaussian centre (rows, cols) relative to the query
-        q, k:          C_in -> heads * qk_dim projections of the content attention
+        qk:            C_in -> heads * 2 * qk_dim, the queries and keys of the content attention in one
+                       projection: per head, its qk_dim query rows then its qk_dim key rows (`query_key_weights()`)
 
     The four gate and positional parameters are stored divided by `gate_lr_scale` (a buffer) and learn
     that many times faster than the weights (`rate_scaled`); `attention_values()` returns their values and
@@ -159,8 +170,7 @@ class GatedPositionalAttention2d(nn.Module):
         self.pos_log_alpha = nn.Parameter(torch.empty(self.num_heads, **dd))
         self.pos_center = nn.Parameter(torch.empty(self.num_heads, 2, **dd))
         self.register_buffer('gate_lr_scale', torch.tensor(float(gate_lr_scale), device=device, dtype=torch.float32))
-        self.q = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
-        self.k = nn.Linear(in_channels, self.num_heads * qk_dim, bias=False, **dd)
+        self.qk = nn.Linear(in_channels, 2 * self.num_heads * qk_dim, bias=False, **dd)
         self._plans = BoundedCache(inference_cache_bytes)
         self.reset_parameters()
 
@@ -177,8 +187,7 @@ class GatedPositionalAttention2d(nn.Module):
         """Put every attention-only parameter in its conversion state, with fresh random Q/K."""
         if self.pos_center.is_meta:
             return
-        trunc_normal_(self.q.weight, std=self.qk_init_std)
-        trunc_normal_(self.k.weight, std=self.qk_init_std)
+        trunc_normal_(self.qk.weight, std=self.qk_init_std)
         self.set_attention_values(**self.conversion_values())
 
     @torch.no_grad()
@@ -205,15 +214,14 @@ class GatedPositionalAttention2d(nn.Module):
         """State-dict entries of the attention-only parameters and buffers that make the layer equal its
         convolution.
 
-        Keys are relative to the layer (`content_gate`, `q.weight`, `gate_lr_scale`, ...); values are in
-        stored form (divided by `gate_lr_scale`). The Q/K projections keep their current (random) values:
+        Keys are relative to the layer (`content_gate`, `qk.weight`, `gate_lr_scale`, ...); values are in
+        stored form (divided by `gate_lr_scale`). The Q/K projection keeps its current (random) values:
         the content branch is silent while `content_gate` is 0.
         """
         scale = self.gate_lr_scale.detach()
         state = {name: value / scale for name, value in self.conversion_values().items()}
         state.update({
-            'q.weight': self.q.weight.detach().clone(),
-            'k.weight': self.k.weight.detach().clone(),
+            'qk.weight': self.qk.weight.detach().clone(),
             'gate_lr_scale': scale.clone(),
         })
         return state
@@ -245,8 +253,10 @@ class GatedPositionalAttention2d(nn.Module):
         state_dict[prefix + 'gate_lr_scale'] = self.gate_lr_scale.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # a convolution's entries load as the exact conversion (timm's strict checkpoint loading); attention
-        # entries keep their values whatever scale they were saved with
+        # separate query and key projections (checkpoints of version 0.2) load into the joint one; a convolution's
+        # entries load as the exact conversion (timm's strict checkpoint loading); attention entries keep their
+        # values whatever scale they were saved with
+        join_query_key_entries(state_dict, prefix, self.num_heads)
         if not self.fill_conversion_state(state_dict, prefix):
             self._rescale_state(state_dict, prefix)
         super()._load_from_state_dict(
@@ -367,13 +377,13 @@ class GatedPositionalAttention2d(nn.Module):
         tables = self._tables(height, width, self.pos_center.device)
         return positional_mixing(self._values(), tables, self.grad_floor)
 
-    def _qk_weights(self, heads: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Query and key weights (heads * d, C_in) of every head, or of `heads` (indices)."""
-        if heads is None:
-            return self.q.weight, self.k.weight
-        shape = (self.num_heads, self.qk_dim, -1)
-        return (self.q.weight.view(shape).index_select(0, heads).flatten(0, 1),
-                self.k.weight.view(shape).index_select(0, heads).flatten(0, 1))
+    def query_key_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views (heads, d, C_in) of the query and key weights in the joint projection `qk`."""
+        return self.qk.weight.view(self.num_heads, 2, self.qk_dim, -1).unbind(1)
+
+    def _qk_weight(self, heads: torch.Tensor) -> torch.Tensor:
+        """The joint projection's rows (`split_qk`'s layout) of `heads` (indices): (heads * 2 * d, C_in)."""
+        return self.qk.weight.view(self.num_heads, -1, self.in_channels).index_select(0, heads).flatten(0, 1)
 
     def content_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled query-key products of every head, always in float32: (B, C_in, H, W) ->
@@ -382,8 +392,9 @@ class GatedPositionalAttention2d(nn.Module):
         h, d = self.num_heads, self.qk_dim
         row0, col0 = self.query_start(H, W)
         queries = x[:, :, row0::self.stride, col0::self.stride] if self.stride > 1 else x
-        q = F.linear(queries.flatten(2).transpose(1, 2), self.q.weight).unflatten(-1, (h, d))  # B, Nq, h, d
-        k = F.linear(x.flatten(2).transpose(1, 2), self.k.weight).unflatten(-1, (h, d))  # B, N, h, d
+        q_weight, k_weight = (w.flatten(0, 1) for w in self.query_key_weights())
+        q = F.linear(queries.flatten(2).transpose(1, 2), q_weight).unflatten(-1, (h, d))  # B, Nq, h, d
+        k = F.linear(x.flatten(2).transpose(1, 2), k_weight).unflatten(-1, (h, d))  # B, N, h, d
         return float32_matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * self.scale
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -507,9 +518,9 @@ class GatedPositionalAttention2d(nn.Module):
         if fused:
             positional = PositionalMixing.apply(values, builder, self.grad_floor)
             mixed = fused_mix(
-                x, self.q.weight, self.k.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
+                x, self.qk.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
         else:
-            mixed = AttentionMix.apply(x, self.q.weight, self.k.weight, values, builder, geometry, self.grad_floor)
+            mixed = AttentionMix.apply(x, self.qk.weight, values, builder, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -519,7 +530,7 @@ class GatedPositionalAttention2d(nn.Module):
         values = self._values()
         positional = positional_mixing(values, self._tables(H, W, x.device), self.grad_floor)
         geometry = self._geometry(x, 0)
-        mixed = content_mix_reference(x, self.q.weight, self.k.weight, positional, values, geometry, self.grad_floor)
+        mixed = content_mix_reference(x, self.qk.weight, positional, values, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
     @torch.jit.unused
@@ -586,11 +597,11 @@ class GatedPositionalAttention2d(nn.Module):
             out = project(mixed, weight[..., split:], self.bias)
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W, x.device))
-            q_weight, k_weight = self._qk_weights(plan.open_heads)
+            qk_weight = self.qk.weight if plan.open_heads is None else self._qk_weight(plan.open_heads)
             if fused:
-                mixed = fused_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry, 0.)
+                mixed = fused_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry, 0.)
             else:
-                mixed = content_mix(x, q_weight, k_weight, plan.open_positional, plan.open_gates, geometry)[0]
+                mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry)[0]
             out = project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 

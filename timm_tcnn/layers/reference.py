@@ -32,8 +32,9 @@ def reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
     row0, col0 = layer.query_start(H, W)
     tokens = x.flatten(2).transpose(1, 2).float()  # B, N, C
     queries = x[:, :, row0::stride, col0::stride][:, :, :out_h, :out_w].flatten(2).transpose(1, 2).float()
-    q = F.linear(queries, layer.q.weight.float()).unflatten(-1, (heads, layer.qk_dim))  # B, Nq, h, d
-    key = F.linear(tokens, layer.k.weight.float()).unflatten(-1, (heads, layer.qk_dim))  # B, N, h, d
+    q_weight, k_weight = (w.flatten(0, 1).float() for w in layer.query_key_weights())  # heads * d, C each
+    q = F.linear(queries, q_weight).unflatten(-1, (heads, layer.qk_dim))  # B, Nq, h, d
+    key = F.linear(tokens, k_weight).unflatten(-1, (heads, layer.qk_dim))  # B, N, h, d
     attn = (torch.einsum('bnhd,bmhd->bhnm', q, key) * layer.scale).softmax(-1)
     content_out = torch.einsum('bhnm,bmc->bchn', attn, tokens)
     mixed = (onehot.float() * ((1 - content) * (1 - locality))[:, None] + gauss * ((1 - content) * locality)[:, None]

@@ -173,12 +173,12 @@ def _positional_in_image(offset_attn: torch.Tensor, queries: torch.Tensor, heigh
 
 def _content(layer: GatedPositionalAttention2d, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """(B, heads, nq, H * W) float32 content attention softmax(q k^T * scale) of the given queries."""
-    dtype = layer.q.weight.dtype
-    tokens = x.flatten(2).transpose(1, 2).to(dtype)  # B, N, C
-    query_tokens = x[:, :, queries[:, 0], queries[:, 1]].transpose(1, 2).to(dtype)  # B, nq, C
+    q_weight, k_weight = (w.flatten(0, 1) for w in layer.query_key_weights())  # heads * d, C each
+    tokens = x.flatten(2).transpose(1, 2).to(q_weight.dtype)  # B, N, C
+    query_tokens = x[:, :, queries[:, 0], queries[:, 1]].transpose(1, 2).to(q_weight.dtype)  # B, nq, C
     heads, dim = layer.num_heads, layer.qk_dim
-    q = layer.q(query_tokens).float().unflatten(-1, (heads, dim)).transpose(1, 2)
-    k = layer.k(tokens).float().unflatten(-1, (heads, dim)).transpose(1, 2)
+    q = F.linear(query_tokens, q_weight).float().unflatten(-1, (heads, dim)).transpose(1, 2)
+    k = F.linear(tokens, k_weight).float().unflatten(-1, (heads, dim)).transpose(1, 2)
     return ((q * layer.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
@@ -205,7 +205,7 @@ def attention_maps(
     """
     H, W = x.shape[-2:]
     queries = query_positions(layer, H, W) if queries is None else queries.cpu()
-    device = layer.q.weight.device
+    device = layer.qk.weight.device
     with torch.no_grad():
         positional = _positional_in_image(positional_offset_attention(layer, H, W), queries, H, W)
         content = _content(layer, x.detach().float().to(device), queries.to(device)).cpu()
@@ -247,7 +247,7 @@ class _LayerAccumulator:
         self.sizes.add((H, W))
         if layer.is_convolution():  # the attention path, not the inference shortcut to F.conv2d
             self._update_identity(x, layer.attention_forward(x))
-        device = layer.q.weight.device
+        device = layer.qk.weight.device
         x = x.detach().float()
         offset_attn = positional_offset_attention(layer, H, W)  # heads, 2Ry + 1, 2Rx + 1
         r_y, r_x = offset_attn.shape[-2] // 2, offset_attn.shape[-1] // 2

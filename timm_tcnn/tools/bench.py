@@ -132,8 +132,7 @@ class Result:
 def _open_attention(model: nn.Module, gate: float, alpha: float, qk_std: float, generator: torch.Generator) -> None:
     for _, layer in attention_layers(model):
         layer.set_attention_values(content_gate=gate, locality_gate=gate, pos_log_alpha=math.log(alpha))
-        for w in (layer.q.weight, layer.k.weight):
-            w.copy_(torch.randn(w.shape, generator=generator) * qk_std)
+        layer.qk.weight.copy_(torch.randn(layer.qk.weight.shape, generator=generator) * qk_std)
 
 
 def fine_tune_like(
@@ -203,11 +202,9 @@ def _spread_layer(layer: GatedPositionalAttention2d, x: torch.Tensor, generator:
         pos_log_alpha=alpha[torch.randperm(heads, generator=generator)].log(),
         pos_center=centre,
     )
-    for w in (layer.q.weight, layer.k.weight):
-        w.copy_(torch.randn(w.shape, generator=generator))
+    layer.qk.weight.copy_(torch.randn(layer.qk.weight.shape, generator=generator))
     std = layer.content_logits(x).std()
-    for w in (layer.q.weight, layer.k.weight):
-        w.mul_((logit_std / std).sqrt())
+    layer.qk.weight.mul_((logit_std / std).sqrt())
 
 
 def spread_state(
