@@ -325,7 +325,7 @@ def checkpoints(fresh_and_tuned, tmp_path_factory):
     folder = tmp_path_factory.mktemp('checkpoints')
     fresh, tuned = fresh_and_tuned
     cnn = {k: v for k, v in fresh.state_dict().items()
-           if not k.endswith(('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'q.weight', 'k.weight'))}
+           if not k.endswith(('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'qk.weight'))}
     save_file({k: v.contiguous() for k, v in cnn.items()}, str(folder / 'cnn.safetensors'))
     torch.save({'state_dict': tuned.state_dict(), 'epoch': 1}, folder / 'tuned.pth')
     return folder

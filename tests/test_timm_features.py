@@ -220,7 +220,7 @@ def test_group_matcher_covers_every_parameter(model, coarse):
     assert group_of['conv1.0.weight'] == 0 and group_of['fc.weight'] == max(groups)
     for name, _ in attention_layers(model):
         block = name.rsplit('.', 1)[0]  # layer4.1.conv2 -> layer4.1
-        for param in ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'q.weight', 'k.weight'):
+        for param in ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center', 'qk.weight'):
             assert group_of[f'{name}.{param}'] == group_of[f'{block}.conv1.weight'], (name, param)
     expected_groups = 1 + (4 if coarse else sum(len(getattr(model, f'layer{i}')) for i in range(1, 5))) + 1
     assert len(groups) == expected_groups
