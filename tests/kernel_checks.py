@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import positional_kernels, set_positional_kernels
 from timm_tcnn.layers.positional import ClosedFormPositional, positional_tables, query_start
-from timm_tcnn.tools.bench import LAYER_SHAPES, _spread_layer
+from timm_tcnn.tools.bench import _spread_layer
 from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
 from test_fast_paths import fine_tuned_layer, grads, plain_forward
 
@@ -75,17 +75,22 @@ def layers():
 
 
 def operations():
-    """Operations of one training step and one inference call at ResNet-50-RS stage-4 shapes, half the content gates
-    closed (the op-count test's state)."""
-    channels, size, stride, kernel, groups = LAYER_SHAPES['resnet50rs stage 4, 7x7']
-    generator = torch.Generator().manual_seed(0)
-    layer = conv_to_attention(nn.Conv2d(channels, channels, kernel, stride, kernel // 2, bias=False),
-                              gate_lr_scale=30., grad_floor=0.1)
-    x = torch.randn(2, channels, size, size, generator=generator)
-    with torch.no_grad():
-        _spread_layer(layer, x, generator, 4., 0.5)
-    forward, backward, inference = layer_step_ops(layer, x)
-    return dict(forward=forward, backward=backward, inference=inference)
+    """Operations of one training step and one inference call at ResNet-50-RS stage-4 shapes (7x7, and the strided
+    14x14 -> 7x7), half the content gates closed (the op-count test's state): float32 NCHW, and bf16 autocast on
+    bf16 channels-last maps."""
+    results = {}
+    for name, (channels, size, stride) in {'7x7': (512, 7, 1), '14x14 -> 7x7': (512, 14, 2)}.items():
+        generator = torch.Generator().manual_seed(0)
+        layer = conv_to_attention(nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.,
+                                  grad_floor=0.1)
+        x = torch.randn(2, channels, size, size, generator=generator)
+        with torch.no_grad():
+            _spread_layer(layer, x, generator, 4., 0.5)
+        float32 = layer_step_ops(layer, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = layer_step_ops(layer, x.to(torch.bfloat16, memory_format=torch.channels_last))
+        results[name] = dict(float32=float32, bf16_channels_last=bf16)
+    return results
 
 
 def fallback():

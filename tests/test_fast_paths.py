@@ -202,15 +202,16 @@ def test_inference_with_closed_heads_matches_plain_reference(groups, stride, blo
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_flops_are_conv_plus_attention_without_expansion(stride):
-    """Multiply-adds: tap projection at the queries (= the conv), Q/K projections, logits and one
-    full-width mixing of the input per head; the positional matrix is built once for the batch from outer
-    products of row and column factors (no matrix products); nothing is expanded per head or per sample."""
+    """Multiply-adds: tap projection at the queries (= the conv), the joint Q/K projection at every position (one
+    GEMM; stride 2 then keeps the queries' positions), logits and one full-width mixing of the input per head; the
+    positional matrix is built once for the batch from outer products of row and column factors (no matrix
+    products); nothing is expanded per head or per sample."""
     B, C, C_out, H, d, heads = 2, 16, 24, 8, 4, 9
     layer = GatedPositionalAttention2d(C, C_out, 3, stride=stride, qk_dim=d)
     with torch.no_grad():
         layer.set_attention_values(content_gate=0.5)
     Nq, N = (H // stride) ** 2, H * H
-    per_sample = C_out * C * heads * Nq + heads * d * C * (Nq + N) + heads * Nq * N * (d + C)
+    per_sample = C_out * C * heads * Nq + heads * d * C * 2 * N + heads * Nq * N * (d + C)
     expected = 2 * B * per_sample
     x = torch.randn(B, C, H, H)
     for grad_enabled in (True, False):

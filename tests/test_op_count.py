@@ -11,12 +11,13 @@ from timm_tcnn.layers.positional import TABLES
 from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
 
 # at most, with the positional attention in its closed form (CPU; the Triton kernels' counts are in
-# test_positional_kernels.py): (forward + backward of a training step, inference call); version 0.2 issued 231-269
-# and 24-37
+# test_positional_kernels.py): (forward + backward of a training step, inference call), in float32 (NCHW or
+# channels-last) and under bf16 autocast on bf16 channels-last maps (a GPU's training); version 0.2 issued 231-269
+# and 24-37 in float32
 LIMITS = {
-    'resnet50rs stage 3, 14x14': (69, 15),
-    'resnet50rs stage 3, 28x28 -> 14x14': (78, 18),
-    'resnet50rs stage 4, 7x7': (69, 15),
+    'resnet50rs stage 3, 14x14': {'float32': (68, 15), 'bf16': (70, 19)},
+    'resnet50rs stage 3, 28x28 -> 14x14': {'float32': (71, 16), 'bf16': (73, 20)},
+    'resnet50rs stage 4, 7x7': {'float32': (68, 15), 'bf16': (70, 19)},
 }
 
 
@@ -28,9 +29,9 @@ def spread_layer(name: str, device=None) -> GatedPositionalAttention2d:
     return layer
 
 
-@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('setting', ['float32', 'float32 channels-last', 'bf16 channels-last'])
 @pytest.mark.parametrize('name', list(LIMITS))
-def test_operations_per_layer(name, channels_last):
+def test_operations_per_layer(name, setting):
     generator = torch.Generator().manual_seed(0)
     channels, size = LAYER_SHAPES[name][:2]
     layer = spread_layer(name)
@@ -38,10 +39,12 @@ def test_operations_per_layer(name, channels_last):
     with torch.no_grad():
         _spread_layer(layer, x, generator, 4., 0.5)
     assert 0 < int((layer.content_share() > 0).sum()) < layer.num_heads  # open and closed heads
-    if channels_last:
+    precision = setting.split()[0]
+    if setting.endswith('channels-last'):
         x = x.to(memory_format=torch.channels_last)
-    forward, backward, inference = layer_step_ops(layer, x)
-    train_limit, inference_limit = LIMITS[name]
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+        forward, backward, inference = layer_step_ops(layer, x.to(torch.bfloat16) if precision == 'bf16' else x)
+    train_limit, inference_limit = LIMITS[name][precision]
     assert forward + backward <= train_limit, (forward, backward)
     assert inference <= inference_limit
 

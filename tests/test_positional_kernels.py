@@ -15,9 +15,14 @@ from timm_tcnn.layers import positional_kernels_enabled, set_positional_kernels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='Triton is not installed')
 
-# at most, with the kernels (ResNet-50-RS stage 4, half the content gates closed): a training step (forward +
-# backward) and an inference call on CPU; on CUDA the forward pass issues 3 fewer (test_op_count.py)
-TRAINING_STEP, INFERENCE_CALL = 38, 15
+# at most, with the kernels (ResNet-50-RS stage 4, half the content gates closed): (a training step, forward +
+# backward; an inference call) on CPU, in float32 and under bf16 autocast (channels-last); on CUDA the forward pass
+# issues 3 fewer (test_op_count.py)
+LIMITS = {
+    '7x7': {'float32': (38, 15), 'bf16_channels_last': (40, 19)},
+    '14x14 -> 7x7': {'float32': (41, 16), 'bf16_channels_last': (43, 20)},
+}
+CUDA_SAVES = 3
 
 
 @pytest.fixture(scope='module')
@@ -52,9 +57,12 @@ def test_kernels_that_differ_are_refused_with_a_warning(checks):
 
 
 def test_training_step_operations_with_kernels(checks):
-    ops = checks['operations']
-    assert ops['forward'] + ops['backward'] <= TRAINING_STEP, ops
-    assert ops['inference'] <= INFERENCE_CALL, ops
+    """At most 40 operations per training step on CUDA (the goal), in every setting."""
+    for name, settings in LIMITS.items():
+        for setting, (train_limit, inference_limit) in settings.items():
+            forward, backward, inference = checks['operations'][name][setting]
+            assert forward + backward <= train_limit and inference <= inference_limit, (name, setting)
+            assert forward + backward - CUDA_SAVES <= 40, (name, setting)
 
 
 def test_kernels_only_where_they_run():

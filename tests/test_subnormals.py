@@ -91,16 +91,16 @@ def test_no_subnormal_under_autocast(dtype, content, monkeypatch):
     """float32 and bfloat16 tensors: none anywhere, forward and backward (float16: forward; its activations
     are subnormal wherever they are below 6.1e-5, attention or not, and the content softmax's backward,
     p * (g - sum(p * g)), can cancel to subnormal float32 values on float16 gradients). The attention weights
-    cast for the mixing GEMM (in the forward pass; for bf16 also their recomputation in the backward pass) hold
-    none."""
+    blended in the mixing GEMM's dtype (in the forward pass; for bf16 also their recomputation in the backward
+    pass) hold none."""
     mixed_attention = []
 
-    def recording_cast(attn, dtype):
-        mixed_attention.append(cast(attn, dtype))
+    def recording_blend(*args):
+        mixed_attention.append(blend(*args))
         return mixed_attention[-1]
 
-    cast = functions_module.cast_without_subnormals
-    monkeypatch.setattr(functions_module, 'cast_without_subnormals', recording_cast)
+    blend = functions_module._blended
+    monkeypatch.setattr(functions_module, '_blended', recording_blend)
     x = torch.randn(2, 8, 28, 28)
     layer = hard_layer(content, 1, 10., x)
     x.requires_grad_()

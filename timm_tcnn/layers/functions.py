@@ -16,7 +16,7 @@ import torch
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
 
-__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weights', 'project_qk', 'floored_blend', 'content_mix_reference']
+__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):
@@ -75,28 +75,19 @@ def split_qk(qk_weight: torch.Tensor, qk_dim: int, dtype: torch.dtype) -> torch.
     return weights.copy_(qk_weight.view(heads, 2, qk_dim, -1).transpose(0, 1)).view(2, heads * qk_dim, -1)
 
 
-def projection_weights(qk_weight: torch.Tensor, geometry: MixGeometry, dtype: torch.dtype) -> torch.Tensor:
-    """What `project_qk` multiplies by, in `dtype`: the joint weight (heads * 2 * d, C) for stride 1, the split one
-    (2, heads * d, C) (`split_qk`) for stride 2. One copy at most, kept for the backward pass."""
-    if geometry.stride == 1:
-        return qk_weight.to(dtype)
-    return split_qk(qk_weight, geometry.qk_dim, dtype)
-
-
-def project_qk(maps: torch.Tensor, weights: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps with `projection_weights`
-    in the maps' dtype: for stride 1 one GEMM per sample (views of its (B * heads, 2, d, N) output), reading NCHW or
-    channels-last maps in place; for stride 2 two."""
+def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps and the joint weight
+    (heads * 2 * d, C) in their dtype: one GEMM per sample, reading NCHW or channels-last maps in place, whose
+    (B * heads, 2, d, N) output the keys are a view of, and the queries too for stride 1; for stride 2 they are
+    copied from the query positions (the GEMM projects every position: 4x the queries' multiply-adds, one launch
+    and one copy where two GEMMs would need a copy of the maps and one of the weight)."""
     B, d = maps.shape[0], geometry.qk_dim
+    heads = weight.shape[0] // (2 * d)
+    qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
     if geometry.stride == 1:
-        heads = weights.shape[0] // (2 * d)
-        qk = torch.bmm(weights.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
         return qk[:, 0], qk[:, 1]
-    heads = weights.shape[1] // d
-    queries = query_maps(maps, geometry).flatten(2)
-    q = torch.bmm(weights[0].expand(B, -1, -1), queries).float().view(B * heads, d, -1)
-    k = torch.bmm(weights[1].expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
-    return q, k
+    queries = query_maps(qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry)
+    return queries.reshape(B * heads, d, -1), qk[:, 1]
 
 
 def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
@@ -108,7 +99,7 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
     the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) float32, gate (heads,) -> mixed (B, Nq, heads,
     C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the backward pass reads: the maps and
-    projection weights in that dtype, queries, keys and the softmax of each block of queries.
+    projection weight in that dtype, queries, keys and the softmax of each block of queries.
     Queries, keys and softmax are float32 (`softmax_without_subnormals_`); queries go in blocks of
     `geometry.block`."""
     dtype = mixing_dtype(x)
@@ -117,8 +108,8 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
         maps = x.to(dtype)
         tokens = tokens_of(maps, dtype)
         B, N, C = tokens.shape
-        weights = projection_weights(qk_weight, geometry, dtype)
-        queries, keys = project_qk(maps, weights, geometry)
+        weight = qk_weight.to(dtype)
+        queries, keys = project_qk(maps, weight, geometry)
         mixed = tokens.new_empty(B, num_queries, heads, C)
         probs_blocks = []
         for start, stop in _blocks(num_queries, geometry.block):
@@ -128,15 +119,19 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
             attn = _blended(positional[start:stop], probs, gate[:, None], dtype)
             torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
             probs_blocks.append(probs)
-    return mixed, [maps, weights, queries, keys] + probs_blocks
+    return mixed, [maps, weight, queries, keys] + probs_blocks
 
 
 def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, block * heads, N) attention positional + gate * probs in `dtype`, rows in the order the mixing GEMM
     reads."""
     B, heads, block, N = probs.shape
-    attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
-    return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
+    if dtype == torch.float16:  # values below its smallest normal set to 0 (`cast_without_subnormals`)
+        attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
+        return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
+    # float32 and bfloat16 share float32's range: written in `dtype` directly
+    attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N, dtype=dtype))
+    return attn.view(B, block * heads, N)
 
 
 class AttentionMix(torch.autograd.Function):
@@ -169,7 +164,7 @@ class AttentionMix(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         positional, values, *saved = ctx.saved_tensors
         positional_saved = tuple(saved[:ctx.num_positional_saved])
-        maps, weights, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
+        maps, weight, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
         geometry, dtype = ctx.geometry, ctx.dtype
         num_queries, heads = positional.shape[:2]
         gate = values[:heads, None]
@@ -178,11 +173,14 @@ class AttentionMix(torch.autograd.Function):
         grad = grad.to(dtype)
         with autocast_off(maps.device):
             grad_tokens = tokens.new_empty(B, N, C)
-            if geometry.stride == 1:  # one buffer, in the joint projection's layout
-                grad_qk = keys.new_empty(B * heads, 2, geometry.qk_dim, N)
-                grad_queries, grad_keys = grad_qk[:, 0], grad_qk[:, 1]
+            # one buffer, in the joint projection's layout; for stride 2 the queries' part is 0 off the query positions
+            grad_qk = keys.new_empty(B * heads, 2, geometry.qk_dim, N)
+            grad_keys = grad_qk[:, 1]
+            if geometry.stride == 1:
+                grad_queries = grad_qk[:, 0]
             else:
-                grad_queries, grad_keys = torch.empty_like(queries), torch.empty_like(keys)
+                grad_qk[:, 0].zero_()
+                grad_queries = torch.empty_like(queries)
             grad_positional = torch.empty_like(positional)
             grad_gate = values.new_empty(heads, 1)
             for index, ((start, stop), probs) in enumerate(zip(_blocks(num_queries, geometry.block), probs_blocks)):
@@ -207,49 +205,32 @@ class AttentionMix(torch.autograd.Function):
                     grad_gate += row_sums.sum((0, 2))
             # the gate (at least grad_floor) through which queries and keys act
             factor = gate.clamp(min=ctx.grad_floor)
-            if geometry.stride == 1:
-                grad_x, grad_qk_weight = _joint_qk_backward(maps, weights, grad_qk, factor, geometry.qk_dim)
-            else:
-                grad_x, grad_qk_weight = _split_qk_backward(maps, weights, grad_queries, grad_keys, factor, geometry)
+            if geometry.stride > 1:
+                query_maps(grad_qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry).copy_(
+                    grad_queries.view(B * heads, geometry.qk_dim, *_query_grid(geometry)))
+            grad_x, grad_qk_weight = _joint_qk_backward(maps, weight, grad_qk, factor, geometry.qk_dim)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
             grad_values = ctx.builder.backward(
                 grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads))
         return grad_x.to(ctx.x_dtype), grad_qk_weight.to(ctx.weight_dtype), grad_values, None, None, None
 
 
+def _scaled_per_head(grad: torch.Tensor, factor: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch * heads, ...) gradient times `factor` (heads, 1) per head, written in `dtype`: (batch, heads, -1)."""
+    grad = grad.view(batch, factor.shape[0], -1)
+    return torch.mul(grad, factor, out=grad.new_empty(grad.shape, dtype=dtype))
+
+
 def _joint_qk_backward(
         maps: torch.Tensor, weight: torch.Tensor, grad_qk: torch.Tensor, factor: torch.Tensor, qk_dim: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stride 1: gradients of `project_qk`'s maps and joint weight (both in the maps' dtype) from that of its joint
-    float32 output (B * heads, 2, d, N), scaled in place per head by `factor` (heads, 1)."""
+    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (float32) from that of its float32 GEMM
+    output (B * heads, 2, d, N), scaled per head by `factor` (heads, 1)."""
     B = maps.shape[0]
     heads = weight.shape[0] // (2 * qk_dim)
-    grad_qk = grad_qk.view(B, heads, -1).mul_(factor).view(B, 2 * heads * qk_dim, -1).to(maps.dtype)
-    grad_maps = torch.bmm(weight.t().expand(B, -1, -1), grad_qk).view(maps.shape)
-    return grad_maps, torch.bmm(grad_qk, maps.flatten(2).transpose(1, 2)).sum(0)
-
-
-def _split_qk_backward(
-        maps: torch.Tensor, weights: torch.Tensor, grad_queries: torch.Tensor, grad_keys: torch.Tensor,
-        factor: torch.Tensor, geometry: MixGeometry,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stride 2: gradients of `project_qk`'s maps (in their dtype) and joint weight (float32, in its layout) from those
-    of its float32 queries and keys, scaled in place per head by `factor` (heads, 1); `weights` split (2, heads * d,
-    C)."""
-    B, C = maps.shape[:2]
-    d = geometry.qk_dim
-    heads = weights.shape[1] // d
-    dtype = maps.dtype
-    grad_q = grad_queries.view(B, heads, -1).mul_(factor).view(B, heads * d, -1).to(dtype)
-    grad_k = grad_keys.view(B, heads, -1).mul_(factor).view(B, heads * d, -1).to(dtype)
-    grad_maps = torch.bmm(weights[1].t().expand(B, -1, -1), grad_k).view(maps.shape)
-    query_maps(grad_maps, geometry).add_(
-        torch.bmm(weights[0].t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
-    grad_weight = grad_queries.new_empty(heads, 2, d, C)
-    for part, (grad, inputs) in enumerate(((grad_q, query_maps(maps, geometry)), (grad_k, maps))):
-        per_sample = torch.bmm(grad, inputs.flatten(2).transpose(1, 2)).view(B, heads, d, C)
-        torch.sum(per_sample, 0, dtype=grad_weight.dtype, out=grad_weight[:, part])
-    return grad_maps, grad_weight.flatten(0, 2)
+    scaled = _scaled_per_head(grad_qk, factor, B, maps.dtype).view(B, 2 * heads * qk_dim, -1)
+    grad_maps = torch.bmm(weight.t().expand(B, -1, -1), scaled).view(maps.shape)
+    return grad_maps, torch.bmm(scaled, maps.flatten(2).transpose(1, 2)).sum(0, dtype=torch.float32)
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.) -> None:
@@ -276,7 +257,7 @@ def content_mix_reference(x: torch.Tensor, qk_weight: torch.Tensor, positional: 
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)
     B, N, C = tokens.shape
-    queries, keys = project_qk(maps, projection_weights(qk_weight, geometry, maps.dtype), geometry)
+    queries, keys = project_qk(maps, qk_weight.to(maps.dtype), geometry)
     logits = torch.bmm(queries.transpose(1, 2), keys) * geometry.scale
     probs = softmax_without_subnormals_(logits).view(B, heads, num_queries, N).transpose(1, 2)
     attn = floored_blend(positional, probs, values[:heads, None], grad_floor)

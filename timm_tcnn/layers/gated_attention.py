@@ -421,14 +421,18 @@ class GatedPositionalAttention2d(nn.Module):
         t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
         return torch.einsum('bchyj,hiy->bchij', t, rows).flatten(3)
 
-    def tap_major_weight(self, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def tap_major_weight(self, heads: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(groups, C_out / groups, heads * C_in / groups) projection of the taps (of `heads`, indices, if given),
-        per group and head-major: what the last (grouped) GEMM reads. One copy of the weight."""
+        per group and head-major: what the last (grouped) GEMM reads, in `dtype` (the weight's if None). One copy of
+        the weight (two to select heads in another dtype)."""
         weight = self.weight.view(self.groups, self.out_channels // self.groups, -1, self.num_heads)
         weight = weight.permute(0, 1, 3, 2)  # G, O_g, heads, C_g
         if heads is not None:
-            return weight.index_select(2, heads).flatten(2)
-        return weight.reshape(weight.shape[0], weight.shape[1], -1)
+            weight = weight.index_select(2, heads).flatten(2)
+            return weight if dtype is None else weight.to(dtype)
+        if dtype is None or dtype == weight.dtype:
+            return weight.reshape(weight.shape[0], weight.shape[1], -1)
+        return weight.new_empty(weight.shape, dtype=dtype).copy_(weight).flatten(2)  # the layout and the cast at once
 
     def _project(
             self,
@@ -521,7 +525,7 @@ class GatedPositionalAttention2d(nn.Module):
                 x, self.qk.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
         else:
             mixed = AttentionMix.apply(x, self.qk.weight, values, builder, geometry, self.grad_floor)
-        return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
+        return self._to_map(self._project(mixed, self.tap_major_weight(dtype=mixed.dtype), self.bias), x)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training computation in standard operations, all queries at once: scripted, traced, exported and
@@ -583,7 +587,7 @@ class GatedPositionalAttention2d(nn.Module):
         tokens = tokens_of(x, mixing_dtype(x))
         # one copy of the tap weight, open heads first: each part's weight is a view of it
         order = plan.head_order if plan.head_order is not None else plan.closed_heads
-        weight = self.tap_major_weight(order)
+        weight = self.tap_major_weight(order, tokens.dtype)
         num_open = 0 if plan.open_positional is None else plan.open_positional.shape[1]
         split = num_open * (self.in_channels // self.groups)
         # NCHW maps of dense layers written channels first, others by `_project`

@@ -3,9 +3,9 @@
 The closed form of `positional.py` builds P = (1 - g) ((1 - l) onehot + l gauss) from a layer's (5 * heads,) values
 in about fifteen operations and reduces its gradient in about fifteen more; on a GPU each is a launch. Here:
 
-- `positional_attention`: one program per query and head writes a row of P (Nq, heads, N), computing the
-  Gaussian's two log normalisers, the one-hot tap and the blend in registers (nothing else is stored: the backward
-  pass recomputes the Gaussian).
+- `positional_attention`: one program per head and block of (query, key) pairs writes those entries of P (Nq,
+  heads, N), computing the Gaussian's two log normalisers, the one-hot tap and the blend in registers (nothing else
+  is stored: the backward pass recomputes the Gaussian).
 - `positional_sums`: per head and chunk of (query, key) pairs, the six sums the gradient needs: <grad, onehot>, and
   with Z = grad * gauss, sum Z, sum Z dy, sum Z dy^2, sum Z dx, sum Z dx^2 (partial sums, no atomics: deterministic).
 - `positional_values_grad`: per head, the partial sums added up and turned into the values' gradient (the same
@@ -75,9 +75,8 @@ def _gaussian(dy, dx, alpha, center_row, center_col, norm_row, norm_col):
     return tl.where(logits > -35., tl.exp(logits), 0.)  # as `exp_without_subnormals`
 
 @triton.jit
-def _forward_kernel(values_ptr, out_ptr, heads, height, width, out_w, stride, row0, col0,
-                   KERNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    query = tl.program_id(0)
+def _forward_kernel(values_ptr, out_ptr, heads, height, width, out_w, stride, row0, col0, num_pairs,
+                    KERNEL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
     head = tl.program_id(1)
     gate, locality, alpha, center_row, center_col, norm_row, norm_col = _head_values(
         values_ptr, head, heads, height, width, BLOCK_M)
@@ -87,13 +86,15 @@ def _forward_kernel(values_ptr, out_ptr, heads, height, width, out_w, stride, ro
     tap_row = head // KERNEL - KERNEL // 2
     tap_col = head % KERNEL - KERNEL // 2
     num_keys = height * width
-    row_ptr = out_ptr + (query * heads + head).to(tl.int64) * num_keys
-    for start in range(0, num_keys, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        dy, dx = _offsets_of(query, keys, width, out_w, stride, row0, col0)
-        gauss = _gaussian(dy, dx, alpha, center_row, center_col, norm_row, norm_col)
-        onehot = tl.where((dy == tap_row) & (dx == tap_col), onehot_share, 0.)
-        tl.store(row_ptr + keys, onehot + gauss * gauss_share, mask=keys < num_keys)
+    pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    query = pairs // num_keys
+    keys = pairs % num_keys
+    dy, dx = _offsets_of(query, keys, width, out_w, stride, row0, col0)
+    gauss = _gaussian(dy, dx, alpha, center_row, center_col, norm_row, norm_col)
+    onehot = tl.where((dy == tap_row) & (dx == tap_col), onehot_share, 0.)
+    address = (query * heads + head).to(tl.int64) * num_keys + keys
+    tl.store(out_ptr + address, onehot + gauss * gauss_share, mask=pairs < num_pairs)
+
 
 @triton.jit
 def _sums_kernel(grad_ptr, values_ptr, sums_ptr, heads, height, width, out_w, stride, row0, col0, chunk,
@@ -189,10 +190,10 @@ def positional_attention(values: torch.Tensor, kernel_size: int, stride: int, he
     heads = kernel_size * kernel_size
     out_h, out_w = _out_size(height, stride), _out_size(width, stride)
     out = values.new_empty(out_h * out_w, heads, height * width)
-    block_n = min(_BLOCK, triton.next_power_of_2(height * width))
-    _forward_kernel[(out_h * out_w, heads)](
-        values, out, heads, height, width, out_w, stride, row0, col0,
-        KERNEL=kernel_size, BLOCK_N=block_n, BLOCK_M=_norm_block(height, width))
+    num_pairs = out_h * out_w * height * width
+    _forward_kernel[(triton.cdiv(num_pairs, _BLOCK), heads)](
+        values, out, heads, height, width, out_w, stride, row0, col0, num_pairs,
+        KERNEL=kernel_size, BLOCK=_BLOCK, BLOCK_M=_norm_block(height, width))
     return out
 
 

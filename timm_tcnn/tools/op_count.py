@@ -47,16 +47,18 @@ def count_ops(fn: Callable[[], object]) -> OpCounter:
 
 def layer_step_ops(layer: torch.nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
     """Operations of one training step of `layer` on `x` (forward, backward with the gradient of a sum; the
-    parameters' gradients start empty, as after `zero_grad()`) and of one inference call (no grad), each after a
+    parameters' gradients start empty, as after `zero_grad()`, and are stored as an optimizer finds them; x's is
+    computed, not stored: in a network it is passed on) and of one inference call (no grad), each after a
     warm-up call that builds what is reused between calls: (forward, backward, inference)."""
     x = x.detach().requires_grad_()
-    layer(x).sum().backward()
+    parameters = [p for p in layer.parameters() if p.requires_grad]
+    layer(x).sum().backward(inputs=parameters)
     layer.zero_grad(set_to_none=True)
     with OpCounter() as forward:
         out = layer(x)
     grad = torch.ones_like(out)
-    with OpCounter() as backward:
-        out.backward(grad)
+    with OpCounter() as backward:  # the input's gradient computed, and passed on as in a network, not accumulated
+        out.backward(grad, inputs=parameters)
     layer.zero_grad(set_to_none=True)
     with torch.no_grad():
         layer(x)
