@@ -272,3 +272,19 @@ def test_benchmark_spread_state():
         with torch.no_grad():
             assert math.isclose(layer.content_logits(layer_input).std(), 4., rel_tol=1e-3)
     assert len(list(attention_layers(model))) == 1  # stage 4 of a one-block-per-stage ResNet
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_channels_first_projection_equals_the_projection(bias):
+    """The projection CUDA's inference takes for NCHW maps (one GEMM per sample, channels first) equals the one
+    GEMM over every sample followed by the transposing copy, alone and added to a first part."""
+    layer = fine_tuned_layer(bias=bias)
+    x = torch.randn(3, 6, 5, 4)
+    mixed, first = torch.randn(2, 3, 20, 9, 6).unbind(0)
+    weight = layer.tap_major_weight()
+    with torch.no_grad():
+        for add_to in (None, layer._project(first, weight)):
+            got = layer._project_channels_first(mixed, weight, layer.bias, None if add_to is None else
+                                                add_to.view(3, 5, 4, 5).permute(0, 3, 1, 2).reshape(3, 5, 20))
+            ref = layer._project(mixed, weight, layer.bias, add_to)
+            assert relative_error(layer._to_map(got, x), layer._to_map(ref, x)) <= 1e-6

@@ -16,7 +16,7 @@ import torch
 
 from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
 
-__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'project_qk', 'floored_blend', 'content_mix_reference']
+__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weight', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):
@@ -44,7 +44,9 @@ class ScaledValues(torch.autograd.Function):
 
 class MixGeometry(NamedTuple):
     """What `content_mix` needs to know of the maps: input (height, width), stride, first query (row, col), the
-    query/key width per head, the logit scale and the number of queries per block."""
+    query/key width per head, the logit scale, the number of queries per block, and whether queries are projected
+    at every position (one GEMM for queries and keys) or, with stride 2, only at the query positions (two GEMMs,
+    a quarter of the queries' multiply-adds: `project_qk`)."""
     height: int
     width: int
     stride: int
@@ -52,6 +54,7 @@ class MixGeometry(NamedTuple):
     qk_dim: int
     scale: float
     block: int
+    queries_everywhere: bool = True
 
 
 def _query_grid(geometry: MixGeometry) -> Tuple[int, int]:
@@ -75,19 +78,34 @@ def split_qk(qk_weight: torch.Tensor, qk_dim: int, dtype: torch.dtype) -> torch.
     return weights.copy_(qk_weight.view(heads, 2, qk_dim, -1).transpose(0, 1)).view(2, heads * qk_dim, -1)
 
 
+def projection_weight(qk_weight: torch.Tensor, geometry: MixGeometry, dtype: torch.dtype) -> torch.Tensor:
+    """What `project_qk` multiplies by, in `dtype`: the joint weight (heads * 2 * d, C), or (2, heads * d, C) split
+    (`split_qk`) where queries are projected at their positions only. One copy at most, kept for the backward pass."""
+    if geometry.queries_everywhere:
+        return qk_weight.to(dtype)
+    return split_qk(qk_weight, geometry.qk_dim, dtype)
+
+
 def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps and the joint weight
-    (heads * 2 * d, C) in their dtype: one GEMM per sample, reading NCHW or channels-last maps in place, whose
-    (B * heads, 2, d, N) output the keys are a view of, and the queries too for stride 1; for stride 2 they are
-    copied from the query positions (the GEMM projects every position: 4x the queries' multiply-adds, one launch
-    and one copy where two GEMMs would need a copy of the maps and one of the weight)."""
+    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps and `projection_weight`
+    in their dtype, reading NCHW or channels-last maps in place.
+
+    With `geometry.queries_everywhere`, one GEMM per sample whose (B * heads, 2, d, N) output the keys are a view
+    of, and the queries too for stride 1; for stride 2 they are copied from the query positions (4x the queries'
+    multiply-adds for one launch and one copy fewer: a GPU's choice). Otherwise two GEMMs, the queries' at the
+    query positions only (a CPU's choice for stride 2)."""
     B, d = maps.shape[0], geometry.qk_dim
-    heads = weight.shape[0] // (2 * d)
-    qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
-    if geometry.stride == 1:
-        return qk[:, 0], qk[:, 1]
-    queries = query_maps(qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry)
-    return queries.reshape(B * heads, d, -1), qk[:, 1]
+    if geometry.queries_everywhere:
+        heads = weight.shape[0] // (2 * d)
+        qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
+        if geometry.stride == 1:
+            return qk[:, 0], qk[:, 1]
+        queries = query_maps(qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry)
+        return queries.reshape(B * heads, d, -1), qk[:, 1]
+    heads = weight.shape[1] // d
+    q = torch.bmm(weight[0].expand(B, -1, -1), query_maps(maps, geometry).flatten(2)).float().view(B * heads, d, -1)
+    k = torch.bmm(weight[1].expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
+    return q, k
 
 
 def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
@@ -108,7 +126,7 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
         maps = x.to(dtype)
         tokens = tokens_of(maps, dtype)
         B, N, C = tokens.shape
-        weight = qk_weight.to(dtype)
+        weight = projection_weight(qk_weight, geometry, dtype)
         queries, keys = project_qk(maps, weight, geometry)
         mixed = tokens.new_empty(B, num_queries, heads, C)
         probs_blocks = []
@@ -173,14 +191,17 @@ class AttentionMix(torch.autograd.Function):
         grad = grad.to(dtype)
         with autocast_off(maps.device):
             grad_tokens = tokens.new_empty(B, N, C)
-            # one buffer, in the joint projection's layout; for stride 2 the queries' part is 0 off the query positions
-            grad_qk = keys.new_empty(B * heads, 2, geometry.qk_dim, N)
-            grad_keys = grad_qk[:, 1]
-            if geometry.stride == 1:
-                grad_queries = grad_qk[:, 0]
+            if geometry.queries_everywhere:
+                # one buffer, in the joint projection's layout; for stride 2 the queries' part is 0 off their positions
+                grad_qk = keys.new_empty(B * heads, 2, geometry.qk_dim, N)
+                grad_keys = grad_qk[:, 1]
+                if geometry.stride == 1:
+                    grad_queries = grad_qk[:, 0]
+                else:
+                    grad_qk[:, 0].zero_()
+                    grad_queries = torch.empty_like(queries)
             else:
-                grad_qk[:, 0].zero_()
-                grad_queries = torch.empty_like(queries)
+                grad_queries, grad_keys = torch.empty_like(queries), torch.empty_like(keys)
             grad_positional = torch.empty_like(positional)
             grad_gate = values.new_empty(heads, 1)
             for index, ((start, stop), probs) in enumerate(zip(_blocks(num_queries, geometry.block), probs_blocks)):
@@ -205,10 +226,13 @@ class AttentionMix(torch.autograd.Function):
                     grad_gate += row_sums.sum((0, 2))
             # the gate (at least grad_floor) through which queries and keys act
             factor = gate.clamp(min=ctx.grad_floor)
-            if geometry.stride > 1:
-                query_maps(grad_qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry).copy_(
-                    grad_queries.view(B * heads, geometry.qk_dim, *_query_grid(geometry)))
-            grad_x, grad_qk_weight = _joint_qk_backward(maps, weight, grad_qk, factor, geometry.qk_dim)
+            if not geometry.queries_everywhere:
+                grad_x, grad_qk_weight = _split_qk_backward(maps, weight, grad_queries, grad_keys, factor, geometry)
+            else:
+                if geometry.stride > 1:
+                    query_maps(grad_qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry).copy_(
+                        grad_queries.view(B * heads, geometry.qk_dim, *_query_grid(geometry)))
+                grad_x, grad_qk_weight = _joint_qk_backward(maps, weight, grad_qk, factor, geometry.qk_dim)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
             grad_values = ctx.builder.backward(
                 grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads))
@@ -231,6 +255,28 @@ def _joint_qk_backward(
     scaled = _scaled_per_head(grad_qk, factor, B, maps.dtype).view(B, 2 * heads * qk_dim, -1)
     grad_maps = torch.bmm(weight.t().expand(B, -1, -1), scaled).view(maps.shape)
     return grad_maps, torch.bmm(scaled, maps.flatten(2).transpose(1, 2)).sum(0, dtype=torch.float32)
+
+
+def _split_qk_backward(
+        maps: torch.Tensor, weight: torch.Tensor, grad_queries: torch.Tensor, grad_keys: torch.Tensor,
+        factor: torch.Tensor, geometry: MixGeometry,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (float32, in its layout) from those of its
+    float32 queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
+    C)), scaled per head by `factor` (heads, 1)."""
+    B, C = maps.shape[:2]
+    d = geometry.qk_dim
+    heads = weight.shape[1] // d
+    grad_q, grad_k = (_scaled_per_head(grad, factor, B, maps.dtype).view(B, heads * d, -1)
+                      for grad in (grad_queries, grad_keys))
+    grad_maps = torch.bmm(weight[1].t().expand(B, -1, -1), grad_k).view(maps.shape)
+    query_maps(grad_maps, geometry).add_(
+        torch.bmm(weight[0].t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
+    grad_weight = grad_queries.new_empty(heads, 2, d, C)
+    for part, (grad, inputs) in enumerate(((grad_q, query_maps(maps, geometry)), (grad_k, maps))):
+        per_sample = torch.bmm(grad, inputs.flatten(2).transpose(1, 2)).view(B, heads, d, C)
+        torch.sum(per_sample, 0, dtype=grad_weight.dtype, out=grad_weight[:, part])
+    return grad_maps, grad_weight.flatten(0, 2)
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.) -> None:
@@ -257,7 +303,7 @@ def content_mix_reference(x: torch.Tensor, qk_weight: torch.Tensor, positional: 
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)
     B, N, C = tokens.shape
-    queries, keys = project_qk(maps, qk_weight.to(maps.dtype), geometry)
+    queries, keys = project_qk(maps, projection_weight(qk_weight, geometry, maps.dtype), geometry)
     logits = torch.bmm(queries.transpose(1, 2), keys) * geometry.scale
     probs = softmax_without_subnormals_(logits).view(B, heads, num_queries, N).transpose(1, 2)
     attn = floored_blend(positional, probs, values[:heads, None], grad_floor)
