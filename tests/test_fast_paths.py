@@ -77,8 +77,9 @@ def test_query_blocks_match_plain_reference(block_bytes, stride):
 
 
 @pytest.mark.parametrize('amp', [False, True])
-@pytest.mark.parametrize('stride,block', [(1, 100), (1, 2), (2, 100), (2, 3)])
-def test_attention_mix_function_matches_its_composition(amp, stride, block):
+@pytest.mark.parametrize('stride,block,everywhere', [(1, 100, True), (1, 2, True), (2, 100, True), (2, 3, True),
+                                                     (2, 100, False), (2, 3, False)])
+def test_attention_mix_function_matches_its_composition(amp, stride, block, everywhere):
     """The attention mixing (positional attention, Q/K projection, softmax, blend and mixing GEMM as one autograd
     function that recomputes the attention in its backward pass) equals its composition in standard operations,
     forward and the gradients of all four inputs, with a gradient floor above some gates (one at 0) and a Gaussian
@@ -92,7 +93,7 @@ def test_attention_mix_function_matches_its_composition(amp, stride, block):
         torch.linspace(0, 0.9, heads), torch.linspace(0.05, 1, heads), torch.linspace(-1, 2, heads),
         torch.randn(2 * heads)]).requires_grad_()
     inputs = (x, qk_weight, values)
-    geometry = MixGeometry(6, 7, stride, (stride - 1, 0), d, d ** -0.5, block)  # 'same' padding's start
+    geometry = MixGeometry(6, 7, stride, (stride - 1, 0), d, d ** -0.5, block, everywhere)  # 'same' padding's start
     same = stride == 2
 
     def fused():
@@ -202,16 +203,16 @@ def test_inference_with_closed_heads_matches_plain_reference(groups, stride, blo
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_flops_are_conv_plus_attention_without_expansion(stride):
-    """Multiply-adds: tap projection at the queries (= the conv), the joint Q/K projection at every position (one
-    GEMM; stride 2 then keeps the queries' positions), logits and one full-width mixing of the input per head; the
-    positional matrix is built once for the batch from outer products of row and column factors (no matrix
-    products); nothing is expanded per head or per sample."""
+    """Multiply-adds: tap projection at the queries (= the conv), Q/K projections (on CPU the queries at their
+    positions only; on CUDA stride 2 projects them everywhere: `test_attention_mix_function_matches_its_composition`),
+    logits and one full-width mixing of the input per head; the positional matrix is built once for the batch from
+    outer products of row and column factors (no matrix products); nothing is expanded per head or per sample."""
     B, C, C_out, H, d, heads = 2, 16, 24, 8, 4, 9
     layer = GatedPositionalAttention2d(C, C_out, 3, stride=stride, qk_dim=d)
     with torch.no_grad():
         layer.set_attention_values(content_gate=0.5)
     Nq, N = (H // stride) ** 2, H * H
-    per_sample = C_out * C * heads * Nq + heads * d * C * 2 * N + heads * Nq * N * (d + C)
+    per_sample = C_out * C * heads * Nq + heads * d * C * (Nq + N) + heads * Nq * N * (d + C)
     expected = 2 * B * per_sample
     x = torch.randn(B, C, H, H)
     for grad_enabled in (True, False):
