@@ -1,8 +1,9 @@
 """ The attention layer: gated positional self-attention that starts as an exact convolution.
 
-Dependencies run one way inside the package: `numerics` <- `positional`, `functions` <- `gated_attention`;
-`config` holds the process-wide choice of computation, `reference` the plain definition every path is tested
-against, `inference` what the layer reuses between inference calls.
+Dependencies run one way inside the package: `numerics` <- `positional` <- `positional_kernels` (Triton, imported
+only where the kernels run), `numerics` <- `functions` <- `gated_attention`; `config` holds the process-wide
+choices of computation, `reference` the plain definition every path is tested against, `inference` what the layer
+reuses between inference calls.
 """
 from .config import (
     ATTENTION_PATHS, attention_path, get_attention_path, positional_kernels_enabled, set_attention_path,
