@@ -77,24 +77,22 @@ def layers():
 def operations():
     """Operations of one training step and one inference call at ResNet-50-RS stage-4 shapes (7x7, and the strided
     14x14 -> 7x7), half the content gates closed (the op-count test's state): float32 NCHW, and bf16 autocast on
-    bf16 channels-last maps; on CPU's paths, and on the paths the layer takes on CUDA (queries projected at every
-    position, NCHW inference projected channels first), counted here on CPU tensors."""
+    bf16 channels-last maps; along the paths the layer takes on CUDA, where the kernels run (queries projected at
+    every position, NCHW inference projected channels first), counted here on CPU tensors."""
     results = {}
-    for paths in ('cpu', 'cuda'):
-        for name, (channels, size, stride) in {'7x7': (512, 7, 1), '14x14 -> 7x7': (512, 14, 2)}.items():
-            generator = torch.Generator().manual_seed(0)
-            layer = conv_to_attention(nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.,
-                                      grad_floor=0.1)
-            if paths == 'cuda':
-                layer._queries_everywhere = lambda device: True
-                layer._channels_first_projection = lambda x: not x.is_contiguous(memory_format=torch.channels_last)
-            x = torch.randn(2, channels, size, size, generator=generator)
-            with torch.no_grad():
-                _spread_layer(layer, x, generator, 4., 0.5)
-            float32 = layer_step_ops(layer, x)
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                bf16 = layer_step_ops(layer, x.to(torch.bfloat16, memory_format=torch.channels_last))
-            results[f'{name}, {paths} paths'] = dict(float32=float32, bf16_channels_last=bf16)
+    for name, (channels, size, stride) in {'7x7': (512, 7, 1), '14x14 -> 7x7': (512, 14, 2)}.items():
+        generator = torch.Generator().manual_seed(0)
+        layer = conv_to_attention(nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.,
+                                  grad_floor=0.1)
+        layer._queries_everywhere = lambda device: True
+        layer._channels_first_projection = lambda x: not x.is_contiguous(memory_format=torch.channels_last)
+        x = torch.randn(2, channels, size, size, generator=generator)
+        with torch.no_grad():
+            _spread_layer(layer, x, generator, 4., 0.5)
+        float32 = layer_step_ops(layer, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = layer_step_ops(layer, x.to(torch.bfloat16, memory_format=torch.channels_last))
+        results[name] = dict(float32=float32, bf16_channels_last=bf16)
     return results
 
 
