@@ -382,7 +382,7 @@ class GatedPositionalAttention2d(nn.Module):
         return self.qk.weight.view(self.num_heads, 2, self.qk_dim, -1).unbind(1)
 
     def _qk_weight(self, heads: torch.Tensor) -> torch.Tensor:
-        """The joint projection's rows (`split_qk`'s layout) of `heads` (indices): (heads * 2 * d, C_in)."""
+        """The joint projection's rows of `heads` (indices), in its layout: (heads * 2 * d, C_in)."""
         return self.qk.weight.view(self.num_heads, -1, self.in_channels).index_select(0, heads).flatten(0, 1)
 
     def content_logits(self, x: torch.Tensor) -> torch.Tensor:
