@@ -144,17 +144,16 @@ def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     """(B, block * heads, N) attention positional + gate * probs in `dtype`, rows in the order the mixing GEMM
     reads."""
     B, heads, block, N = probs.shape
-    if dtype == torch.float16:  # values below its smallest normal set to 0 (`cast_without_subnormals`)
-        attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N))
-        return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
-    # float32 and bfloat16 share float32's range: written in `dtype` directly
-    attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=probs.new_empty(B, block, heads, N, dtype=dtype))
-    return attn.view(B, block * heads, N)
+    # float32 and bfloat16 share float32's range: written in `dtype` directly; float16 through float32, its values
+    # below float16's smallest normal set to 0 (`cast_without_subnormals`)
+    out = probs.new_empty(B, block, heads, N, dtype=torch.float32 if dtype == torch.float16 else dtype)
+    attn = torch.addcmul(positional, probs.transpose(1, 2), gate, out=out)
+    return cast_without_subnormals(attn, dtype).view(B, block * heads, N)
 
 
 class AttentionMix(torch.autograd.Function):
-    """The attention of every head built and applied in one function: maps x (B, C, H, W), query and key weights
-    (heads * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional attention
+    """The attention of every head built and applied in one function: maps x (B, C, H, W), the joint query and key
+    projection (heads * 2 * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional attention
     (`ClosedFormPositional` or `KernelPositional`) -> mixed (B, Nq, heads, C), `content_mix` of the positional
     attention and the content gates.
 
