@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import timm
 import timm_tcnn
-from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, _spread_layer, bench_models, bench_shapes, create_pair
+from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, spread_layer_state, bench_models, bench_shapes, create_pair
 from timm_tcnn.layers import GatedPositionalAttention2d, attention_path, positional_kernels_enabled, set_positional_kernels
 from timm_tcnn.layers.positional import ClosedFormPositional, cached_positional_tables
 from timm_tcnn.tools.op_count import layer_step_ops
@@ -48,7 +48,7 @@ def operations() -> Dict[str, Dict[str, int]]:
                                            gate_lr_scale=30., attention_block_bytes=512 * 2 ** 20)
         x = torch.randn(2, channels, size, size, generator=generator)
         with torch.no_grad():
-            _spread_layer(layer, x, generator, 4., 0.5)
+            spread_layer_state(layer, x, generator, 4., 0.5)
         forward, backward, inference = layer_step_ops(layer, x)
         out[name] = dict(train_forward=forward, train_backward=backward, inference=inference)
     return out

@@ -12,9 +12,9 @@ import torch.nn as nn
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import positional_kernels, set_positional_kernels
 from timm_tcnn.layers.positional import ClosedFormPositional, positional_tables, query_start
-from timm_tcnn.tools.bench import _spread_layer
+from timm_tcnn.tools.bench import spread_layer_state
 from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
-from test_fast_paths import fine_tuned_layer, grads, plain_forward
+from helpers import fine_tuned_layer, grads, plain_forward
 
 # kernel size, stride, height, width, 'same' padding, grad floor
 GEOMETRIES = [(3, 1, 5, 6, False, 0.1), (3, 2, 7, 6, True, 0.), (5, 1, 6, 5, False, 0.3), (3, 2, 1, 4, False, 0.1)]
@@ -88,7 +88,7 @@ def operations():
         layer._channels_first_projection = lambda x: not x.is_contiguous(memory_format=torch.channels_last)
         x = torch.randn(2, channels, size, size, generator=generator)
         with torch.no_grad():
-            _spread_layer(layer, x, generator, 4., 0.5)
+            spread_layer_state(layer, x, generator, 4., 0.5)
         float32 = layer_step_ops(layer, x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             bf16 = layer_step_ops(layer, x.to(torch.bfloat16, memory_format=torch.channels_last))

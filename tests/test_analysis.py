@@ -18,7 +18,7 @@ import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import GatedPositionalAttention2d, attention_layers, conv_to_attention
 from timm_tcnn.tools.analysis import AttentionAnalyzer, attention_maps, positional_offset_attention, query_positions
 from timm_tcnn.cli import main
-from conftest import randomize_batchnorm, relative_error
+from helpers import randomize_batchnorm, relative_error
 
 
 def tap_fraction_in_image(height: int, width: int, stride: int, tap) -> float:

@@ -10,7 +10,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 
 from timm_tcnn import GatedPositionalAttention2d, attention_to_conv, conv_to_attention
-from conftest import relative_error
+from helpers import relative_error
 
 SIZES = [(1, 1), (2, 2), (3, 3), (7, 7), (14, 14), (1, 7), (2, 14), (3, 7), (14, 3), (7, 2)]
 

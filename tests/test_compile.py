@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from timm_tcnn import conv_to_attention
-from conftest import relative_error
+from helpers import relative_error
 
 
 def small_tcnn() -> nn.Module:

@@ -11,7 +11,7 @@ from timm_tcnn import (
     GatedPositionalAttention2d, attention_layers, conv_stages, conv_to_attention, convert_cnn_state_dict,
     transform_cnn,
 )
-from conftest import randomize_batchnorm, relative_error
+from helpers import randomize_batchnorm, relative_error
 
 
 @pytest.mark.parametrize('model_name', ['resnet18', 'resnet50d', 'resnetrs50'])

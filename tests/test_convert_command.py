@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import timm_tcnn  # noqa: F401
 from timm_tcnn.cli import main
 from timm_tcnn.utils.hub import HubWeightsUnavailable
-from conftest import attention_path, relative_error
+from helpers import attention_path, relative_error
 
 
 def _reload_and_compare(out_dir, cnn):

@@ -16,7 +16,7 @@ from timm_tcnn.tools.experiment.report import compare
 from timm_tcnn.tools.relational_shapes import write_dataset
 from timm_tcnn.models.options import GATE_LR_SCALE
 
-from conftest import attention_path, randomize_batchnorm, relative_error
+from helpers import attention_path, randomize_batchnorm, relative_error
 
 STANDIN = Path(__file__).parent / 'standin_scripts'
 KWARGS = dict(layers=(1, 1, 1, 1))

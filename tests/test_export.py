@@ -7,7 +7,7 @@ import torch.nn as nn
 import timm_tcnn  # noqa: F401  (registers the models)
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.models.convert import attention_layers
-from conftest import relative_error
+from helpers import relative_error
 
 
 def open_gates(model: nn.Module) -> nn.Module:

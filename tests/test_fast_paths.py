@@ -6,50 +6,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.layers import default_block_bytes, reference_forward
+from timm_tcnn.layers import default_block_bytes
 from timm_tcnn.layers.functions import AttentionMix, MixGeometry, content_mix_reference
 from timm_tcnn.layers.positional import ClosedFormPositional, positional_mixing, positional_tables
-from conftest import relative_error
-
-# the layer's definition written plainly (`timm_tcnn.layers.reference`): unfolded one-hot taps, separable
-# Gaussian (`positional_attention`, checked against the dense definition in test_attention.py), content attention
-# by an explicit softmax over all keys, then the tap projection (within each group)
-plain_forward = reference_forward
-
-
-def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True, groups=1) -> GatedPositionalAttention2d:
-    layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias, groups=groups))
-    with torch.no_grad():
-        layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.9))
-        layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.1, 0.9))
-        layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
-        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn_like(layer.pos_center) * 0.3)
-        layer.qk.weight.normal_(std=0.3)
-    return layer
-
-
-def grads(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, target: torch.Tensor):
-    params = [x] + list(layer.parameters())
-    return torch.autograd.grad((out * target).sum(), params)
-
-
-def assert_same_grads(got, ref, tol: float = 1e-4):
-    for g, g_ref in zip(got, ref):
-        assert (g - g_ref).abs().max() <= tol * g_ref.abs().max().clamp_min(1e-6), (g, g_ref)
-
-
-def assert_matches_plain_reference(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output and gradients (autograd path) and its inference output equal `plain_forward`'s;
-    returns the reference output. `x` requires grad."""
-    ref, out = plain_forward(layer, x), layer(x)
-    assert out.shape == ref.shape
-    assert relative_error(out, ref) <= 1e-5
-    target = torch.randn_like(ref)
-    assert_same_grads(grads(layer, x, out, target), grads(layer, x, ref, target))
-    with torch.no_grad():
-        assert relative_error(layer(x), ref) <= 1e-5
-    return ref
-
+from helpers import assert_matches_plain_reference, assert_same_grads, fine_tuned_layer, grads, plain_forward, relative_error
 
 @pytest.mark.parametrize('kernel_size,stride,bias', [(3, 1, True), (3, 2, False), (5, 1, False), (5, 2, True)])
 @pytest.mark.parametrize('size', [(7, 7), (6, 9), (1, 4), (2, 2)])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import RATE_SCALED_PARAMS
 
-from conftest import attention_path, relative_error
+from helpers import attention_path, relative_error
 
 
 @pytest.mark.parametrize('scale', [0.5, 1., 30., 1000.])

@@ -6,7 +6,7 @@ import torch.nn as nn
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import GatedPositionalAttention2d
 from timm_tcnn.layers.positional import TABLES
-from conftest import relative_error
+from helpers import relative_error
 
 
 def open_layer(stride: int = 1) -> GatedPositionalAttention2d:

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 import timm_tcnn  # registers the models
 from timm.models import get_pretrained_cfg
 from timm_tcnn import attention_layers
-from conftest import attention_path, relative_error
+from helpers import attention_path, relative_error
 
 DEPTHS = (50, 101, 152, 200, 270, 350, 420)
 RESNETRS = [f'tcnn_resnet{d}rs' for d in DEPTHS]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from timm_tcnn.tools.bench import LAYER_SHAPES, _spread_layer
+from timm_tcnn.tools.bench import LAYER_SHAPES, spread_layer_state
 from timm_tcnn.layers import GatedPositionalAttention2d, default_block_bytes, set_positional_kernels
 from timm_tcnn.layers.positional import TABLES
 from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
@@ -37,7 +37,7 @@ def test_operations_per_layer(name, setting):
     layer = spread_layer(name)
     x = torch.randn(2, channels, size, size, generator=generator)
     with torch.no_grad():
-        _spread_layer(layer, x, generator, 4., 0.5)
+        spread_layer_state(layer, x, generator, 4., 0.5)
     assert 0 < int((layer.content_share() > 0).sum()) < layer.num_heads  # open and closed heads
     precision = setting.split()[0]
     if setting.endswith('channels-last'):

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import attention_path, get_attention_path, reference_forward, set_attention_path
-from conftest import relative_error
+from helpers import relative_error
 
 
 def layer_with_heads(heads: str, stride: int, grad_floor: float) -> nn.Module:

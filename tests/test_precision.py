@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import timm_tcnn  # noqa: F401  (registers the models)
 from timm_tcnn import conv_to_attention
 from timm_tcnn.models.convert import attention_layers
-from conftest import randomize_batchnorm, relative_error
+from helpers import randomize_batchnorm, relative_error
 
 TEST_SIZE = 64
 FP16_MAX = torch.finfo(torch.float16).max

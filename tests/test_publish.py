@@ -34,7 +34,7 @@ from timm_tcnn.models.published import (
     unregister_published_weights,
 )
 from timm_tcnn.models.variants import conversion_options
-from conftest import randomize_batchnorm, relative_error
+from helpers import randomize_batchnorm, relative_error
 
 REPO_ID = 'acme/tcnn_resnet50rs.ft_test'
 ARCHS = [f'tcnn_resnet{d}rs' for d in (50, 101, 152, 200, 270, 350, 420)]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import randomize_batchnorm
+from helpers import randomize_batchnorm
 from timm_tcnn.cli import main
 from timm_tcnn.tools.robustness import (
     ALEXNET_ERRORS, CORRUPTIONS, CorruptImage, imagenet_class_to_idx, masked_predictions, scan_imagenet_c, subset_indices,

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import functions as functions_module
-from test_fast_paths import assert_matches_plain_reference
+from helpers import assert_matches_plain_reference
 
 
 def count_subnormals(t: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ from timm.optim import create_optimizer_v2
 
 import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import attention_layers
-from conftest import randomize_batchnorm
+from helpers import randomize_batchnorm
 
 MODEL = 'tcnn_resnet50rs'
 MODEL_ARGS = dict(layers=(1, 1, 2, 2), channels=(32, 64, 128, 256), tcnn_stages=(3, 4))

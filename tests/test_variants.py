@@ -13,7 +13,7 @@ from timm_tcnn import TcnnOptions, attention_layers, tcnn_class, transform_cnn
 from timm_tcnn.models.state_dicts import checkpoint_options, describe_mismatch
 from timm_tcnn.errors import InputError
 from timm_tcnn.utils.hub import HubWeightsUnavailable
-from conftest import OfflineHub, attention_path, randomize_batchnorm, relative_error
+from helpers import OfflineHub, attention_path, randomize_batchnorm, relative_error
 
 RESNETRS = {f'tcnn_resnet{d}rs' for d in (50, 101, 152, 200, 270, 350, 420)}  # covered in test_models.py
 # full-size CNNs take 5-25 s each on 2 CPU cores: the default run keeps one per family, grouped and depthwise included

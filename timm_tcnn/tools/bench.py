@@ -188,8 +188,9 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> List[Tuple[GatedPosition
 
 
 @torch.no_grad()
-def _spread_layer(layer: GatedPositionalAttention2d, x: torch.Tensor, generator: torch.Generator,
-                  logit_std: float, closed_share: float) -> None:
+def spread_layer_state(layer: GatedPositionalAttention2d, x: torch.Tensor, generator: torch.Generator,
+                       logit_std: float, closed_share: float) -> None:
+    """One layer in the `spread` state (`spread_state`), its content logits of std `logit_std` on input `x`."""
     heads = layer.num_heads
     alpha = torch.linspace(math.log(0.25), math.log(4.), heads).exp()
     alpha[heads // 2] = 1.  # the conversion value
@@ -226,7 +227,7 @@ def spread_state(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, img_size, img_size, generator=generator)
     for layer, layer_input in _layer_inputs(model, x):
-        _spread_layer(layer, layer_input, generator, logit_std, closed_share)
+        spread_layer_state(layer, layer_input, generator, logit_std, closed_share)
     return model.eval()
 
 
@@ -500,7 +501,7 @@ def bench_shapes(
         layer = conv_to_attention(conv, gate_lr_scale=GATE_LR_SCALE, grad_floor=GRAD_FLOOR)  # as in T-CNNs
         x = torch.randn(batch_size, channels, size, size, generator=generator)
         if state == 'spread':
-            _spread_layer(layer, x, generator, logit_std=4., closed_share=0.5)
+            spread_layer_state(layer, x, generator, logit_std=4., closed_share=0.5)
         else:
             _open_attention(layer, 0.3, 0.5, 0.1, generator)
         layer.eval()
