@@ -4,7 +4,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from .report import curve_order, curve_stats
+from .curves import curve_order, curve_stats
 from .spec import ExperimentSpec
 
 __all__ = ['write_figures']

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...utils.io import atomic_write
+from .curves import CURVE_TITLES, curve_order, curve_stats, mean_std
+from .figures import write_figures
 from .parts import chance_levels, load_image_groups, load_label_parts, part_hits
 from .predictions import correct
 from .runner import ExperimentState, spec_json
@@ -138,11 +140,6 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
     )
 
 
-def _mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
-    return dict(mean=statistics.fmean(values) if values else None,
-                std=statistics.stdev(values) if len(values) > 1 else None, n=len(values))
-
-
 def _image_error(hits: Dict[str, List[List[int]]], means: Dict[str, float], images: Optional[int],
                  arms: Tuple[str, str]) -> Tuple[Optional[float], str]:
     """The evaluation set's sampling error of the mean paired difference (points) and how it was obtained."""
@@ -175,8 +172,8 @@ def compare(runs: Dict[str, Dict[str, Any]], seeds: Sequence[int], arms: Tuple[s
         values = {arm: {s: runs[run_name(arm, s)]['metrics'].get(metric) for s in present} for arm in arms}
         paired_seeds = [s for s in present if values[a][s] is not None and values[b][s] is not None]
         paired = [values[a][s] - values[b][s] for s in paired_seeds]
-        diff = _mean_std(paired)
-        stats = {arm: _mean_std([v for v in values[arm].values() if v is not None]) for arm in arms}
+        diff = mean_std(paired)
+        stats = {arm: mean_std([v for v in values[arm].values() if v is not None]) for arm in arms}
         hits = {arm: [runs[run_name(arm, s)].get('hits', {}).get(metric) for s in paired_seeds] for arm in arms}
         hits = {arm: h if h and all(x is not None for x in h) else [] for arm, h in hits.items()}
         se_images, method = _image_error(hits, {arm: stats[arm]['mean'] for arm in arms}, images, arms)
@@ -259,35 +256,12 @@ def training_times(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> Dic
     before = spec.scratch.cnn_seconds if spec.scratch else None
     times = {}
     for arm in spec.arms:
-        seconds = _mean_std([r['seconds'] for r in runs.values() if r['arm'] == arm and r['seconds'] is not None])
+        seconds = mean_std([r['seconds'] for r in runs.values() if r['arm'] == arm and r['seconds'] is not None])
         prior = None if arm == 'scratch' else before
         total = None if seconds['mean'] is None else seconds['mean'] + (prior or 0.)
         times[arm] = dict(train_seconds=seconds, before_seconds=prior, route_seconds=total,
                           route_device_hours=None if total is None else total * spec.nproc / 3600)
     return times
-
-
-CURVE_TITLES = {
-    'validation_top1': "train.py's own validation top-1 (%, its recipe's preprocessing)",
-    'top1': "top-1 (%) at the test size (validate.py's preprocessing)",
-    'content_share': 'mean content share over heads',
-}
-
-
-def curve_order(key: str) -> Tuple[int, str]:
-    """Curves in reading order: the top-1 curves, the label parts and groups, the content share."""
-    return (0 if key in ('validation_top1', 'top1') else 2 if key == 'content_share' else 1, key)
-
-
-def curve_stats(runs: Dict[str, Dict[str, Any]], arm: str) -> Dict[str, Dict[int, Dict[str, Optional[float]]]]:
-    """{curve key: {epochs done: mean/std over seeds}} of an arm."""
-    values: Dict[str, Dict[int, List[float]]] = {}
-    for run in runs.values():
-        if run['arm'] == arm:
-            for done, row in run['curves'].items():
-                for key, value in row.items():
-                    values.setdefault(key, {}).setdefault(int(done), []).append(value)
-    return {key: {done: _mean_std(v) for done, v in sorted(epochs.items())} for key, epochs in values.items()}
 
 
 def _curve_lines(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -406,7 +380,6 @@ def _markdown(spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[str, A
 
 def write_report(spec: ExperimentSpec, state: ExperimentState) -> Dict[str, Any]:
     """Write `results.json`, the figures and `report.md` into the experiment folder; return the results."""
-    from .figures import write_figures
     results = collect_results(spec, state)
     images = next((r['images'] for r in results['runs'].values() if r['images']), None)
     tables = {arms: compare(results['runs'], spec.seeds, arms, images) for arms in comparisons(spec)}
