@@ -1,15 +1,20 @@
 """ Gated positional self-attention on NCHW maps, initialisable as an exact convolution.
 
-A KxK convolution with padding K // 2 is multi-head self-attention with one head per kernel tap
-(Cordonnier et al., ICLR 2020): head h attends, one-hot, to the pixel at its tap offset D_h from
+A KxK convolution with dilation r and padding r * (K // 2) is multi-head self-attention with one head per
+kernel tap (Cordonnier et al., ICLR 2020): head h attends, one-hot, to the pixel at its tap offset r * D_h from
 the query (a zero token when that pixel lies outside the image) and projects what it reads with
 the tap's C_out x C_in slice of the kernel. `GatedPositionalAttention2d` keeps that structure and
 adds, per head, what attention can learn and a convolution cannot:
 
     A_h = (1 - g_h) * P_h + g_h * S_h(x)                        (content gate g_h)
-    P_h = (1 - l_h) * onehot(D_h) + l_h * gauss(alpha_h, c_h)   (locality gate l_h)
+    P_h = (1 - l_h) * onehot(r D_h) + l_h * gauss(alpha_h, c_h) (locality gate l_h)
     S_h = softmax(q_h(x) k_h(x)^T / sqrt(d))                    (content attention)
     y   = bias + sum_h W[:, :, D_h] . (x A_h^T)
+
+with the Gaussian separable over the key's offset (dy, dx) from the query, in pixels:
+gauss(alpha, c)[q, k] = G(dy; c_0) G(dx; c_1), G(o; c) = exp(-alpha (o - c)^2) / sum_o' exp(-alpha (o' - c)^2)
+with o' over every offset -(size - 1) ... size - 1 of that dimension (keys outside the image are zero tokens, so
+rows of border queries sum to less than 1), and the centre c_h starting at r * D_h.
 
 Both gates start at exactly 0, so a freshly converted layer *is* the convolution. They are
 clamped to [0, 1] with a straight-through gradient: the forward pass sees the clamped value, the
@@ -81,7 +86,7 @@ class GatedPositionalAttention2d(nn.Module):
     """Gated positional self-attention with the interface of an `nn.Conv2d`.
 
     Input (B, C_in, H, W), output (B, C_out, H_out, W_out) with H_out = ceil(H / stride), exactly as
-    a KxK convolution with `groups` groups and padding K // 2 (or, with `same_padding`, TF 'SAME'
+    a KxK convolution with `groups` groups, `dilation` and padding dilation * (K // 2) (or, with `same_padding`, TF 'SAME'
     padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so
     the queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head
     reads the full-width input, and its tap's slice of the grouped kernel projects it group by group
@@ -105,8 +110,9 @@ class GatedPositionalAttention2d(nn.Module):
     changes speed only, never the result. `inference_cache_bytes` bounds what the layer keeps between
     inference calls (`inference.py`).
 
-    Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, K // 2, 1, groups)`
-    (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride))` without padding).
+    Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, dilation * (K // 2), dilation,
+    groups)` (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride), (dilation,
+    dilation))` without padding).
     """
     __jit_ignored_attributes__ = ['_plans']  # eager inference only
     __jit_unused_properties__ = ['inference_cache_bytes']
@@ -119,6 +125,7 @@ class GatedPositionalAttention2d(nn.Module):
             stride: int = 1,
             bias: bool = True,
             groups: int = 1,
+            dilation: int = 1,
             same_padding: bool = False,
             qk_dim: int = 32,
             qk_init_std: float = 0.02,
@@ -136,6 +143,8 @@ class GatedPositionalAttention2d(nn.Module):
             raise ValueError(f'kernel_size must be odd, got {kernel_size}.')
         if stride not in (1, 2):
             raise ValueError(f'stride must be 1 or 2, got {stride}.')
+        if dilation < 1:
+            raise ValueError(f'dilation must be >= 1, got {dilation}.')
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f'groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.')
         if locality_init <= 0:
@@ -153,7 +162,8 @@ class GatedPositionalAttention2d(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.padding = kernel_size // 2
+        self.dilation = dilation
+        self.padding = dilation * (kernel_size // 2)
         self.groups = groups
         self.same_padding = same_padding
         self.num_heads = kernel_size * kernel_size
@@ -177,8 +187,8 @@ class GatedPositionalAttention2d(nn.Module):
     # ---- parameters, conversion and state dicts
 
     def tap_offsets(self) -> torch.Tensor:
-        """(heads, 2) offset (rows, cols) of each head's kernel tap from the query, row-major."""
-        taps = torch.arange(self.kernel_size, device=self.pos_center.device) - self.padding
+        """(heads, 2) offset (rows, cols) of each head's kernel tap from the query, row-major: dilation x D_h."""
+        taps = (torch.arange(self.kernel_size, device=self.pos_center.device) - self.kernel_size // 2) * self.dilation
         rows, cols = torch.meshgrid(taps, taps, indexing='ij')
         return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
 
@@ -311,14 +321,15 @@ class GatedPositionalAttention2d(nn.Module):
     def query_start(self, height: int, width: int) -> Tuple[int, int]:
         """Input position (row, col) of the first query: the query of output (i, j) sits at start + stride * (i, j).
 
-        (0, 0) with padding K // 2; with TF 'SAME' padding, K // 2 minus the zeros before each dimension.
+        (0, 0) with padding dilation * (K // 2); with TF 'SAME' padding, that minus the zeros before each dimension.
         """
-        k, s, same = self.kernel_size, self.stride, self.same_padding
-        return query_start(height, k, s, same), query_start(width, k, s, same)
+        k, s, same, d = self.kernel_size, self.stride, self.same_padding, self.dilation
+        return query_start(height, k, s, same, d), query_start(width, k, s, same, d)
 
     def _tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return positional_tables(self.kernel_size, self.stride, height, width, self.same_padding, device)
+            return positional_tables(
+                self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation)
         return self._cached_tables(height, width, device)
 
     @torch.jit.unused
@@ -327,7 +338,8 @@ class GatedPositionalAttention2d(nn.Module):
         run and agree with the closed form (`config.py`), else the closed form."""
         if positional_kernels_enabled(device):
             from .positional_kernels import checked_kernels  # imports Triton
-            kernels = checked_kernels(self.kernel_size, self.stride, height, width, self.same_padding, device)
+            kernels = checked_kernels(
+                self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation)
             if kernels is not None:
                 return kernels
         return ClosedFormPositional(self._tables(height, width, device))
@@ -335,7 +347,7 @@ class GatedPositionalAttention2d(nn.Module):
     @torch.jit.unused
     def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         return cached_positional_tables(
-            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device)
+            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device, self.dilation)
 
     def _block(self, batch: int, height: int, width: int, device: torch.device) -> int:
         """Queries per block: the float32 attention of a block stays within `attention_block_bytes`."""
@@ -626,12 +638,13 @@ class GatedPositionalAttention2d(nn.Module):
     def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution the layer equals while both gates are 0."""
         if self.same_padding:
-            x = pad_same(x, [self.kernel_size] * 2, [self.stride] * 2)
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+            x = pad_same(x, [self.kernel_size] * 2, [self.stride] * 2, [self.dilation] * 2)
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         groups = f', groups={self.groups}' if self.groups > 1 else ''
+        groups += f', dilation={self.dilation}' if self.dilation > 1 else ''
         same = ', padding=same' if self.same_padding else ''
         return (
             f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}{groups}'

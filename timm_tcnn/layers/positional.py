@@ -46,19 +46,20 @@ class PositionalTables(NamedTuple):
     cols: Tuple[int, int]
 
 
-def same_pad_before(size: int, kernel_size: int, stride: int) -> int:
+def same_pad_before(size: int, kernel_size: int, stride: int, dilation: int = 1) -> int:
     """Zeros TF 'SAME' padding puts before a dimension of `size` (timm's `pad_same`: the smaller half)."""
     out = (size - 1) // stride + 1
-    return max((out - 1) * stride + kernel_size - size, 0) // 2
+    return max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0) // 2
 
 
-def query_start(size: int, kernel_size: int, stride: int, same_padding: bool) -> int:
+def query_start(size: int, kernel_size: int, stride: int, same_padding: bool, dilation: int = 1) -> int:
     """Input position of the first query along a dimension: the query of output i sits at start + stride * i.
 
-    0 with padding K // 2; with TF 'SAME' padding, K // 2 minus the zeros before the dimension."""
+    0 with padding dilation * (K // 2); with TF 'SAME' padding, dilation * (K // 2) minus the zeros before the
+    dimension."""
     if not same_padding:
         return 0
-    return kernel_size // 2 - same_pad_before(size, kernel_size, stride)
+    return dilation * (kernel_size // 2) - same_pad_before(size, kernel_size, stride, dilation)
 
 
 def _relative(
@@ -71,13 +72,13 @@ def _relative(
 
 
 def _dimension_tables(
-        size: int, out_size: int, kernel_size: int, stride: int, start: int, device: torch.device,
+        size: int, out_size: int, kernel_size: int, stride: int, dilation: int, start: int, device: torch.device,
         dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Along one dimension: one-hot taps (K, out_size, size), offsets of the keys from the queries (out_size *
-    size,) and every offset of the normalisation (2 * size - 1,)."""
+    """Along one dimension: one-hot taps (K, out_size, size) at dilation * (t - K // 2), offsets of the keys from
+    the queries (out_size * size,) and every offset of the normalisation (2 * size - 1,)."""
     rel = _relative(size, out_size, stride, start, device, dtype)
-    taps = torch.arange(kernel_size, device=device, dtype=dtype) - kernel_size // 2
+    taps = (torch.arange(kernel_size, device=device, dtype=dtype) - kernel_size // 2) * dilation
     onehot = (rel[None] == taps[:, None, None]).to(dtype)
     return onehot, rel.flatten(), torch.arange(1 - size, size, device=device, dtype=dtype)
 
@@ -91,15 +92,18 @@ def positional_tables(
         device: torch.device = torch.device('cpu'),
         dtype: torch.dtype = torch.float32,
         far: float = 1e15,
+        dilation: int = 1,
 ) -> PositionalTables:
     """The shape-dependent constants of the positional attention (see `PositionalTables`), in `dtype`
     (float32 in the layer; float64 for gradient checks). Padding offsets are `far`: their Gaussian weight is
     exactly 0 for every alpha > 1e-20."""
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
     row_onehot, row_rel, row_norm = _dimension_tables(
-        height, out_h, kernel_size, stride, query_start(height, kernel_size, stride, same_padding), device, dtype)
+        height, out_h, kernel_size, stride, dilation,
+        query_start(height, kernel_size, stride, same_padding, dilation), device, dtype)
     col_onehot, col_rel, col_norm = _dimension_tables(
-        width, out_w, kernel_size, stride, query_start(width, kernel_size, stride, same_padding), device, dtype)
+        width, out_w, kernel_size, stride, dilation,
+        query_start(width, kernel_size, stride, same_padding, dilation), device, dtype)
     length = max(row_rel.numel(), col_rel.numel()) + max(row_norm.numel(), col_norm.numel())
     offsets = torch.full((2, length), far, device=device, dtype=dtype)
     offsets[0, :row_rel.numel()] = row_rel
@@ -126,13 +130,14 @@ TABLES = BoundedCache(256 * 2 ** 20)
 @torch.compiler.assume_constant_result
 def cached_positional_tables(
         kernel_size: int, stride: int, height: int, width: int, same_padding: bool, device: torch.device,
+        dilation: int = 1,
 ) -> PositionalTables:
     """`positional_tables`, built once per shape and device in eager code (constants, never written to) and kept
     in `TABLES`, least recently used evicted beyond its byte budget."""
-    key = (kernel_size, stride, height, width, same_padding, device)
+    key = (kernel_size, stride, height, width, same_padding, device, dilation)
     tables = TABLES.get(key)
     if tables is None:
-        tables = positional_tables(kernel_size, stride, height, width, same_padding, device)
+        tables = positional_tables(kernel_size, stride, height, width, same_padding, device, dilation=dilation)
         TABLES.put(key, tables, sum(t.numel() * t.element_size() for t in tables[:4]))
     return tables
 

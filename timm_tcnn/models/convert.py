@@ -40,13 +40,15 @@ def check_convertible(conv: nn.Module, name: str = 'conv') -> None:
     reasons = []
     if k_h != k_w or k_h % 2 == 0:
         reasons.append(f'kernel {k_h}x{k_w} is not square with an odd size')
-    if conv.dilation != (1, 1):
-        reasons.append(f'dilation={conv.dilation}')
+    d_h, d_w = conv.dilation
+    if d_h != d_w:
+        reasons.append(f'dilation={conv.dilation} (only the same in both directions)')
     if conv.stride not in ((1, 1), (2, 2)):
         reasons.append(f'stride={conv.stride} (only 1 or 2 in both directions)')
-    symmetric = conv.padding == (k_h // 2, k_w // 2) or conv.padding == 'same'
+    symmetric = conv.padding == (d_h * (k_h // 2), d_w * (k_w // 2)) or conv.padding == 'same'
     if not reasons and not (symmetric or _same_padding(conv)):
-        reasons.append(f'padding={conv.padding} (only kernel_size // 2 = {k_h // 2}, or TF "same")')
+        reasons.append(f'padding={conv.padding} (only dilation * (kernel_size // 2) = {d_h * (k_h // 2)}, '
+                       f'or TF "same")')
     if conv.padding_mode != 'zeros':
         reasons.append(f'padding_mode={conv.padding_mode!r} (only zeros)')
     if reasons:
@@ -56,7 +58,8 @@ def check_convertible(conv: nn.Module, name: str = 'conv') -> None:
 def conv_to_attention(conv: nn.Conv2d, name: str = 'conv', **layer_kwargs: Any) -> GatedPositionalAttention2d:
     """Build a `GatedPositionalAttention2d` computing exactly what `conv` computes.
 
-    `conv` is an `nn.Conv2d` (any `groups`, padding K // 2 or 'same') or timm's `Conv2dSame`.
+    `conv` is an `nn.Conv2d` (any `groups` and dilation, padding dilation * (K // 2) or 'same') or timm's
+    `Conv2dSame`.
     `layer_kwargs` are the attention options (`qk_dim`, `qk_init_std`, `locality_init`). The new layer
     lives on `conv`'s device and dtype and copies its weight and bias.
     """
@@ -69,6 +72,7 @@ def conv_to_attention(conv: nn.Conv2d, name: str = 'conv', **layer_kwargs: Any) 
         stride=conv.stride[0],
         bias=conv.bias is not None,
         groups=conv.groups,
+        dilation=conv.dilation[0],
         same_padding=_same_padding(conv),
         device=weight.device,
         dtype=weight.dtype,
@@ -101,6 +105,7 @@ def convolution_of(layer: GatedPositionalAttention2d) -> nn.Conv2d:
         layer.kernel_size,
         stride=layer.stride,
         padding=0 if layer.same_padding else layer.padding,
+        dilation=layer.dilation,
         groups=layer.groups,
         bias=layer.bias is not None,
         device=weight.device,
