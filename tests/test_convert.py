@@ -57,7 +57,8 @@ def test_state_dict_converter_and_strict_loading_of_cnn_weights():
 
 @pytest.mark.parametrize('conv,reason', [
     (StdConv2d(4, 4, 3, padding=1), 'StdConv2d is not nn.Conv2d'),
-    (nn.Conv2d(4, 4, 3, padding=2, dilation=2), 'dilation'),
+    (nn.Conv2d(4, 4, 3, padding=(2, 1), dilation=(2, 1)), 'dilation=(2, 1)'),
+    (nn.Conv2d(4, 4, 3, padding=1, dilation=2), 'padding=(1, 1)'),
     (nn.Conv2d(4, 4, 2, padding=1), 'kernel 2x2'),
     (nn.Conv2d(4, 4, 3, padding=0), 'padding=(0, 0)'),
     (nn.Conv2d(4, 4, 3, stride=3, padding=1), 'stride=(3, 3)'),
@@ -77,21 +78,22 @@ def test_transform_cnn_errors_and_skip():
     dilated = timm.create_model('resnet18', output_stride=8)  # layer3 and layer4 are dilated, at reduction 8
     with pytest.raises(ValueError, match=r'has no stage \[4\]: its stages are \[0, 1, 2\]'):
         transform_cnn(dilated, stages=(4,))
-    strided_and_dilated = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    strided_and_reflect = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
     with pytest.raises(ValueError, match=r'No convertible convolution'):
-        transform_cnn(strided_and_dilated, stages=0, convert_strided=False, unsupported='skip')
+        transform_cnn(strided_and_reflect, stages=0, convert_strided=False, unsupported='skip')
 
 
 def test_transform_cnn_is_all_or_nothing():
-    model = timm.create_model('resnet18', output_stride=16)  # stage 3: layer3 and layer4, mostly dilated
+    model = timm.create_model('resnet18')
+    model.layer4[1].conv2.padding_mode = 'reflect'  # one convolution without an exact attention form
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layer4\.0\.conv2: cannot convert .*dilation=\(2, 2\).*unsupported='skip'"):
-        transform_cnn(model, stages=(3,))
+    with pytest.raises(ValueError, match=r"layer4\.1\.conv2: cannot convert .*padding_mode.*unsupported='skip'"):
+        transform_cnn(model, stages=(4,))
     assert not list(attention_layers(model))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    transform_cnn(model, stages=(3,), unsupported='skip')
-    assert sorted(dict(attention_layers(model))) == [
-        'layer3.0.conv1', 'layer3.0.conv2', 'layer3.1.conv1', 'layer3.1.conv2', 'layer4.0.conv1']
+    transform_cnn(model, stages=(4,), unsupported='skip')
+    assert sorted(dict(attention_layers(model))) == ['layer4.0.conv1', 'layer4.0.conv2', 'layer4.1.conv1']
 
 
 def test_stages_follow_reduction_on_every_family():
