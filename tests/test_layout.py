@@ -1,13 +1,13 @@
 """ Where things live: the packages depend one way (cli -> tools -> weights -> models -> layers), nothing imports the
-command line, the old module paths still work (with a DeprecationWarning), and the wheel ships its data files. """
+command line, no two modules import each other (directly or around a loop, at module level or inside functions), and
+the wheel ships its data files. """
 import ast
-import importlib
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Dict, Iterator, List, Set, Tuple
 
-import pytest
 import torch
 
 import timm_tcnn
@@ -16,57 +16,95 @@ PACKAGE = Path(timm_tcnn.__file__).parent
 # a package may import only from itself, from packages to its right, and from the neutral modules
 ORDER = ('layers', 'models', 'weights', 'tools', 'cli')
 NEUTRAL = ('errors', 'version', 'utils')
-# deprecated module paths -> where they moved
-ALIASES = {
-    'attention': 'layers', 'convert': 'models.convert', 'options': 'models.options', 'variants': 'models.variants',
-    'published': 'models.published', 'analysis': 'tools.analysis', 'bench': 'tools.bench',
-    'op_count': 'tools.op_count', 'runner': 'tools.runner',
-}
 # entry points above every package: `python -m timm_tcnn`, and the package's public API
 ENTRY_POINTS = ('__main__', '__init__')
 
-
-def _modules():
-    for path in sorted(PACKAGE.rglob('*.py')):
-        parts = path.relative_to(PACKAGE).with_suffix('').parts
-        yield path, parts
+Module = Tuple[str, ...]  # a module below the package root: ('tools', 'experiment', 'report'); a package's __init__
+# is the package itself (('tools', 'experiment')), the root's own __init__ is ()
 
 
-def _imports(path: Path, parts):
-    """Absolute names (below timm_tcnn, as tuples) of the package modules a file imports, anywhere in it."""
-    package = parts[:-1]
+def _modules(root: Path = PACKAGE) -> Dict[Module, Path]:
+    """Every module below `root`, by its name."""
+    modules = {}
+    for path in sorted(root.rglob('*.py')):
+        parts = path.relative_to(root).with_suffix('').parts
+        modules[parts[:-1] if parts[-1] == '__init__' else parts] = path
+    return modules
+
+
+def _imports(module: Module, path: Path, modules: Dict[Module, Path], root_name: str) -> Iterator[Module]:
+    """The modules below the root that `module` (at `path`) imports, anywhere in it (at module level and inside
+    functions): relative imports, absolute ones under `root_name`, and `from PACKAGE import submodule`."""
+    package = module if path.name == '__init__.py' else module[:-1]
     for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - (node.level - 1)]
                 target = base + tuple(node.module.split('.')) if node.module else base
-            elif node.module and node.module.split('.')[0] == 'timm_tcnn':
+            elif node.module and node.module.split('.')[0] == root_name:
                 target = tuple(node.module.split('.')[1:])
             else:
                 continue
-            yield target if target else (node.names[0].name,)
+            for alias in node.names:
+                yield target + (alias.name,) if target + (alias.name,) in modules else target
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split('.')[0] == 'timm_tcnn':
-                    yield tuple(alias.name.split('.')[1:]) or ('__init__',)
+                if alias.name.split('.')[0] == root_name:
+                    yield tuple(alias.name.split('.')[1:])
+
+
+def _graph(root: Path) -> Dict[Module, Set[Module]]:
+    modules = _modules(root)
+    return {module: {t for t in _imports(module, path, modules, root.name) if t != module and t in modules}
+            for module, path in modules.items()}
+
+
+def import_cycles(root: Path) -> List[List[str]]:
+    """The import cycles between the modules of the package at `root`: each strongly connected set of two or more
+    modules of the import graph (Tarjan's algorithm), as sorted dotted names."""
+    graph = _graph(root)
+    index: Dict[Module, int] = {}
+    low: Dict[Module, int] = {}
+    stack: List[Module] = []
+    cycles = []
+
+    def visit(node: Module) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            members = []
+            while not members or members[-1] != node:
+                members.append(stack.pop())
+            if len(members) > 1:
+                cycles.append(sorted('.'.join((root.name, *m)) for m in members))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
 
 
 def test_packages_depend_one_way_and_nothing_imports_the_cli():
     bad = []
     checked = 0
-    for path, parts in _modules():
+    modules = _modules()
+    for module, path in modules.items():
+        parts = path.relative_to(PACKAGE).with_suffix('').parts
         owner = parts[0]
-        for target in _imports(path, parts):
+        if owner in ENTRY_POINTS and len(parts) == 1:
+            continue
+        for target in _imports(module, path, modules, 'timm_tcnn'):
             checked += 1
-            head = target[0]
+            head = target[0] if target else '__init__'
             where = f'{"/".join(parts)}.py imports timm_tcnn.{".".join(target)}'
-            if owner in ENTRY_POINTS and len(parts) == 1:
-                continue
             if head == 'cli' and owner != 'cli':
                 bad.append(f'{where}: only the command line imports the command line')
-            elif owner in ALIASES and len(parts) == 1:
-                if '.'.join(target) != ALIASES[owner] and target != tuple(ALIASES[owner].split('.')[:1]):
-                    bad.append(f'{where}: a deprecated alias imports only where its module moved')
             elif owner in NEUTRAL:
                 if head not in NEUTRAL:
                     bad.append(f'{where}: neutral modules import only neutral modules')
@@ -79,16 +117,42 @@ def test_packages_depend_one_way_and_nothing_imports_the_cli():
 
 
 def test_every_module_has_a_place():
-    places = set(ORDER) | set(NEUTRAL) | set(ALIASES) | set(ENTRY_POINTS)
-    assert {parts[0] for _, parts in _modules()} <= places
+    places = set(ORDER) | set(NEUTRAL) | set(ENTRY_POINTS)
+    assert {path.relative_to(PACKAGE).parts[0].removesuffix('.py') for path in _modules().values()} <= places
 
 
-@pytest.mark.parametrize('old', sorted(set(ALIASES) - {'attention'}))
-def test_deprecated_paths_are_the_moved_modules(old):
-    sys.modules.pop(f'timm_tcnn.{old}', None)
-    with pytest.warns(DeprecationWarning, match=f'timm_tcnn.{old}` moved to `timm_tcnn.{ALIASES[old]}'):
-        module = importlib.import_module(f'timm_tcnn.{old}')
-    assert module is importlib.import_module(f'timm_tcnn.{ALIASES[old]}')
+def test_no_import_cycle_between_modules():
+    assert sum(len(targets) for targets in _graph(PACKAGE).values()) > 100  # the graph holds the package's imports
+    assert not import_cycles(PACKAGE), import_cycles(PACKAGE)
+
+
+def _write_package(root: Path, files: Dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding='utf-8')
+    return root
+
+
+def test_the_cycle_check_finds_cycles_through_functions_packages_and_absolute_imports(tmp_path):
+    """A planted cycle is found whatever its shape; the same package without it has none."""
+    acyclic = {
+        '__init__.py': 'from .top import run\n',
+        'top.py': 'from .sub import f\n\n\ndef run():\n    from . import helpers\n',
+        'sub/__init__.py': 'from .low import f\n',
+        'sub/low.py': 'from ..helpers import os\n\n\ndef f():\n    pass\n',
+        'helpers.py': 'import os\n',
+    }
+    assert import_cycles(_write_package(tmp_path / 'acyclic' / 'pkg', acyclic)) == []
+    planted = {
+        'function_level': {'helpers.py': 'import os\n\n\ndef g():\n    from .top import run\n'},
+        'module_level': {'sub/low.py': 'from ..top import run\n'},
+        'absolute': {'helpers.py': 'import pkg.top\n'},
+        'submodule_of_a_package': {'helpers.py': 'from pkg import top\n'},
+    }
+    for kind, change in planted.items():
+        cycles = import_cycles(_write_package(tmp_path / kind / 'pkg', {**acyclic, **change}))
+        assert cycles == [['pkg.helpers', 'pkg.sub', 'pkg.sub.low', 'pkg.top']] or (
+            kind == 'module_level' and cycles == [['pkg.sub', 'pkg.sub.low', 'pkg.top']]), (kind, cycles)
 
 
 def test_importing_the_package_does_not_import_the_command_line():
@@ -129,13 +193,10 @@ def test_every_command_spells_options_one_way():
     devices = set()
     for name, parser in commands.items():
         flags = {flag: action for action in parser._actions for flag in action.option_strings}
-        assert '--output' not in parser.format_help(), name  # outputs are --out everywhere
+        assert '--output' not in flags, name  # outputs are --out everywhere, with no other spelling
         if '--device' in flags:
             devices.add(flags['--device'].default)
         for flag in ('--model-kwargs', '--compare-model-kwargs', '--tcnn-kwargs'):
             if flag in flags:
                 assert flags[flag].nargs == '*' and flags[flag].default == {}, (name, flag)
     assert len(devices) == 1  # one default device (cuda if available, else cpu)
-    robustness = commands['robustness']
-    assert robustness.parse_args(['m', '--output', 'old']).out == 'old'  # the former spelling, hidden
-    assert robustness.parse_args(['m', '--out', 'new']).out == 'new'

@@ -72,7 +72,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run = parser.add_argument_group('run')
     run.add_argument('--out', default='robustness-results', metavar='DIR',
                      help='results folder, resumed if it exists (default: ./robustness-results)')
-    run.add_argument('--output', dest='out', help=argparse.SUPPRESS)  # the former spelling
     run.add_argument('--batch-size', type=int, default=64)
     run.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
     add_device_arg(run)
