@@ -390,3 +390,17 @@ def test_non_finite_outputs_never_pass_an_identity_check():
         assert relative_error(ref, torch.tensor([bad_value, 1.])) == math.inf
     assert max(0., relative_error(torch.tensor([math.nan]), torch.tensor([1.]))) > 1e-4
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0
+
+
+def test_a_checkpoint_tells_its_query_key_width():
+    """`tcnn_qk_dim` is read from the joint projection `qk.weight` (heads * 2 * qk_dim rows), and a model of another
+    width is told which model kwargs rebuild the checkpoint."""
+    from timm_tcnn.models import checkpoint_options
+    tiny = dict(layers=(1, 1, 1, 1), num_classes=3)
+    saved = timm.create_model('tcnn_resnet50rs', tcnn_qk_dim=8, **tiny).state_dict()
+    other = timm.create_model('tcnn_resnet50rs', **tiny)
+    assert saved['layer4.0.conv2.qk.weight'].shape[0] == 9 * 2 * 8
+    assert checkpoint_options(saved, other)['tcnn_qk_dim'] == 8
+    assert checkpoint_options(other.state_dict(), other)['tcnn_qk_dim'] != 8
+    with pytest.raises(RuntimeError, match='Rebuild it with --model-kwargs tcnn_qk_dim=8'):
+        other.load_state_dict(saved)

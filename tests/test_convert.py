@@ -131,33 +131,3 @@ def test_transform_cnn_refuses_a_vision_transformer():
         transform_cnn(vit, stages=(4,))
     assert vit.state_dict().keys() == before.keys()
     assert all(torch.equal(vit.state_dict()[k], v) for k, v in before.items())
-
-
-def test_checkpoints_with_separate_query_and_key_load_joined():
-    """Checkpoints of version 0.2 hold `q.weight` and `k.weight` (heads * d, C) per layer: they load strictly into the
-    joint projection `qk.weight`, the model computes what it computed, and the options they tell are the same."""
-    from timm_tcnn.models import checkpoint_options
-    generator = torch.Generator().manual_seed(0)
-    tcnn = transform_cnn(timm.create_model('resnet18', num_classes=5), stages=(4,), qk_dim=8).eval()
-    for _, layer in attention_layers(tcnn):
-        with torch.no_grad():
-            layer.set_attention_values(content_gate=0.5, locality_gate=0.3)
-            layer.qk.weight.copy_(torch.randn(layer.qk.weight.shape, generator=generator))
-    x = torch.randn(2, 3, 64, 64, generator=generator)
-    ref = tcnn(x)
-    state = tcnn.state_dict()
-    separate = {}
-    for key, value in state.items():
-        if key.endswith('.qk.weight'):
-            prefix, heads = key[:-len('qk.weight')], 9
-            query, key_ = value.view(heads, 2, -1, value.shape[-1]).unbind(1)
-            separate[prefix + 'q.weight'], separate[prefix + 'k.weight'] = query.flatten(0, 1), key_.flatten(0, 1)
-        else:
-            separate[key] = value
-    assert not any(key.endswith('qk.weight') for key in separate)
-    fresh = transform_cnn(timm.create_model('resnet18', num_classes=5), stages=(4,), qk_dim=8).eval()
-    fresh.load_state_dict(separate, strict=True)
-    assert torch.equal(fresh(x), ref)
-    cnn = timm.create_model('resnet18')
-    assert checkpoint_options(separate, cnn) == checkpoint_options(state, cnn)
-    assert checkpoint_options(separate, cnn)['tcnn_qk_dim'] == 8

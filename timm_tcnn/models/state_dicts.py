@@ -14,8 +14,6 @@ __all__ = ['ATTENTION_PARAMS', 'attention_layer_names', 'checkpoint_options', 'f
 
 # the entries a converted layer holds beyond its convolution's `weight` and `bias`
 ATTENTION_PARAMS = (*RATE_SCALED_PARAMS, 'gate_lr_scale', 'qk.weight')
-# checkpoints of version 0.2 hold the query and key projections as two entries (the layer loads them joined)
-_SEPARATE_QUERY_KEY = ('q.weight', 'k.weight')
 
 
 def attention_layer_names(state_dict: Mapping[str, Any]) -> List[str]:
@@ -42,7 +40,8 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
 
     `num_classes` from the classifier; `tcnn_stages` from which of `model`'s spatial convolutions hold
     attention entries in the checkpoint, `tcnn_convert_strided` from whether the strided ones do, `tcnn_qk_dim`
-    from the shape of the query projection, `tcnn_gate_lr_scale` from the stored scale. A CNN checkpoint yields no `tcnn_*` key.
+    from the shape of the joint query-key projection `qk.weight` (heads * 2 * qk_dim, C), `tcnn_gate_lr_scale` from
+    the stored scale. A CNN checkpoint yields no `tcnn_*` key.
     """
     options: Dict[str, Any] = {}
     num_classes = _num_classes(state_dict, _classifier(model))
@@ -60,9 +59,7 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
     if strided:
         options['tcnn_convert_strided'] = any(name in converted for name in strided)
     heads = state_dict[f'{layers[0]}.weight'].shape[-1] ** 2
-    joint = state_dict.get(f'{layers[0]}.qk.weight')
-    rows = joint.shape[0] // 2 if joint is not None else state_dict[f'{layers[0]}.q.weight'].shape[0]
-    options['tcnn_qk_dim'] = int(rows) // heads
+    options['tcnn_qk_dim'] = int(state_dict[f'{layers[0]}.qk.weight'].shape[0]) // 2 // heads
     scale = state_dict.get(f'{layers[0]}.gate_lr_scale')
     if scale is not None:
         options['tcnn_gate_lr_scale'] = float(scale)
@@ -72,7 +69,7 @@ def checkpoint_options(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[
 def _cnn_signature(state_dict: Mapping[str, Any], classifier: Optional[str]) -> Dict[str, Tuple[int, ...]]:
     """Entry name -> shape, without the classifier and the attention-only entries."""
     converted = attention_layer_names(state_dict)
-    extra = {f'{layer}.{entry}' for layer in converted for entry in ATTENTION_PARAMS + _SEPARATE_QUERY_KEY}
+    extra = {f'{layer}.{entry}' for layer in converted for entry in ATTENTION_PARAMS}
     skip = (f'{classifier}.weight', f'{classifier}.bias') if classifier else ()
     return {k: tuple(v.shape) for k, v in state_dict.items() if k not in extra and k not in skip}
 

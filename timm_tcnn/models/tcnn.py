@@ -14,22 +14,20 @@ from typing import Any, Callable, Dict, Mapping, Set
 
 import torch
 import torch.nn as nn
-
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.layers import register_notrace_module
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg, list_pretrained,
-    model_entrypoint, register_model,
+    model_entrypoint, register_model, resolve_pretrained_cfg,
 )
-from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
 from ..layers import RATE_SCALED_PARAMS, GatedPositionalAttention2d
-from .state_dicts import describe_mismatch
-from .convert import attention_layers, transform_cnn
 from ..utils.hub import HubWeightsUnavailable, hub_unavailable_message, require_hub_weights
+from .convert import attention_layers, transform_cnn
 from .options import TcnnOptions
 from .published import PAPER_IDS, PAPER_NAME, published_cfgs
+from .state_dicts import describe_mismatch
 from .variants import VARIANTS, Variant
 
 __all__ = ['TcnnModel', 'TcnnResNet', 'tcnn_class', 'create_tcnn']
