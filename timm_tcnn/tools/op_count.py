@@ -2,12 +2,12 @@
 visible on any device. Counted: aten operations, and the layer's own kernels (`timm_tcnn::` operations, one launch
 each); views and allocations launch no kernel and are not counted. """
 import collections
-from typing import Callable, Counter, Tuple
+from typing import Counter, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['OpCounter', 'count_ops', 'layer_step_ops']
+__all__ = ['OpCounter', 'layer_step_ops']
 
 # allocations (no kernel), and aliases whose schemas do not declare them views
 _NOT_COUNTED = frozenset({
@@ -29,20 +29,14 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if func.namespace == 'timm_tcnn' or (func.namespace == 'aten' and name not in _NOT_COUNTED and not _is_view(func)):
+        counted = func.namespace == 'aten' and name not in _NOT_COUNTED and not _is_view(func)
+        if func.namespace == 'timm_tcnn' or counted:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
-
-
-def count_ops(fn: Callable[[], object]) -> OpCounter:
-    """Run `fn()` once under an `OpCounter` and return the counter."""
-    with OpCounter() as counter:
-        fn()
-    return counter
 
 
 def layer_step_ops(layer: torch.nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
