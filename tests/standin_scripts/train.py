@@ -6,7 +6,8 @@ for each epoch opens the content gates a little and writes `last.pth.tar`, `mode
 checkpoint layout) and a summary.csv row. Validation top-1 is a known function of model, seed and epoch:
 50 + seed + epoch for the CNN, 52 + 2 * seed + epoch for the T-CNN, 40 + seed + epoch for a model trained from
 scratch (neither --initial-checkpoint nor --pretrained). Fails when STANDIN_FAIL names the model.
-Records its command line in STANDIN_LOG (one JSON line per run).
+Records its command line in STANDIN_LOG (one JSON line per run) and, in STANDIN_TIMES, when it ran (a JSON line at its
+end: run, first epoch, start and end times, SLURM job id).
 """
 import argparse
 import ast
@@ -31,6 +32,7 @@ parser.add_argument('--model-kwargs', nargs='*', default=[])
 for name in ('--seed', '--checkpoint-hist', '--img-size', '--num-classes', '--epochs', '--batch-size'):
     parser.add_argument(name, type=int)
 args = parser.parse_args()
+started = time.time()
 if os.environ.get('STANDIN_LOG'):
     with open(os.environ['STANDIN_LOG'], 'a') as f:
         f.write(json.dumps(dict(script='train', argv=sys.argv[1:])) + '\n')
@@ -69,3 +71,7 @@ for epoch in range(start, epochs):
             writer.writeheader()
         writer.writerow(dict(epoch=epoch, train_loss=1.0, eval_loss=1.0, eval_top1=top1, eval_top5=100, lr=0.001))
     time.sleep(float(os.environ.get('STANDIN_EPOCH_SECONDS', '0')))
+if os.environ.get('STANDIN_TIMES'):
+    with open(os.environ['STANDIN_TIMES'], 'a') as f:
+        f.write(json.dumps(dict(script='train', run=args.experiment, start_epoch=start, started=started, ended=time.time(),
+                                job=os.environ.get('SLURM_JOB_ID'))) + '\n')

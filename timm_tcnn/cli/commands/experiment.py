@@ -2,7 +2,6 @@
 import argparse
 import hashlib
 import os
-import shlex
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -10,10 +9,8 @@ import timm
 from timm.data import ImageDataset
 
 from ...errors import InputError, WorkError
-from ...tools.experiment import (
-    ARMS, DEFAULT_ARMS, ExperimentSpec, build_steps, identity_check, predictions_step, run_steps, scratch_arm,
-    scratch_recipe_step, start_step, write_report,
-)
+from ...tools.experiment import ARMS, DEFAULT_ARMS, ExperimentSpec, build_steps, scratch_arm, write_report
+from ...tools.experiment.launchers import LAUNCHERS, LocalLauncher
 from ...tools.experiment.parts import load_label_parts
 from ...tools.experiment.recipes import DEFAULT_RECIPE, recipe_path
 from ...utils.hub import require_hub_weights
@@ -58,6 +55,8 @@ examples:
   timm-tcnn experiment --model tcnn_resnet18 --data-dir DATA --cnn-checkpoint run/checkpoint-3.pth.tar \\
       --config examples/relational_shapes_ft.yaml --arms tcnn cnn scratch --out runs/partial
   timm-tcnn experiment ... --dry-run        # print every command, run nothing
+  timm-tcnn experiment ... --launcher slurm --nproc 16 --slurm partition=gpu nodes=2 gpus_per_node=8 \
+      cpus_per_task=10 timeout_min=1440 'setup=source ~/venv/bin/activate'    # every run a SLURM job (docs/cluster.md)
 
 Arguments after `--` go to train.py unchanged (both arms).
 """
@@ -103,7 +102,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     robust.add_argument('--corruptions', nargs='+', default=[], metavar='NAME', help='default: the 15 of ImageNet-C')
     robust.add_argument('--severities', nargs='+', type=int, default=[], metavar='S', help='default: 1..5')
     parser.add_argument('--analyze-images', type=int, default=32, help='validation images for the attention analysis')
-    parser.add_argument('--dry-run', action='store_true', help='print every command and run nothing')
+    parser.add_argument('--dry-run', action='store_true', help='print every command (and SLURM job) and run nothing')
+    cluster = parser.add_argument_group('cluster (docs/cluster.md)')
+    cluster.add_argument('--launcher', choices=LAUNCHERS, default='local',
+                         help='local: every step here, one after another; slurm: every run a SLURM job through '
+                              'submitit, independent runs at once (default: local)')
+    cluster.add_argument('--slurm', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                         help="submitit's SlurmExecutor parameters of every job, e.g. partition=gpu nodes=2 "
+                              'gpus_per_node=8 cpus_per_task=10 mem_gb=400 timeout_min=1440 account=... qos=... '
+                              "constraint=... 'setup=module load cuda' (repeatable)")
+    cluster.add_argument('--no-wait', action='store_true',
+                         help='submit the jobs and return (a rerun attaches to them and writes the report)')
     parser.add_argument('train_args', nargs='*', metavar='-- TRAIN_ARGS', help='passed to train.py unchanged')
     parser.set_defaults(func=run)
 
@@ -236,17 +245,26 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
     return spec, classes != start_classes
 
 
+def _launcher(args: argparse.Namespace):
+    """The launcher the command runs the steps with, its options checked."""
+    if args.launcher == 'local':
+        refuse_unused({'--slurm': bool(args.slurm), '--no-wait': args.no_wait}, '--launcher slurm')
+        return LocalLauncher()
+    from ...tools.experiment.slurm import SlurmLauncher, parse_parameters  # needs the cluster extra
+    return SlurmLauncher(parse_parameters(args.slurm), wait=not args.no_wait)
+
+
 def run(args: argparse.Namespace) -> int:
+    launcher = _launcher(args)
     spec, transfer = _spec(args)
+    launcher.check(spec)
     steps = build_steps(spec, transfer=transfer)
     if args.dry_run:
-        for step in steps:
-            command = shlex.join(step.argv) if step.argv else f'(in process: {step.kind} check)'
-            print(f'# {step.key}\n{command}')
+        print('\n'.join(launcher.plan(spec, steps)))
         return 0
-    in_process = {'identity': identity_check, 'start': start_step, 'predictions': predictions_step,
-                  'scratch-recipe': scratch_recipe_step}
-    state = run_steps(spec, steps, in_process, record_weights=load_label_parts(spec.data_dir) is not None)
+    state = launcher.run(spec, steps, record_weights=load_label_parts(spec.data_dir) is not None)
+    if state is None:  # the jobs keep running on the cluster
+        return 130 if launcher.interrupted else 0
     write_report(spec, state)
     print(f'report: {spec.root / "report.md"}')
     failed = [k for k, v in state.steps.items() if v['status'] != 'done']

@@ -81,6 +81,11 @@ def _train_seconds(state: Optional[ExperimentState], arm: str, seed: int) -> Opt
     return entry.get('seconds') if entry.get('status') == 'done' else None
 
 
+def _train_attempts(state: Optional[ExperimentState], arm: str, seed: int) -> List[float]:
+    """Seconds of every attempt of a training run requeued on a cluster (one attempt: none recorded)."""
+    return (state.steps if state else {}).get(f'train/{arm}/seed{seed}', {}).get('attempts', [])
+
+
 def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = None) -> Dict[str, Any]:
     """Every number the steps produced: per arm and seed, metrics, per-image hits, training time and the per-epoch
     curves (train.py's validation top-1; label parts from the recorded weights; gates of T-CNN arms)."""
@@ -119,6 +124,7 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
             run_hits = {**hits.get('best', {}), **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')}}
             runs[run_name(arm, seed)] = dict(
                 arm=arm, seed=seed, metrics=metrics, seconds=_train_seconds(state, arm, seed),
+                attempts=_train_attempts(state, arm, seed),
                 predictions_vs_validate={m: v - metrics[m] for m, v in _accuracy(run_hits).items()
                                          if m.startswith('top1_') and m in metrics},
                 hits=run_hits,
@@ -283,7 +289,7 @@ def _curve_lines(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> List[
     return lines
 
 
-def _time_lines(spec: ExperimentSpec, times: Dict[str, Dict[str, Any]]) -> List[str]:
+def _time_lines(spec: ExperimentSpec, times: Dict[str, Dict[str, Any]], runs: Dict[str, Dict[str, Any]]) -> List[str]:
     unit = 'GPU-hours' if spec.device.startswith('cuda') else 'CPU-hours'
     lines = [f'Wall clock of each train.py run (mean +- std over seeds); {unit} = wall clock x {spec.nproc} '
              f'process(es). The routes from the CNN also count its training'
@@ -298,6 +304,10 @@ def _time_lines(spec: ExperimentSpec, times: Dict[str, Dict[str, Any]]) -> List[
         route = '-' if t['route_seconds'] is None else f'{t["route_seconds"]:.0f}'
         hours = '-' if t['route_device_hours'] is None else f'{t["route_device_hours"]:.3f}'
         lines.append(f'| {arm} | {epochs} | {_fmt(t["train_seconds"], digits=0)} | {before} | {route} | {hours} |')
+    requeued = {f'train/{r["arm"]}/seed{r["seed"]}': r['attempts'] for r in runs.values() if len(r['attempts']) > 1}
+    if requeued:
+        lines += ['', 'Runs requeued on the cluster (time limit or pre-emption; training time counts every attempt):']
+        lines += [f'- {key}: {len(a)} attempts ({", ".join(f"{s:.0f} s" for s in a)})' for key, a in requeued.items()]
     return lines
 
 
@@ -359,7 +369,7 @@ def _markdown(spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[str, A
         start = results['start_parts']
         lines += [f'The CNN the arms start from: top-1 {start["top1"]:.1f}%; per part of the label: ' + ', '.join(
             f'{k} {v:.1f}% (chance {start["chance"][k]:.1f}%)' for k, v in start['accuracy'].items()), '']
-    lines += ['## Training time', '', *_time_lines(spec, results['times'])]
+    lines += ['## Training time', '', *_time_lines(spec, results['times'], results['runs'])]
     main = tables.get(('tcnn', 'cnn'), {})
     corruption_rows = [m for m in main if '/' in m and not m.startswith('part/')]
     if corruption_rows:

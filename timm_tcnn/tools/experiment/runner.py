@@ -22,18 +22,23 @@ from ...errors import InputError
 from ...utils.io import atomic_path, atomic_write
 from .spec import TCNN_ARMS, ExperimentSpec, Step
 
-__all__ = ['ExperimentState', 'EpochRecorder', 'run_steps', 'gate_summary', 'spec_json']
+__all__ = [
+    'ExperimentState', 'EpochRecorder', 'epoch_recorder', 'gate_summary', 'log_path', 'run_command', 'run_step', 'run_steps',
+    'spec_json',
+]
 
 STATE_FILE = 'experiment.json'
 
 
 class ExperimentState:
-    """`OUT/experiment.json`: the spec it belongs to and the status of every step."""
+    """`OUT/experiment.json`: the spec it belongs to, the status of every step and, with the SLURM launcher, every
+    job submitted (`jobs`: {job key: its id, steps and logs})."""
 
     def __init__(self, spec: ExperimentSpec):
         self.spec = spec
         self.path = spec.root / STATE_FILE
         self.steps: Dict[str, Dict[str, Any]] = {}
+        self.jobs: Dict[str, Dict[str, Any]] = {}
         if self.path.exists():
             saved = json.loads(self.path.read_text(encoding='utf-8'))
             if saved.get('fingerprint') != spec.fingerprint():
@@ -44,6 +49,7 @@ class ExperimentState:
                     f'{", ".join(changed) or "the spec"}); results of different recipes are never mixed. '
                     f'Use another --out folder, or repeat the original options to resume it.')
             self.steps = saved.get('steps', {})
+            self.jobs = saved.get('jobs', {})
 
     def done(self, step: Step) -> bool:
         entry = self.steps.get(step.key)
@@ -55,7 +61,8 @@ class ExperimentState:
 
     def save(self) -> None:
         self.spec.root.mkdir(parents=True, exist_ok=True)
-        data = dict(fingerprint=self.spec.fingerprint(), spec=spec_json(self.spec), steps=self.steps)
+        data = dict(fingerprint=self.spec.fingerprint(), spec=spec_json(self.spec), steps=self.steps,
+                    **({'jobs': self.jobs} if self.jobs else {}))
         atomic_write(self.path, json.dumps(data, indent=2) + '\n')
 
 
@@ -122,24 +129,28 @@ class EpochRecorder:
                 save_file({k: v.contiguous() for k, v in checkpoint['state_dict'].items()}, str(tmp))
 
 
-def _log_path(spec: ExperimentSpec, step: Step) -> Path:
+def log_path(spec: ExperimentSpec, step: Step) -> Path:
+    """The log of a step's command."""
     return spec.root / 'logs' / (step.key.replace('/', '_') + '.log')
 
 
-def _run_subprocess(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], None]]) -> int:
-    argv = list(step.argv)
+def run_command(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], None]],
+                    argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
+    """Run `argv` (default: the step's) with its output appended to the step's log; a training run continues from
+    its `last.pth.tar` where one exists. `poll` is called every 2 s while it runs."""
+    argv = list(step.argv if argv is None else argv)
     if step.kind == 'train':
         last = spec.run_dir(step.arm, step.seed) / 'last.pth.tar'
         if last.exists():  # an interrupted run: continue from its last epoch
             argv += ['--resume', str(last)]
-    log = _log_path(spec, step)
+    log = log_path(spec, step)
     log.parent.mkdir(parents=True, exist_ok=True)
     if step.result:
         Path(step.result).parent.mkdir(parents=True, exist_ok=True)
     with open(log, 'a', encoding='utf-8') as f:
         f.write(f'$ {" ".join(argv)}\n')
         f.flush()
-        process = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         try:
             while process.poll() is None:
                 if poll is not None:
@@ -152,6 +163,39 @@ def _run_subprocess(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[]
     if poll is not None:
         poll()
     return process.returncode
+
+
+def epoch_recorder(spec: ExperimentSpec, step: Step, record_weights: bool) -> EpochRecorder:
+    """The recorder of a training step: gates of T-CNN arms, weights with `record_weights`."""
+    run_dir = spec.run_dir(step.arm, step.seed)
+    return EpochRecorder(run_dir, gates=spec.root / 'gates' / f'{run_dir.name}.json' if step.arm in TCNN_ARMS else None,
+                         weights=spec.epoch_weights(step.arm, step.seed) if record_weights else None)
+
+
+def run_step(spec: ExperimentSpec, step: Step, in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
+             record_weights: bool = False, poll: Optional[Callable[[], None]] = None,
+             argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run one step here and return its record: `status` (done or failed), `seconds`, and for a command its
+    `returncode` and `log`, for an in-process step that failed its `reason`. A training step's epochs are recorded
+    while it runs (`EpochRecorder`); `poll` is called beside it. `argv` and `env` replace the step's command line and
+    this process's environment."""
+    start = time.time()
+    if step.kind in in_process:
+        result = in_process[step.kind](spec, step)
+        ok = bool(result.get('passed', True))
+        return dict(status='done' if ok else 'failed', seconds=round(time.time() - start, 1),
+                    **({} if ok else {'reason': result.get('reason', 'check failed')}))
+    polls = [poll] if poll is not None else []
+    if step.kind == 'train':
+        polls.insert(0, epoch_recorder(spec, step, record_weights).poll)
+
+    def poll_all() -> None:
+        for each in polls:
+            each()
+
+    code = run_command(spec, step, poll_all if polls else None, argv, env)
+    return dict(status='done' if code == 0 else 'failed', returncode=code, log=str(log_path(spec, step)),
+                seconds=round(time.time() - start, 1))
 
 
 def run_steps(
@@ -178,23 +222,8 @@ def run_steps(
             echo(f'[blocked] {step.key}: needs {", ".join(failed)}')
             continue
         echo(f'[run]     {step.key}')
-        start = time.time()
-        if step.kind in in_process:
-            result = in_process[step.kind](spec, step)
-            ok = bool(result.get('passed', True))
-            state.record(step, 'done' if ok else 'failed', seconds=round(time.time() - start, 1),
-                         **({} if ok else {'reason': result.get('reason', 'check failed')}))
-        else:
-            recorder = None
-            if step.kind == 'train':
-                run_dir = spec.run_dir(step.arm, step.seed)
-                recorder = EpochRecorder(
-                    run_dir, gates=spec.root / 'gates' / f'{run_dir.name}.json' if step.arm in TCNN_ARMS else None,
-                    weights=spec.epoch_weights(step.arm, step.seed) if record_weights else None)
-            code = _run_subprocess(spec, step, recorder.poll if recorder else None)
-            log = str(_log_path(spec, step))
-            status = 'done' if code == 0 else 'failed'
-            state.record(step, status, returncode=code, log=log, seconds=round(time.time() - start, 1))
-            if code:
-                echo(f'[failed]  {step.key}: exit code {code}, log {log}')
+        entry = run_step(spec, step, in_process, record_weights)
+        state.record(step, **entry)
+        if entry['status'] == 'failed' and 'returncode' in entry:
+            echo(f'[failed]  {step.key}: exit code {entry["returncode"]}, log {entry["log"]}')
     return state

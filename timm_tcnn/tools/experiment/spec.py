@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ['ARMS', 'DEFAULT_ARMS', 'ExperimentSpec', 'ScratchArm', 'Step', 'analyze_argv', 'build_steps', 'run_name']
+__all__ = [
+    'ARMS', 'DEFAULT_ARMS', 'ExperimentSpec', 'ScratchArm', 'Step', 'analyze_argv', 'build_steps', 'run_name', 'task_argv',
+]
 
 ARMS = ('tcnn', 'cnn', 'scratch')
 DEFAULT_ARMS = ('tcnn', 'cnn')
@@ -183,6 +185,14 @@ def _train_step(spec: ExperimentSpec, arm: str, seed: int, transfer: bool) -> St
         needs = ('identity', f'start/seed{seed}') if transfer else ('identity',)
     return Step(f'train/{arm}/seed{seed}', 'train', tuple(argv), needs, arm, seed,
                 str(spec.run_dir(arm, seed) / 'summary.csv'))
+
+
+def task_argv(step: Step) -> Tuple[str, ...]:
+    """A training step's command as one of the processes SLURM starts (srun tasks, ranks from `SLURM_PROCID`): train.py
+    itself in place of torchrun, which starts them on one machine."""
+    if step.argv[0] != 'torchrun':
+        return step.argv
+    return (*_timm_tcnn(), *step.argv[4:])  # after 'torchrun --nproc_per_node=N -m timm_tcnn'
 
 
 def _validate_step(spec: ExperimentSpec, arm: str, seed: int, which: str, size: int) -> Step:
