@@ -76,8 +76,8 @@ def test_transform_cnn_errors_and_skip():
     with pytest.raises(ValueError, match='has no stage'):
         transform_cnn(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))  # full resolution: no stage
     dilated = timm.create_model('resnet18', output_stride=8)  # layer3 and layer4 are dilated, at reduction 8
-    with pytest.raises(ValueError, match=r'has no stage \[4\]: its stages are \[0, 1, 2\]'):
-        transform_cnn(dilated, stages=(4,))
+    with pytest.raises(ValueError, match=r'has no stage \[5\]: its stages are \[0, 1, 2, 3, 4\]'):
+        transform_cnn(dilated, stages=(5,))  # the stages at output_stride 32
     strided_and_reflect = nn.Sequential(
         nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
     with pytest.raises(ValueError, match=r'No convertible convolution'):

@@ -1,9 +1,11 @@
 """ Conversion between convolutions and gated positional self-attention, for layers, models and
 state dicts.
 """
+import bisect
+import itertools
 import logging
 import math
-from typing import Any, Dict, Iterator, List, Literal, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -123,14 +125,22 @@ def attention_layers(model: nn.Module) -> Iterator[Tuple[str, GatedPositionalAtt
             yield name, module
 
 
-def _is_candidate(module: nn.Module) -> bool:
-    """A spatial convolution: a KxK kernel, K > 1, over overlapping windows (kernel larger than stride).
-    Patchify and downsampling convolutions (kernel == stride) tokenise rather than mix, and are left alone."""
+def _is_spatial(module: nn.Module) -> bool:
+    """A convolution with a KxK kernel, K > 1, or a converted layer."""
     if isinstance(module, GatedPositionalAttention2d):
         return True
-    if not isinstance(module, nn.Conv2d):
+    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def _is_candidate(module: nn.Module, stride: Optional[Tuple[int, int]] = None) -> bool:
+    """A spatial convolution over overlapping windows: a KxK kernel, K > 1, larger than `stride` (the
+    convolution's stride at output_stride 32; default its own). Patchify and downsampling convolutions
+    (kernel == stride) tokenise rather than mix, and are left alone."""
+    if isinstance(module, GatedPositionalAttention2d):
+        return True
+    if not _is_spatial(module):
         return False
-    return module.kernel_size != (1, 1) and any(k > s for k, s in zip(module.kernel_size, module.stride))
+    return any(k > s for k, s in zip(module.kernel_size, stride or module.stride))
 
 
 def _first_conv_channels(model: nn.Module) -> int:
@@ -140,24 +150,56 @@ def _first_conv_channels(model: nn.Module) -> int:
     raise InputError(f'{type(model).__name__} has no convolution: transform_cnn expects a CNN.')
 
 
-def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
-    """Stage of every spatial convolution (and converted layer) of `model`, by name, in module order.
+def _feature_stages(model: nn.Module) -> List[Tuple[nn.Module, int]]:
+    """(module, reduction) of every stage timm's `feature_info` names, in order; [] without a usable one."""
+    info = getattr(model, 'feature_info', None)
+    info = getattr(info, 'info', info)  # a features_only model's FeatureInfo keeps every stage in `.info`
+    if not isinstance(info, (list, tuple)):
+        return []
+    modules = dict(model.named_modules())
+    try:
+        return [(modules[entry['module']], int(entry['reduction'])) for entry in info]
+    except (KeyError, TypeError):
+        return []
 
-    Stage i holds the convolutions whose output is 2^(i+1) times smaller than the model's input: 0 for a stem
-    at reduction 2, then 1, 2, 3, 4 for reductions 4, 8, 16, 32 (timm's `feature_info` reductions); convolutions
-    at full resolution (stage -1) are not listed. Found from
-    one forward pass on the meta device (no memory, no compute; the model itself is untouched).
+
+def _dilation_factors(reductions: Sequence[int]) -> List[int]:
+    """Per feature stage, how much smaller than at output_stride 32 its reduction is: timm turns a stage's
+    stride 2 into dilation once the reduction reaches `output_stride`, so a stage whose reduction equals the
+    previous stage's lost a factor 2."""
+    factors = [1]
+    for previous, reduction in zip(reductions, reductions[1:]):
+        factors.append(factors[-1] * (2 if reduction == previous else 1))
+    return factors
+
+
+def _layout(model: nn.Module, input_size: int) -> Dict[str, Tuple[float, Tuple[int, int]]]:
+    """(output reduction, stride) at output_stride 32 of every spatial convolution of `model`, by name, in module
+    order, from one forward pass on the meta device.
+
+    Without dilation both are what the pass measures. A stage of timm's `feature_info` that lost its stride to
+    dilation (`_dilation_factors`) counts its measured reductions times its factor, and its first spatial
+    convolution in execution order (the one timm built with stride 1 instead of 2) gets its stride back.
     """
-    names = {module: name for name, module in model.named_modules() if _is_candidate(module)}
-    sizes: Dict[str, int] = {}
+    spatial = {module: name for name, module in model.named_modules() if _is_spatial(module)}
+    stages = _feature_stages(model)
+    clock = itertools.count()
+    ran: Dict[str, Tuple[int, int]] = {}  # name -> (time, output height)
+    finished: Dict[int, int] = {}  # feature stage -> time its module returned
 
     def record(module, _, output):
-        sizes.setdefault(names[module], output.shape[-2])
+        ran.setdefault(spatial[module], (next(clock), output.shape[-2]))
+
+    def finish(index):
+        def hook(*_):
+            finished.setdefault(index, next(clock))
+        return hook
 
     meta = {name: torch.empty_like(t, device='meta') for name, t in
             [*model.named_parameters(), *model.named_buffers()]}
     modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_hook(record) for module in names]
+    handles = [module.register_forward_hook(record) for module in spatial]
+    handles += [module.register_forward_hook(finish(i)) for i, (module, _) in enumerate(stages)]
     try:
         model.eval()
         x = torch.empty(2, _first_conv_channels(model), input_size, input_size, device='meta')
@@ -168,8 +210,44 @@ def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
             handle.remove()
         for m, training in modes.items():
             m.training = training
-    stages = {name: round(math.log2(input_size / sizes[name])) - 1 for name in names.values() if name in sizes}
-    return {name: stage for name, stage in stages.items() if stage >= 0}
+    ends = [finished.get(i) for i in range(len(stages))]
+    if None in ends or ends != sorted(ends):  # feature_info that does not describe this forward pass
+        ends, factors = [], [1]
+    else:
+        factors = _dilation_factors([reduction for _, reduction in stages])
+    modules = {name: module for module, name in spatial.items()}
+    layout, restored = {}, set()
+    for name, (time, height) in sorted(ran.items(), key=lambda item: item[1][0]):
+        stage = min(bisect.bisect(ends, time), len(factors) - 1)
+        module = modules[name]
+        stride = module.stride if isinstance(module, nn.Conv2d) else (module.stride, module.stride)
+        if stage > 0 and factors[stage] > factors[stage - 1] and stage not in restored:
+            restored.add(stage)
+            stride = tuple(s * factors[stage] // factors[stage - 1] for s in stride)
+        layout[name] = (input_size / height * factors[stage], stride)
+    return {name: layout[name] for name in spatial.values() if name in layout}
+
+
+def _stages_and_strides(model: nn.Module, input_size: int = 256) -> Dict[str, Tuple[int, Tuple[int, int]]]:
+    """(stage, stride at output_stride 32) of every spatial convolution `conv_stages` lists."""
+    modules = dict(model.named_modules())
+    return {
+        name: (round(math.log2(reduction)) - 1, stride) for name, (reduction, stride) in _layout(model, input_size).items()
+        if round(math.log2(reduction)) >= 1 and _is_candidate(modules[name], stride)
+    }
+
+
+def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
+    """Stage of every spatial convolution (and converted layer) of `model`, by name, in module order.
+
+    Stage i holds the convolutions whose output is 2^(i+1) times smaller than the model's input at output_stride
+    32: 0 for a stem at reduction 2, then 1, 2, 3, 4 for reductions 4, 8, 16, 32 (timm's `feature_info`
+    reductions); convolutions at full resolution are not listed. A model built with `output_stride=16` or 8
+    has the same stages: the stages of its `feature_info` whose stride became dilation keep their numbers (and
+    their first convolution counts as strided). Found from one forward pass on the meta device (no memory, no
+    compute; the model itself is untouched).
+    """
+    return {name: stage for name, (stage, _) in _stages_and_strides(model, input_size).items()}
 
 
 def _targets(
@@ -182,18 +260,17 @@ def _targets(
         raise InputError(
             f'{type(model).__name__} has no spatial convolution (KxK, K > 1, kernel larger than stride): '
             f'transform_cnn converts CNNs, not vision transformers or MLPs.')
-    stage_of = conv_stages(model)
-    available = sorted(set(stage_of.values()))
+    layout = _stages_and_strides(model)
+    available = sorted({stage for stage, _ in layout.values()})
     bad = [s for s in stages if s not in available]
     if bad:
         raise InputError(
             f'{type(model).__name__} has no stage {bad}: its stages are {available} (stage i = the convolutions '
-            f'whose output has reduction 2^(i+1): 1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32).')
+            f'whose output has reduction 2^(i+1) at output_stride 32: 1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32).')
     modules = dict(model.named_modules())
     return [
-        (name, modules[name]) for name, stage in stage_of.items()
-        if stage in stages and isinstance(modules[name], nn.Conv2d)
-        and (convert_strided or modules[name].stride == (1, 1))
+        (name, modules[name]) for name, (stage, stride) in layout.items()
+        if stage in stages and isinstance(modules[name], nn.Conv2d) and (convert_strided or stride == (1, 1))
     ]
 
 
