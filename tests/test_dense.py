@@ -1,0 +1,111 @@
+""" T-CNNs as dense-prediction backbones: stage numbers independent of `output_stride`, the layers every registered
+variant converts, and `features_only` at output_stride 16 and 8 against timm's own CNN with converted Hub weights. """
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import timm_tcnn
+from timm_tcnn import attention_layers, conv_stages, transform_cnn
+from helpers import OfflineHub, randomize_batchnorm, relative_error
+
+FAMILIES = sorted({row.cnn for row in timm_tcnn.VARIANTS.values()} - {'mobilenetv3_large_100'}  # no output_stride
+                  - {f'resnetrs{d}' for d in (101, 152, 200, 270, 350, 420)})
+FAST = {'tcnn_resnet18', 'tcnn_convnext_atto', 'tcnn_efficientnet_b0'}
+
+
+def measured_stages(model: nn.Module, size: int = 64) -> dict:
+    """The rule before output_stride was taken into account, written from its definition: every KxK (K > 1)
+    convolution with kernel larger than stride, at stage log2(output reduction) - 1, measured with forward hooks."""
+    heights, hooks = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            heights.setdefault(name, output.shape[-2])
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.kernel_size[0] > module.stride[0]:
+            hooks.append(module.register_forward_hook(record(name)))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size, device='meta'))
+    for hook in hooks:
+        hook.remove()
+    return {name: round(math.log2(size / h)) - 1 for name, h in heights.items() if size // h >= 2}
+
+
+@pytest.mark.parametrize('cnn', FAMILIES)
+def test_stages_do_not_depend_on_output_stride(cnn):
+    reference = conv_stages(timm.create_model(cnn, device='meta'))
+    assert sorted(set(reference.values()))[-1] == 4
+    for output_stride in (16, 8):
+        dilated = timm.create_model(cnn, output_stride=output_stride, device='meta')
+        assert any(m.dilation != (1, 1) for m in dilated.modules() if isinstance(m, nn.Conv2d)) or cnn == 'regnety_032'
+        assert conv_stages(dilated) == reference, output_stride
+        for convert_strided in (True, False):  # strides judged as at output_stride 32: the same layers convert
+            names = [n for n, _ in attention_layers(transform_cnn(
+                timm.create_model(cnn, output_stride=output_stride, device='meta'), (3, 4), convert_strided))]
+            expected = [n for n, _ in attention_layers(transform_cnn(
+                timm.create_model(cnn, device='meta'), (3, 4), convert_strided))]
+            assert names == expected, (output_stride, convert_strided)
+
+
+@pytest.mark.parametrize('variant', sorted(timm_tcnn.VARIANTS))
+def test_variant_converts_the_layers_it_always_converted(variant):
+    row = timm_tcnn.VARIANTS[variant]
+    stage_of = measured_stages(timm.create_model(row.cnn, device='meta'))
+    modules = dict(timm.create_model(row.cnn, device='meta').named_modules())
+    expected = {n for n, s in stage_of.items() if s in row.options.stages
+                and (row.options.convert_strided or modules[n].stride == (1, 1))}
+    assert expected and {n for n, _ in attention_layers(timm.create_model(variant, device='meta'))} == expected
+
+
+@pytest.fixture(scope='module')
+def dense_hub(tmp_path_factory):
+    """Offline mode with an (initially empty) Hub cache of generated CNN weights."""
+    import huggingface_hub.constants as hf_constants
+    hub = OfflineHub(tmp_path_factory.mktemp('hf_cache_dense'), {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+        mp.setattr(hf_constants, 'HF_HUB_CACHE', str(hub.cache_dir))
+        yield hub
+
+
+def _variants():
+    for variant in sorted(timm_tcnn.VARIANTS):
+        marks = [] if variant in FAST else [pytest.mark.slow]
+        if variant == 'tcnn_mobilenetv3_large_100':
+            marks.append(pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+                'MobileNetV3 takes output_stride only in its own MobileNetV3Features class; the T-CNN wraps the '
+                'classification model')))
+        yield pytest.param(variant, marks=marks)
+
+
+@pytest.mark.parametrize('variant', list(_variants()))
+def test_features_only_at_output_stride_16_and_8_equal_the_cnn(dense_hub, variant):
+    row = timm_tcnn.VARIANTS[variant]
+    generator = torch.Generator().manual_seed(0)
+    cnn = randomize_batchnorm(timm.create_model(row.cnn), generator)
+    with torch.no_grad():
+        for name, param in cnn.named_parameters():
+            if name.endswith('gamma'):  # ConvNeXt layer scale, 1e-6 at init
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    dense_hub.add(timm.models.get_pretrained_cfg(row.cnn).hf_hub_id, cnn.state_dict())
+    x = torch.randn(2, 3, 80, 64, generator=generator)
+    for output_stride in (16, 8):
+        reference = timm.create_model(row.cnn, pretrained=True, features_only=True, output_stride=output_stride).eval()
+        features = timm.create_model(variant, pretrained=True, features_only=True, output_stride=output_stride).eval()
+        assert features.feature_info.channels() == reference.feature_info.channels()
+        assert features.feature_info.reduction() == reference.feature_info.reduction()
+        assert max(reference.feature_info.reduction()) == output_stride
+        layers = dict(attention_layers(features))
+        assert layers and any(layer.dilation > 1 for layer in layers.values()) == (variant != 'tcnn_regnety_032')
+        with torch.no_grad():
+            expected = reference(x)
+        with torch.enable_grad():  # the attention computation, not the inference shortcut
+            got = [t.detach() for t in features(x)]
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape and relative_error(a, b) <= 1e-4, output_stride
