@@ -161,10 +161,10 @@ def test_cluster_report_matches_the_local_one(cluster_run):
     curves = results['results']['runs']['cnn-seed0']['curves']
     assert sorted(curves) == ['1', '2'] and 'part/relation' in curves['2']  # weights recorded every epoch in the job
     steps = json.loads((out / 'experiment.json').read_text())['steps']
-    assert all(entry['status'] == 'done' for entry in steps.values()) and len(steps) == 20
+    assert all(entry['status'] == 'done' for entry in steps.values()) and len(steps) == 22
     assert steps['train/tcnn/seed0']['attempts'] and steps['train/tcnn/seed0']['seconds'] > 0
     report = (out / 'report.md').read_text()
-    assert '20 of 20 steps done.' in report and 'No attention analysis yet.' not in report
+    assert '22 of 22 steps done.' in report and 'No attention analysis yet.' not in report
 
 
 @needs_slurm
