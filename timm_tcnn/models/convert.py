@@ -285,7 +285,8 @@ def transform_cnn(
 
     Args:
         model: any timm CNN (or any module holding convolutions that runs on a (B, C, H, W) image).
-        stages: stage numbers; stage i holds the convolutions whose output has reduction 2^(i+1), so for
+        stages: stage numbers; stage i holds the convolutions whose output has reduction 2^(i+1) at
+            output_stride 32 (`conv_stages`; a dilated model keeps the numbers), so for
             ResNets (3, 4) means `layer3` and `layer4`, for ConvNeXt `stages.2` and `stages.3`.
             Spatial convolutions are KxK, K > 1, with kernel larger than stride (patchify layers stay).
         convert_strided: also convert stride-2 convolutions (the first block of a stage).

@@ -35,8 +35,9 @@ class TcnnOptions:
     """How a CNN becomes a T-CNN. As model kwargs each field is spelt `tcnn_<field>`.
 
     Attributes:
-        stages: stages to convert; stage i holds the convolutions whose output has reduction 2^(i+1)
-            (1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32). An int means one stage.
+        stages: stages to convert; stage i holds the convolutions whose output has reduction 2^(i+1) at
+            output_stride 32 (1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32), the same stages at output_stride 16 or 8.
+            An int means one stage.
         convert_strided: also convert stride-2 convolutions.
         qk_dim: width of each head's queries and keys in the content attention, >= 1.
         qk_init_std: std of the (truncated normal) Q/K initialisation, >= 0.
