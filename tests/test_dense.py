@@ -101,7 +101,8 @@ def test_features_only_at_output_stride_16_and_8_equal_the_cnn(dense_hub, varian
         assert features.feature_info.reduction() == reference.feature_info.reduction()
         assert max(reference.feature_info.reduction()) == output_stride
         layers = dict(attention_layers(features))
-        assert layers and any(layer.dilation > 1 for layer in layers.values()) == (variant != 'tcnn_regnety_032')
+        single_block = variant == 'tcnn_regnety_032' and output_stride == 16  # its one stage-4 block: dilation 1
+        assert layers and any(layer.dilation > 1 for layer in layers.values()) != single_block
         with torch.no_grad():
             expected = reference(x)
         with torch.enable_grad():  # the attention computation, not the inference shortcut
