@@ -16,8 +16,8 @@ def offline_hub(tmp_path_factory):
     BatchNorm statistics are randomised so that eval-mode comparisons are meaningful. The cache is
     also exported as HF_HUB_CACHE for subprocesses (with HF_HUB_OFFLINE=1).
     """
-    import timm
     import huggingface_hub.constants as hf_constants
+    import timm
     hub = OfflineHub(tmp_path_factory.mktemp('hf_cache'), {})
     generator = torch.Generator().manual_seed(1234)
     for name in ('resnetrs50', 'resnetrs101'):

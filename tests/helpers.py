@@ -64,12 +64,14 @@ plain_forward = reference_forward
 
 
 def fine_tuned_layer(in_chs=6, out_chs=5, kernel_size=3, stride=1, bias=True, groups=1) -> GatedPositionalAttention2d:
-    layer = conv_to_attention(nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias, groups=groups))
+    conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=bias, groups=groups)
+    layer = conv_to_attention(conv)
     with torch.no_grad():
         layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.9))
         layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.1, 0.9))
         layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
-        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn_like(layer.pos_center) * 0.3)
+        center = layer.attention_values()['pos_center'] + torch.randn_like(layer.pos_center) * 0.3
+        layer.set_attention_values(pos_center=center)
         layer.qk.weight.normal_(std=0.3)
     return layer
 

@@ -1,4 +1,5 @@
-""" Attention diagnostics (timm_tcnn.tools.analysis), figures and `timm-tcnn analyze`, against independent computations. """
+""" Attention diagnostics (timm_tcnn.tools.analysis), figures and `timm-tcnn analyze`, against independent
+computations. """
 import copy
 import csv
 import itertools
@@ -10,14 +11,14 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Conv2dSame
 from PIL import Image
 from safetensors.torch import save_file
+from timm.layers import Conv2dSame
 
 import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import GatedPositionalAttention2d, attention_layers, conv_to_attention
-from timm_tcnn.tools.analysis import AttentionAnalyzer, attention_maps, positional_offset_attention, query_positions
 from timm_tcnn.cli import main
+from timm_tcnn.tools.analysis import AttentionAnalyzer, attention_maps, positional_offset_attention, query_positions
 from helpers import randomize_batchnorm, relative_error
 
 
@@ -34,7 +35,8 @@ def open_gates(layer: GatedPositionalAttention2d, generator: torch.Generator) ->
         layer.set_attention_values(content_gate=torch.rand(layer.num_heads, generator=generator) * 0.8 + 0.1)
         layer.set_attention_values(locality_gate=torch.rand(layer.num_heads, generator=generator) * 0.8 + 0.1)
         layer.set_attention_values(pos_log_alpha=torch.rand(layer.num_heads, generator=generator) * 2 - 1.5)
-        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(layer.num_heads, 2, generator=generator) * 0.5)
+        shift = torch.randn(layer.num_heads, 2, generator=generator) * 0.5
+        layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + shift)
         layer.qk.weight.view(layer.num_heads, 2, -1)[:, 0].normal_(std=0.3, generator=generator)
     return layer
 
@@ -335,7 +337,8 @@ def test_analyze_command_writes_report_and_figures(fresh_and_tuned, checkpoints,
     out = tmp_path / 'report'
     code = main([
         'analyze', 'tcnn_resnet50rs', '--model-kwargs', 'num_classes=10', 'layers=(1, 1, 1, 2)',
-        '--checkpoint', str(checkpoints / 'tuned.pth'), '--cnn', str(checkpoints / 'cnn.safetensors'), '--images', str(image_folder), '--out', str(out),
+        '--checkpoint', str(checkpoints / 'tuned.pth'), '--cnn', str(checkpoints / 'cnn.safetensors'),
+        '--images', str(image_folder), '--out', str(out),
         '--img-size', '64', '--max-images', '3', '--batch-size', '2', '--query-pixel', '10', '40',
     ])
     assert code == 0

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 import timm_tcnn  # noqa: F401
 from timm_tcnn.cli import COMMANDS, main
 from timm_tcnn.utils.io import atomic_directory, remove_stale_partials
-from timm_tcnn.weights.checkpoint import CheckpointError, load_checkpoint_state_dict
 from timm_tcnn.utils.numerics import relative_error
+from timm_tcnn.weights.checkpoint import CheckpointError, load_checkpoint_state_dict
 
 TINY = ['--model-kwargs', 'layers=(1, 1, 1, 1)', 'num_classes=3']  # a one-block-per-stage T-CNN: cheap
 
@@ -157,8 +157,9 @@ def _cases():
          ['--overwrite only acts with --out DIR']),
         ('analyze-query-pixel-no-plots', [*analyze, '--random-weights', '--query-pixel', '1', '1', '--plot-heads', '2'],
          2, ['--query-pixel, --plot-heads only act with the figures: drop --no-plots or leave them out']),
-        ('robustness-compare-options-alone', ['robustness', 'resnet18', '--pretrained', '--corrupt', '{root}/data/train',
-                                              '--out', '{out}', '--compare-checkpoint', '{root}/tiny.pth.tar'], 2,
+        ('robustness-compare-options-alone', ['robustness', 'resnet18', '--pretrained', '--corrupt',
+                                              '{root}/data/train', '--out', '{out}', '--compare-checkpoint',
+                                              '{root}/tiny.pth.tar'], 2,
          ['--compare-checkpoint only acts with --compare OTHER_MODEL']),
         ('robustness-class-map-alone', ['robustness', 'resnet18', '--pretrained', '--imagenet-val', '{root}/val',
                                         '--out', '{out}', '--class-map', '{root}/a_file'], 2,

@@ -59,7 +59,8 @@ def test_convert_from_local_checkpoint_with_options(offline_hub, tmp_path, suffi
     assert code == 0
     tcnn = _reload_and_compare(out, cnn.eval())
     cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']  # not labelled as timm's tf_in1k weights
-    assert cfg['tag'] == 'converted' and cfg['notes'] == [f'T-CNN converted from CNN checkpoint cnn{suffix} by timm-tcnn convert.']
+    assert cfg['tag'] == 'converted'
+    assert cfg['notes'] == [f'T-CNN converted from CNN checkpoint cnn{suffix} by timm-tcnn convert.']
     assert tcnn.num_classes == 4 and tcnn.tcnn_stages == (3, 4) and not tcnn.tcnn_convert_strided
 
 
@@ -136,7 +137,8 @@ def test_model_kwargs_reach_the_converted_model(tmp_path, capsys):
 
 def test_hub_weights_with_another_class_count_are_not_labelled_as_timms(offline_hub, tmp_path):
     out = tmp_path / 'out'
-    assert main(['convert', 'resnetrs50', '--out', str(out), '--batch-size', '1', '--model-kwargs', 'num_classes=3']) == 0
+    argv = ['convert', 'resnetrs50', '--out', str(out), '--batch-size', '1', '--model-kwargs', 'num_classes=3']
+    assert main(argv) == 0
     cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
     assert cfg['tag'] == 'converted' and cfg['num_classes'] == 3 and cfg.get('hf_hub_id') is None
     assert cfg['notes'] == ['T-CNN converted from hf-hub:timm/resnetrs50.tf_in1k, its 1000-class classifier replaced '

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from timm_tcnn import conv_to_attention
 from timm_tcnn.layers import RATE_SCALED_PARAMS
-
 from helpers import attention_path, relative_error
 
 

@@ -3,9 +3,9 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models import get_pretrained_cfg
 
 import timm_tcnn  # registers the models
-from timm.models import get_pretrained_cfg
 from timm_tcnn import attention_layers
 from helpers import attention_path, relative_error
 
@@ -20,7 +20,8 @@ def test_registry_lists_all_variants_and_tags():
         assert [n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*')] == cnn_tags, name
         assert get_pretrained_cfg(name).tag == get_pretrained_cfg(row.cnn).tag  # same default tag
         for tag in cnn_tags:
-            cfg, cnn_cfg = get_pretrained_cfg(f'{name}.{tag}').to_dict(), get_pretrained_cfg(f'{row.cnn}.{tag}').to_dict()
+            cfg = get_pretrained_cfg(f'{name}.{tag}').to_dict()
+            cnn_cfg = get_pretrained_cfg(f'{row.cnn}.{tag}').to_dict()
             assert cfg['hf_hub_id'] == f'timm/{row.cnn}.{tag}'
             for key in ('input_size', 'test_input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'pool_size',
                         'classifier', 'first_conv', 'num_classes'):
@@ -78,7 +79,8 @@ def test_converted_checkpoint_passes_through(offline_hub, tmp_path):
     tcnn = timm.create_model('tcnn_resnet50rs', pretrained=True).eval()
     for _, layer in attention_layers(tcnn):
         with torch.no_grad():
-            layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.5))  # as after fine-tuning
+            # as after fine-tuning
+            layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.1, 0.5))
     path = tmp_path / 'tcnn.safetensors'
     save_file(tcnn.state_dict(), str(path))
     reloaded = timm.create_model('tcnn_resnet50rs', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
@@ -93,7 +95,8 @@ def test_num_classes_in_chans_and_no_weight_decay(offline_hub):
     decay_free = model.no_weight_decay()
     names = dict(model.named_parameters())
     assert decay_free and decay_free <= set(names)
-    assert all(n.rsplit('.', 1)[-1] in ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center') for n in decay_free)
+    assert all(n.rsplit('.', 1)[-1] in ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
+               for n in decay_free)
 
 
 def test_unknown_kwarg_raises_type_error():

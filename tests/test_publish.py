@@ -23,17 +23,26 @@ import timm_tcnn  # noqa: F401  registers the models
 from timm_tcnn import attention_layers
 from timm_tcnn.cli import main
 from timm_tcnn.errors import InputError
-from timm_tcnn.weights.checkpoint import load_checkpoint_state_dict
-from timm_tcnn.weights.model_card import ModelCardInfo, render_model_card
-from timm_tcnn.weights.publish import (
-    PublishError, StartWeights, check_hub_target, check_weights, published_pretrained_cfg, resolve_model_args,
-    upload_model_folder,
-)
 from timm_tcnn.models.published import (
-    PublishedWeightsError, load_published_weights, published_cfgs, register_published_weights, registry_entry,
+    PublishedWeightsError,
+    load_published_weights,
+    published_cfgs,
+    register_published_weights,
+    registry_entry,
     unregister_published_weights,
 )
 from timm_tcnn.models.variants import conversion_options
+from timm_tcnn.weights.checkpoint import load_checkpoint_state_dict
+from timm_tcnn.weights.model_card import ModelCardInfo, render_model_card
+from timm_tcnn.weights.publish import (
+    PublishError,
+    StartWeights,
+    check_hub_target,
+    check_weights,
+    published_pretrained_cfg,
+    resolve_model_args,
+    upload_model_folder,
+)
 from helpers import randomize_batchnorm, relative_error
 
 REPO_ID = 'acme/tcnn_resnet50rs.ft_test'
@@ -368,8 +377,8 @@ def test_card_never_writes_an_empty_field(published):
     line = next(line for line in text.splitlines() if line.startswith('- **Preprocessing:**'))
     assert 'bicubic interpolation' in line and get_pretrained_cfg('resnetrs50').interpolation == 'bicubic'
     assert json.loads((published / 'config.json').read_text())['pretrained_cfg']['interpolation'] == 'bicubic'
-    assert not re.search(r'(\*\* *,|, *,|: *$|None)', '\n'.join(l for l in text.splitlines() if l.startswith('- **')),
-                         re.M)
+    facts = '\n'.join(line for line in text.splitlines() if line.startswith('- **'))
+    assert not re.search(r'(\*\* *,|, *,|: *$|None)', facts, re.M)
 
 
 def _publish_from(tiny_source, folder, train_args):
@@ -411,8 +420,8 @@ def test_provenance_of_hub_and_random_starts(tiny_source, tmp_path):
 
 
 @pytest.mark.parametrize('train_args, message', [
-    (dict(pretrained=True, pretrained_path='/gone/cnn.pth'), 'names /gone/cnn.pth as the weights the run started '
-                                                             'from, but it is not on this machine: pass --base-weights'),
+    (dict(pretrained=True, pretrained_path='/gone/cnn.pth'),
+     'names /gone/cnn.pth as the weights the run started from, but it is not on this machine: pass --base-weights'),
     (dict(), 'Where the fine-tuning started is not known'),
 ])
 def test_unknown_provenance_is_refused(tiny_source, tmp_path, capsys, train_args, message):

@@ -11,13 +11,19 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import randomize_batchnorm
+import timm_tcnn.tools.robustness.run as run_module
 from timm_tcnn.cli import main
 from timm_tcnn.tools.robustness import (
-    ALEXNET_ERRORS, CORRUPTIONS, CorruptImage, imagenet_class_to_idx, masked_predictions, scan_imagenet_c, subset_indices,
+    ALEXNET_ERRORS,
+    CORRUPTIONS,
+    CorruptImage,
+    imagenet_class_to_idx,
+    masked_predictions,
+    scan_imagenet_c,
+    subset_indices,
     summarize_imagenet_c,
 )
-import timm_tcnn.tools.robustness.run as run_module
+from helpers import randomize_batchnorm
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet18's timm data config
 SYNSETS = {'n01440764': 0, 'n01443537': 1, 'n15075141': 999}  # tench, goldfish, toilet tissue

@@ -11,8 +11,8 @@ import pytest
 import timm
 
 from timm_tcnn.cli import main as cli_main
-from timm_tcnn.weights.loading import unknown_model_hint
 from timm_tcnn.tools.runner import ScriptNotFoundError, run_script
+from timm_tcnn.weights.loading import unknown_model_hint
 
 # writes what the script sees to report.json next to itself (timm only if already imported: fast under plain python)
 REPORT_SCRIPT = '''
@@ -151,7 +151,8 @@ optimizer.step()
 params = {k: v.detach() for k, v in model.module.named_parameters()}
 grad = [p.grad.abs().sum().item() for n, p in model.module.named_parameters() if n.endswith('content_gate')]
 report = dict(argv=sys.argv[1:], name=__name__, world=dist.get_world_size(), gate_grad=grad,
-              gate=params['layer4.0.conv2.content_gate'].tolist(), checksum=sum(v.double().sum().item() for v in params.values()))
+              gate=params['layer4.0.conv2.content_gate'].tolist(),
+              checksum=sum(v.double().sum().item() for v in params.values()))
 with open(os.path.join(os.path.dirname(__file__), f'rank{rank}.json'), 'w') as f:
     json.dump(report, f)
 dist.destroy_process_group()
@@ -170,6 +171,7 @@ def test_torchrun_two_cpu_processes_train_a_tcnn(tmp_path):
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     for report in ranks:
         assert report['argv'] == ['tcnn_resnet50rs'] and report['name'] == '__main__' and report['world'] == 2
-        assert len(report['gate_grad']) == 1 and all(g > 0 for g in report['gate_grad'])  # layer4.0.conv2's gates learn from 0
+        # layer4.0.conv2's gates learn from 0
+        assert len(report['gate_grad']) == 1 and all(g > 0 for g in report['gate_grad'])
     assert ranks[0]['checksum'] == ranks[1]['checksum']  # same weights after the synchronised step
     assert ranks[0]['gate'] == ranks[1]['gate']

@@ -265,6 +265,7 @@ def test_experiment_transfer_start_in_train_py(offline_hub, image_folder, workdi
     """An experiment's transfer start (the Hub CNN with a new 2-class classifier) loads into both arms through
     train.py's --initial-checkpoint: the same classifier and the CNN's body in both."""
     from safetensors.torch import load_file
+
     from timm_tcnn.tools.experiment import ExperimentSpec, Step, start_step
     spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(image_folder),
                           out=str(workdir / 'transfer'), recipe='', recipe_sha256='', scripts_dir=SCRIPTS_DIR,

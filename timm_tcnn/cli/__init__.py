@@ -2,3 +2,7 @@
 
 Nothing else in the package imports this one. """
 from .main import COMMANDS, build_parser, main
+
+__all__ = [
+    'COMMANDS', 'build_parser', 'main',
+]

@@ -17,8 +17,13 @@ import torch.nn as nn
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.layers import register_notrace_module
 from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg, list_pretrained,
-    model_entrypoint, register_model, resolve_pretrained_cfg,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_arch_pretrained_cfgs,
+    list_pretrained,
+    model_entrypoint,
+    register_model,
+    resolve_pretrained_cfg,
 )
 from timm.models.resnet import ResNet
 

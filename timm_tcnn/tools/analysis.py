@@ -28,12 +28,11 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.layers.padding import pad_same
 
+from ..errors import InputError
 from ..layers import GatedPositionalAttention2d
 from ..models.convert import attention_layers
-from ..errors import InputError
 from ..utils.numerics import error_ratio
 
 __all__ = [

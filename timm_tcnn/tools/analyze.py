@@ -1,4 +1,5 @@
-""" The attention analysis of a T-CNN on a folder of images: statistics (JSON, CSV) and figures, written all or nothing. """
+""" The attention analysis of a T-CNN on a folder of images: statistics (JSON, CSV) and figures, written all or
+nothing. """
 import csv
 import io
 import json

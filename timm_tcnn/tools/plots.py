@@ -9,8 +9,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .analysis import LayerStats, QueryAttention
 from ..utils.io import atomic_path
+from .analysis import LayerStats, QueryAttention
 
 __all__ = ['require_matplotlib', 'plot_content_share', 'plot_attention_distance', 'plot_query_attention']
 

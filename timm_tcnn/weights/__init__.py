@@ -8,3 +8,8 @@ Depends on `timm_tcnn.models` (and through it `layers`) and the neutral modules;
 from .checkpoint import CheckpointError, load_checkpoint_state_dict
 from .checks import check_finite, check_fits, nonfinite_tensors
 from .loading import check_model_source, create_model, create_model_with_weights, unknown_model_hint
+
+__all__ = [
+    'CheckpointError', 'load_checkpoint_state_dict', 'check_finite', 'check_fits', 'nonfinite_tensors',
+    'check_model_source', 'create_model', 'create_model_with_weights', 'unknown_model_hint',
+]

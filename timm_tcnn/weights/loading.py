@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
+from ..errors import InputError
 from ..models.convert import convert_cnn_state_dict
 from ..models.state_dicts import attention_layer_names, checkpoint_options
-from ..errors import InputError
 from ..utils.hub import require_hub_model, require_hub_weights
 from ..utils.io import read_mapping
 from .checkpoint import load_checkpoint_state_dict

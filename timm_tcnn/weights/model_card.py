@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from huggingface_hub import ModelCardData
 
 from ..errors import InputError
+from ..models.variants import variant
 from ..utils.io import read_mapping
 from .publish import StartWeights
-from ..models.variants import variant
 
 __all__ = ['ModelCardInfo', 'read_validate_results', 'read_robustness_results', 'render_model_card']
 

@@ -22,11 +22,11 @@ from huggingface_hub.utils.sha import sha_fileobj
 from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from ..errors import InputError, WorkError
-from ..utils.io import atomic_directory, read_mapping
-from ..utils.numerics import relative_error
 from ..models.published import PAPER_IDS, PAPER_NAME
 from ..models.state_dicts import attention_layer_names
 from ..models.variants import VARIANTS, conversion_options
+from ..utils.io import atomic_directory, read_mapping
+from ..utils.numerics import relative_error
 from ..version import __version__
 from .checks import check_finite, check_fits
 
@@ -282,7 +282,8 @@ def check_hub_target(repo_id: str, revision: Optional[str] = None, overwrite: bo
         allowed = {who.get('name')} | {org.get('name') for org in who.get('orgs', [])}
         if namespace not in allowed:
             raise PublishError(f'The Hub account {who.get("name")!r} cannot create repos under {namespace!r} '
-                               f'(its namespaces: {", ".join(sorted(n for n in allowed if n))}); choose another --repo-id.')
+                               f'(its namespaces: {", ".join(sorted(n for n in allowed if n))}); choose another '
+                               f'--repo-id.')
         repo_exists = branch_exists = True
         try:
             existing = set(api.list_repo_files(repo_id, revision=revision))

@@ -8,16 +8,23 @@ from typing import List, Tuple
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ...models.convert import attention_layers
+from ...models.published import PublishedWeightsError, check_registry_entry, registry_entry
 from ...utils.io import check_output_dir
 from ...weights.checkpoint import load_checkpoint_state_dict
 from ...weights.checks import check_finite
 from ...weights.loading import create_model
 from ...weights.model_card import ModelCardInfo, read_robustness_results, read_validate_results, render_model_card
 from ...weights.publish import (
-    PublishError, check_hub_target, check_weights, published_pretrained_cfg, read_train_args, resolve_model_args,
-    start_weights, upload_model_folder, write_model_folder,
+    PublishError,
+    check_hub_target,
+    check_weights,
+    published_pretrained_cfg,
+    read_train_args,
+    resolve_model_args,
+    start_weights,
+    upload_model_folder,
+    write_model_folder,
 )
-from ...models.published import PublishedWeightsError, check_registry_entry, registry_entry
 from .common import add_output_args, add_weight_args, refuse_unused
 
 
@@ -34,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('checkpoint', metavar='CHECKPOINT',
                         help='train.py checkpoint (model_best.pth.tar), plain state dict or .safetensors')
     parser.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='Hub model repo to publish to')
-    parser.add_argument('--model', metavar='NAME', help='a registered T-CNN, e.g. tcnn_resnet50rs (default: args.yaml model)')
+    parser.add_argument('--model', metavar='NAME',
+                        help='a registered T-CNN, e.g. tcnn_resnet50rs (default: args.yaml model)')
     parser.add_argument('--args', metavar='FILE',
                         help="the run's train.py args.yaml (default: args.yaml beside the checkpoint, if any)")
     parser.add_argument('--num-classes', type=int, help='class count (default: args.yaml num_classes, else 1000)')
@@ -141,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_registry_entry(entry)
-        print(f'To list these weights as {arch}.{tag or "your_tag"}, add this entry to timm_tcnn/published_weights.json '
-              f'(see docs/publishing.md):')
+        print(f'To list these weights as {arch}.{tag or "your_tag"}, add this entry to '
+              f'timm_tcnn/models/published_weights.json (see docs/publishing.md):')
         print(json.dumps(entry, indent=2))
     except PublishedWeightsError as e:
         print(f'These weights cannot be listed as a pretrained tag: {e}')

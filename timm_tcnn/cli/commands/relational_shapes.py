@@ -3,8 +3,8 @@ import argparse
 from pathlib import Path
 
 from ...errors import InputError
-from ...utils.io import atomic_directory, check_output_dir
 from ...tools.relational_shapes import DATASET_FILE, check_counts, write_dataset
+from ...utils.io import atomic_directory, check_output_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

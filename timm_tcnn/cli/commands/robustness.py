@@ -4,12 +4,26 @@ import os
 import sys
 
 from ...errors import InputError
+from ...tools.robustness import (
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+    ModelSpec,
+    ResultsStore,
+    evaluate_model,
+    plan_cells,
+)
+from ...tools.robustness.report import format_comparison, format_summary
 from ...utils.io import check_writable
 from ...weights.loading import check_model_source
-from ...tools.robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, ModelSpec, ResultsStore, evaluate_model, \
-    plan_cells
-from ...tools.robustness.report import format_comparison, format_summary
-from .common import add_device_arg, add_model_kwargs_arg, add_weight_args, refuse_unused, require_weights, resolve_device
+from .common import (
+    add_device_arg,
+    add_model_kwargs_arg,
+    add_weight_args,
+    refuse_unused,
+    require_weights,
+    resolve_device,
+)
 
 DESCRIPTION = """\
 Measure the robustness of a timm model (tcnn_* included): ImageNet-C top-1 per corruption and

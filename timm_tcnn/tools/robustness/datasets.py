@@ -132,7 +132,8 @@ def scan_class_folders(
         if not found:
             empty.append(name)
     if unknown:
-        scan.problems.append(f'{root}: {len(unknown)} folder(s) are not known class names, skipped: {_examples(unknown)}')
+        scan.problems.append(f'{root}: {len(unknown)} folder(s) are not known class names, skipped: '
+                             f'{_examples(unknown)}')
     if outside:
         scan.problems.append(
             f'{root}: {len(outside)} class folder(s) outside the evaluated class subset, skipped: {_examples(outside)}')
@@ -217,7 +218,8 @@ def scan_imagenet_c(
                 f'{path}: severit{"y" if len(missing) == 1 else "ies"} {", ".join(map(str, missing))} '
                 f'missing or empty (no CE for {corruption})')
     if not scan.cells:
-        scan.problems.append(f'{root}: no ImageNet-C cells found (expected {root}/<corruption>/<severity>/<synset>/<image>)')
+        scan.problems.append(f'{root}: no ImageNet-C cells found (expected '
+                             f'{root}/<corruption>/<severity>/<synset>/<image>)')
     return scan
 
 

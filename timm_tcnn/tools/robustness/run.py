@@ -11,10 +11,22 @@ from timm.utils.misc import natural_key
 from ...errors import InputError
 from .corruptions import CorruptImage, check_corruptions
 from .datasets import (
-    Sample, SampleDataset, imagenet_class_to_idx, scan_class_folders, scan_imagenet_c, subset_indices,
+    Sample,
+    SampleDataset,
+    imagenet_class_to_idx,
+    scan_class_folders,
+    scan_imagenet_c,
+    subset_indices,
 )
-from .evaluate import ModelSpec, build_model, count_top1, eval_transform, model_data_config, model_fingerprint, \
-    native_transform
+from .evaluate import (
+    ModelSpec,
+    build_model,
+    count_top1,
+    eval_transform,
+    model_data_config,
+    model_fingerprint,
+    native_transform,
+)
 from .protocol import CORRUPTIONS, SEVERITIES
 from .results import ResultsStore, cell_key
 
