@@ -31,13 +31,13 @@ import torch.nn.functional as F
 import timm
 import timm_tcnn
 from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, spread_layer_state, bench_models, bench_shapes, create_pair
-from timm_tcnn.layers import GatedPositionalAttention2d, attention_path, positional_kernels_enabled, set_positional_kernels
+from timm_tcnn.layers import GatedPositionalAttention2d, positional_kernels_enabled, set_positional_kernels
 from timm_tcnn.layers.positional import ClosedFormPositional, cached_positional_tables
 from timm_tcnn.tools.op_count import layer_step_ops
 
 BACKENDS = ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH')
-# configuration -> (attention path, positional kernels on)
-CONFIGS = {'explicit': ('explicit', True), 'explicit-closed-form': ('explicit', False), 'fused': ('fused', True)}
+# configuration -> positional kernels on (where they can run)
+CONFIGS = {'explicit': True, 'explicit-closed-form': False}
 
 
 def operations() -> Dict[str, Dict[str, int]]:
@@ -211,14 +211,12 @@ def main() -> None:
     part('kernels', lambda: positional_kernels(setup, reps))
     part('sdpa', lambda: sdpa_backends(setup, batch, reps))
 
-    def per_config(fn: Callable[[], List], configs: Sequence[str] = ('explicit', 'fused')) -> Dict[str, List[Dict]]:
+    def per_config(fn: Callable[[], List], configs: Sequence[str] = ('explicit',)) -> Dict[str, List[Dict]]:
         out = {}
         for config in configs:
-            path, kernels = CONFIGS[config]
-            set_positional_kernels(kernels)
+            set_positional_kernels(CONFIGS[config])
             try:
-                with attention_path(path):
-                    out[config] = _results(fn())
+                out[config] = _results(fn())
             finally:
                 set_positional_kernels(True)
         return out

@@ -84,8 +84,7 @@ def operations():
         generator = torch.Generator().manual_seed(0)
         layer = conv_to_attention(nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.,
                                   grad_floor=0.1)
-        layer._queries_everywhere = lambda device: True
-        layer._channels_first_projection = lambda x: not x.is_contiguous(memory_format=torch.channels_last)
+        layer.choices = layer.choices._replace(queries_everywhere=True, channels_first_projection=True)  # CUDA's
         x = torch.randn(2, channels, size, size, generator=generator)
         with torch.no_grad():
             spread_layer_state(layer, x, generator, 4., 0.5)

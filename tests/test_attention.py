@@ -63,19 +63,6 @@ def test_open_gates_change_output_and_stay_in_unit_interval():
     assert relative_error(layer(x), conv(x)) > 1e-2
 
 
-def test_manual_and_fused_content_attention_agree():
-    layer = conv_to_attention(nn.Conv2d(8, 8, 3, stride=2, padding=1))
-    with torch.no_grad():
-        layer.set_attention_values(content_gate=torch.empty_like(layer.content_gate).uniform_(0.2, 0.8))
-        layer.set_attention_values(locality_gate=torch.empty_like(layer.locality_gate).uniform_(0.2, 0.8))
-        layer.qk.weight.view(layer.num_heads, 2, -1)[:, 0].normal_(std=0.3)
-    x = torch.randn(2, 8, 9, 6)
-    layer.fused_attn = True
-    fused = layer(x)
-    layer.fused_attn = False
-    assert relative_error(layer(x), fused) <= 1e-5
-
-
 def dense_gaussian_reference(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
     """x G_h^T for every head, from the 2D definition: softmax over all offsets of the window of
     -alpha |r - c|^2, zero outside the image; (B, C, heads, Nq)."""

@@ -30,7 +30,7 @@ def test_gpu_check_on_cpu(tmp_path):
     assert {backend for _, backend in backends} == {'FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH'}
     for (shape, backend), row in backends.items():
         assert row['runs'] == (backend == 'MATH') and (row['runs'] or row['error'])
-    for path in ('explicit', 'fused'):
+    for path in ('explicit', 'explicit-closed-form'):
         assert {row['part'] for row in report['shapes'][path]} == {'shape-infer', 'shape-train'}
         assert all(row['ratio'] > 0 for row in report['shapes'][path])
 
@@ -39,7 +39,7 @@ def test_gpu_check_on_cpu(tmp_path):
 def test_gpu_check_models_and_compiled_on_cpu(tmp_path):
     report = run_check(tmp_path)
     assert report['errors'] == {}
-    for path in ('explicit', 'fused'):
+    for path in ('explicit',):
         parts = {row['part'] for row in report['models'][path]}
         assert parts == {'infer', 'train', 'train-memory'}
     assert report['compiled']['ratio'] > 0

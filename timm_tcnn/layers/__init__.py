@@ -1,19 +1,16 @@
 """ The attention layer: gated positional self-attention that starts as an exact convolution.
 
 Dependencies run one way inside the package: `numerics` <- `positional` <- `positional_kernels` (Triton, imported
-only where the kernels run), `numerics` <- `functions` <- `gated_attention`; `config` holds the process-wide
-choices of computation, `reference` the plain definition every path is tested against, `inference` what the layer
-reuses between inference calls.
+only where the kernels run), `numerics` <- `functions` <- `gated_attention`; `config` holds the choices of
+computation (made once per layer, for its device and dtype), `reference` the definition written plainly that every
+path is tested against, `inference` what the layer reuses between inference calls.
 """
-from .config import (
-    ATTENTION_PATHS, attention_path, get_attention_path, positional_kernels_enabled, set_attention_path,
-    set_positional_kernels)
+from .config import LayerChoices, choose, positional_kernels_enabled, set_positional_kernels
 from .gated_attention import RATE_SCALED_PARAMS, GatedPositionalAttention2d
 from .numerics import default_block_bytes, rate_scaled, straight_through_clamp
 from .reference import reference_forward
 
 __all__ = [
-    'ATTENTION_PATHS', 'attention_path', 'get_attention_path', 'set_attention_path', 'set_positional_kernels',
-    'positional_kernels_enabled', 'RATE_SCALED_PARAMS',
+    'LayerChoices', 'choose', 'set_positional_kernels', 'positional_kernels_enabled', 'RATE_SCALED_PARAMS',
     'GatedPositionalAttention2d', 'default_block_bytes', 'rate_scaled', 'straight_through_clamp', 'reference_forward',
 ]

@@ -6,11 +6,13 @@ __all__ = ['BoundedCache']
 
 
 class BoundedCache:
-    """Values by key, each with its size in bytes; the least recently used are evicted beyond `max_bytes` in all,
-    and a value larger than the budget is not kept."""
+    """Values by key, each with its size in bytes; the least recently used are evicted beyond `max_bytes` in all.
+    A value larger than the budget is not kept, unless `keep_newest`: then the most recent value is always kept
+    (alone when it exceeds the budget), for a user whose every call would otherwise rebuild it."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, keep_newest: bool = False):
         self.max_bytes = max_bytes
+        self.keep_newest = keep_newest
         self._entries: 'OrderedDict[Hashable, Tuple[Any, int]]' = OrderedDict()
         self._nbytes = 0
 
@@ -25,14 +27,15 @@ class BoundedCache:
         old = self._entries.pop(key, None)
         if old is not None:
             self._nbytes -= old[1]
-        if nbytes <= self.max_bytes:
+        if nbytes <= self.max_bytes or self.keep_newest:
             self._entries[key] = (value, nbytes)
             self._nbytes += nbytes
         self.trim()
 
     def trim(self) -> None:
-        """Evict the least recently used values until the rest fit in `max_bytes`."""
-        while self._entries and self._nbytes > self.max_bytes:
+        """Evict the least recently used values until the rest fit in `max_bytes` (`keep_newest`: all but the most
+        recent)."""
+        while len(self._entries) > int(self.keep_newest) and self._nbytes > self.max_bytes:
             _, (_, nbytes) = self._entries.popitem(last=False)
             self._nbytes -= nbytes
 

@@ -1,84 +1,45 @@
-""" Which computation the attention layers run: one switch for the process, as timm's `use_fused_attn()`.
+""" How the attention layers compute, decided once per layer (as timm's `use_fused_attn()` decides once per module):
+when the layer is built, moved or cast, and when a process-wide switch changes.
 
-Paths (`ATTENTION_PATHS`):
-- `explicit`: the attention materialised in blocks of queries, by the autograd functions of `functions.py`.
-- `fused`: the content attention through `torch.nn.functional.scaled_dot_product_attention` (flash /
-  memory-efficient / cuDNN kernels on CUDA: no attention-sized tensor in memory), the positional part as
-  one GEMM shared by the batch.
-- `reference`: the layer's definition written plainly (`reference.py`); slow, for checks.
-- `auto` (default): `explicit`.
+A layer's `choices` (`LayerChoices`, from `choose`) are the only device-dependent decisions its forward pass reads:
 
-Independently of the path, the positional part of the attention is built by Triton kernels
-(`positional_kernels.py`: one launch forward, two backward) where they can run, CUDA with Triton installed, and
-by its closed form in standard operations elsewhere. Each layer shape checks the kernels against the closed form
-on first use and falls back to it, with a warning, if they fail or differ. `set_positional_kernels(False)` or
-`TIMM_TCNN_POSITIONAL_KERNELS=0` turns them off; under Triton's interpreter (`TRITON_INTERPRET=1`) they also run
-on CPU tensors (slowly: for tests).
+- `positional_kernels`: the positional attention of the eager training step is built by Triton kernels
+  (`positional_kernels.py`: one launch forward, two backward) on CUDA with Triton installed, in float32, unless
+  turned off by `set_positional_kernels(False)` or `TIMM_TCNN_POSITIONAL_KERNELS=0`; by its closed form in standard
+  operations elsewhere. Under Triton's interpreter (`TRITON_INTERPRET=1`) they also run on CPU tensors (slowly:
+  for tests). Each layer shape checks the kernels against the closed form on first use and falls back to it, with
+  a warning, if they fail or differ.
+- `queries_everywhere`: stride-2 layers project queries at every position together with the keys, one GEMM (CUDA:
+  fewer launches), or at the query positions only (CPU: fewer multiply-adds).
+- `channels_first_projection`: dense layers project NCHW maps channels first at inference (CUDA: no transposing
+  copy), or through one GEMM over the batch (CPU).
+- `block_bytes`: the default bound on the attention materialised at once (`default_block_bytes`).
 
-Whatever the path, scripted, traced, exported and compiled graphs compute the same maths in standard operations,
-and with autograd off (nothing to differentiate) `explicit` and `fused` reuse what does not depend on the input
-(`inference.py`). Set the path with `set_attention_path`, the `attention_path` context manager, or the
-environment variable `TIMM_TCNN_ATTENTION_PATH`.
+docs/performance.md records the measurement behind each. Scripted, traced, exported and compiled graphs compute
+the same maths in standard operations and read none of these.
 """
-import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterator
+import weakref
+from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    'ATTENTION_PATHS', 'set_attention_path', 'get_attention_path', 'attention_path', 'resolve_attention_path',
-    'set_positional_kernels', 'positional_kernels_enabled',
-]
+from .numerics import default_block_bytes
 
-ATTENTION_PATHS = ('auto', 'explicit', 'fused', 'reference')
-
-
-def _checked(path: str) -> str:
-    if path not in ATTENTION_PATHS:
-        raise ValueError(f'unknown attention path {path!r}: choose from {", ".join(ATTENTION_PATHS)}.')
-    return path
-
-
-_PATH = _checked(os.environ.get('TIMM_TCNN_ATTENTION_PATH', 'auto'))
-
-
-def set_attention_path(path: str = 'auto') -> None:
-    """Choose the computation of every `GatedPositionalAttention2d` in this process (`ATTENTION_PATHS`)."""
-    global _PATH
-    _PATH = _checked(path)
-
-
-def get_attention_path() -> str:
-    """The path as set (may be `auto`)."""
-    return _PATH
-
-
-@contextlib.contextmanager
-def attention_path(path: str) -> Iterator[None]:
-    """Run the enclosed code with attention path `path`, then restore the previous one."""
-    previous = get_attention_path()
-    set_attention_path(path)
-    try:
-        yield
-    finally:
-        set_attention_path(previous)
-
-
-def resolve_attention_path() -> str:
-    """The path eager layers take now: `explicit`, `fused` or `reference` (`auto` resolved)."""
-    return 'explicit' if _PATH == 'auto' else _PATH
-
+__all__ = ['LayerChoices', 'choose', 'set_positional_kernels', 'positional_kernels_enabled', 'register']
 
 _POSITIONAL_KERNELS = os.environ.get('TIMM_TCNN_POSITIONAL_KERNELS', '1') != '0'
+_LAYERS: 'weakref.WeakSet' = weakref.WeakSet()  # every layer, to re-choose when a switch changes
 
 
-def set_positional_kernels(enabled: bool = True) -> None:
-    """Let the layers build their positional attention with Triton kernels where they can run (the default)."""
-    global _POSITIONAL_KERNELS
-    _POSITIONAL_KERNELS = bool(enabled)
+class LayerChoices(NamedTuple):
+    """The computation a layer's eager forward pass takes on its device (see the module docstring)."""
+    positional_kernels: bool
+    queries_everywhere: bool
+    channels_first_projection: bool
+    block_bytes: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,3 +53,27 @@ def positional_kernels_enabled(device: torch.device) -> bool:
     if not _POSITIONAL_KERNELS or not _triton_installed():
         return False
     return device.type == 'cuda' or (device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1')
+
+
+def choose(device: torch.device, dtype: torch.dtype, stride: int, groups: int) -> LayerChoices:
+    """The choices of a layer with parameters of `dtype` on `device`."""
+    cuda = device.type == 'cuda'
+    return LayerChoices(
+        positional_kernels=positional_kernels_enabled(device) and dtype != torch.float64,
+        queries_everywhere=stride == 1 or cuda,
+        channels_first_projection=groups == 1 and cuda,
+        block_bytes=default_block_bytes(device),
+    )
+
+
+def register(layer) -> None:
+    """Keep `layer` (a `GatedPositionalAttention2d`) to re-choose its computation when a switch changes."""
+    _LAYERS.add(layer)
+
+
+def set_positional_kernels(enabled: bool = True) -> None:
+    """Let the layers build their positional attention with Triton kernels where they can run (the default)."""
+    global _POSITIONAL_KERNELS
+    _POSITIONAL_KERNELS = bool(enabled)
+    for layer in list(_LAYERS):
+        layer.choose_computation()

@@ -1,7 +1,7 @@
 """ Autograd functions of the attention layer's eager training path, each with a hand-written backward pass
 that issues a few large operations where autograd would issue many small ones.
 
-- `ScaledValues`: the four gate and positional parameters -> one (5 * heads,) float32 vector of values
+- `ScaledValues`: the four gate and positional parameters -> one (5 * heads,) vector of values in the attention's dtype
   (rate-scaled, gates clamped to [0, 1] with a straight-through gradient).
 - `AttentionMix`: maps and values -> the positional attention (its builder's), queries and keys of every
   head (one GEMM per sample), content softmax blended with the positional attention, mixing the full-width tokens
@@ -14,20 +14,23 @@ from typing import Any, List, NamedTuple, Tuple
 
 import torch
 
-from .numerics import autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of
+from .numerics import (
+    attention_dtype, autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of)
 
 __all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weight', 'project_qk', 'floored_blend', 'content_mix_reference']
 
 
 class ScaledValues(torch.autograd.Function):
     """(content_gate, locality_gate, pos_log_alpha (heads,), pos_center (heads, 2)) stored / scale -> their values
-    (5 * heads,) float32: stored * scale, gates clamped to [0, 1]. Backward: each stored parameter gets the
+    (5 * heads,) in `attention_dtype` (float32; float64 for float64 parameters): stored * scale, gates clamped to
+    [0, 1]. Backward: each stored parameter gets the
     gradient of its value (rate scaling: an optimizer step of lr moves the value by scale x lr; straight-through:
     a gate at 0 still gets its one-sided gradient), as contiguous slices of one vector."""
 
     @staticmethod
     def forward(ctx, content_gate, locality_gate, log_alpha, center, scale):
-        values = torch.cat([content_gate, locality_gate, log_alpha, center.flatten()]).float().mul_(scale)
+        values = torch.cat([content_gate, locality_gate, log_alpha, center.flatten()])
+        values = values.to(attention_dtype(values.dtype)).mul_(scale)
         heads = content_gate.shape[0]
         values[:2 * heads].clamp_(0., 1.)
         ctx.dtypes = content_gate.dtype, center.shape
@@ -86,9 +89,10 @@ def projection_weight(qk_weight: torch.Tensor, geometry: MixGeometry, dtype: tor
     return split_qk(qk_weight, geometry.qk_dim, dtype)
 
 
-def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries (B * heads, d, Nq) and keys (B * heads, d, N), float32, of (B, C, H, W) maps and `projection_weight`
-    in their dtype, reading NCHW or channels-last maps in place.
+def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry,
+               precision: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B * heads, d, Nq) and keys (B * heads, d, N) in `precision` (the attention's dtype), of (B, C, H, W)
+    maps and `projection_weight` in their dtype, reading NCHW or channels-last maps in place.
 
     With `geometry.queries_everywhere`, one GEMM per sample whose (B * heads, 2, d, N) output the keys are a view
     of, and the queries too for stride 1; for stride 2 they are copied from the query positions (4x the queries'
@@ -97,15 +101,15 @@ def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry) 
     B, d = maps.shape[0], geometry.qk_dim
     if geometry.queries_everywhere:
         heads = weight.shape[0] // (2 * d)
-        qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, 2, d, -1)
+        qk = torch.bmm(weight.expand(B, -1, -1), maps.flatten(2)).to(precision).view(B * heads, 2, d, -1)
         if geometry.stride == 1:
             return qk[:, 0], qk[:, 1]
         queries = query_maps(qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry)
         return queries.reshape(B * heads, d, -1), qk[:, 1]
     heads = weight.shape[1] // d
-    q = torch.bmm(weight[0].expand(B, -1, -1), query_maps(maps, geometry).flatten(2)).float().view(B * heads, d, -1)
-    k = torch.bmm(weight[1].expand(B, -1, -1), maps.flatten(2)).float().view(B * heads, d, -1)
-    return q, k
+    q = torch.bmm(weight[0].expand(B, -1, -1), query_maps(maps, geometry).flatten(2)).to(precision)
+    k = torch.bmm(weight[1].expand(B, -1, -1), maps.flatten(2)).to(precision)
+    return q.view(B * heads, d, -1), k.view(B * heads, d, -1)
 
 
 def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
@@ -115,10 +119,10 @@ def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
 def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor,
                 geometry: MixGeometry) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
-    the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) float32, gate (heads,) -> mixed (B, Nq, heads,
+    the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) in the attention's dtype, gate (heads,) -> mixed (B, Nq, heads,
     C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the backward pass reads: the maps and
     projection weight in that dtype, queries, keys and the softmax of each block of queries.
-    Queries, keys and softmax are float32 (`softmax_without_subnormals_`); queries go in blocks of
+    Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`); queries go in blocks of
     `geometry.block`."""
     dtype = mixing_dtype(x)
     num_queries, heads = positional.shape[:2]
@@ -127,7 +131,7 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
         tokens = tokens_of(maps, dtype)
         B, N, C = tokens.shape
         weight = projection_weight(qk_weight, geometry, dtype)
-        queries, keys = project_qk(maps, weight, geometry)
+        queries, keys = project_qk(maps, weight, geometry, positional.dtype)
         mixed = tokens.new_empty(B, num_queries, heads, C)
         probs_blocks = []
         for start, stop in _blocks(num_queries, geometry.block):
@@ -208,7 +212,8 @@ class AttentionMix(torch.autograd.Function):
                 grad_block = grad[:, start:stop].reshape(B, -1, C)
                 attn = _blended(positional[start:stop], probs, gate, dtype)
                 _bmm_into(attn.transpose(1, 2), grad_block, grad_tokens, accumulate=not first)
-                grad_attn = torch.bmm(grad_block, tokens.transpose(1, 2)).float().view(B, stop - start, heads, N)
+                grad_attn = torch.bmm(grad_block, tokens.transpose(1, 2)).to(positional.dtype)
+                grad_attn = grad_attn.view(B, stop - start, heads, N)
                 torch.sum(grad_attn, 0, out=grad_positional[start:stop])
                 # p * (g - r), r = <g, p> per row: written once, in the logits' layout
                 grad_logits = torch.mul(grad_attn.transpose(1, 2), probs, out=torch.empty_like(probs))
@@ -247,21 +252,21 @@ def _scaled_per_head(grad: torch.Tensor, factor: torch.Tensor, batch: int, dtype
 def _joint_qk_backward(
         maps: torch.Tensor, weight: torch.Tensor, grad_qk: torch.Tensor, factor: torch.Tensor, qk_dim: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (float32) from that of its float32 GEMM
+    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype) from that of its GEMM
     output (B * heads, 2, d, N), scaled per head by `factor` (heads, 1)."""
     B = maps.shape[0]
     heads = weight.shape[0] // (2 * qk_dim)
     scaled = _scaled_per_head(grad_qk, factor, B, maps.dtype).view(B, 2 * heads * qk_dim, -1)
     grad_maps = torch.bmm(weight.t().expand(B, -1, -1), scaled).view(maps.shape)
-    return grad_maps, torch.bmm(scaled, maps.flatten(2).transpose(1, 2)).sum(0, dtype=torch.float32)
+    return grad_maps, torch.bmm(scaled, maps.flatten(2).transpose(1, 2)).sum(0, dtype=grad_qk.dtype)
 
 
 def _split_qk_backward(
         maps: torch.Tensor, weight: torch.Tensor, grad_queries: torch.Tensor, grad_keys: torch.Tensor,
         factor: torch.Tensor, geometry: MixGeometry,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (float32, in its layout) from those of its
-    float32 queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
+    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype, in its layout) from those of
+    its queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
     C)), scaled per head by `factor` (heads, 1)."""
     B, C = maps.shape[:2]
     d = geometry.qk_dim
@@ -302,7 +307,7 @@ def content_mix_reference(x: torch.Tensor, qk_weight: torch.Tensor, positional: 
     maps = x.to(mixing_dtype(x))
     tokens = tokens_of(maps, maps.dtype)
     B, N, C = tokens.shape
-    queries, keys = project_qk(maps, projection_weight(qk_weight, geometry, maps.dtype), geometry)
+    queries, keys = project_qk(maps, projection_weight(qk_weight, geometry, maps.dtype), geometry, positional.dtype)
     logits = torch.bmm(queries.transpose(1, 2), keys) * geometry.scale
     probs = softmax_without_subnormals_(logits).view(B, heads, num_queries, N).transpose(1, 2)
     attn = floored_blend(positional, probs, values[:heads, None], grad_floor)

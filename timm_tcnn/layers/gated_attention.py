@@ -53,33 +53,21 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
-from .config import positional_kernels_enabled, resolve_attention_path
-from .fused import fused_mix
-from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
 from .cache import BoundedCache
+from .config import LayerChoices, choose, register
+from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
 from .inference import InferencePlan
 from .numerics import (
-    cast_without_subnormals, default_block_bytes, float32_matmul, mixing_dtype, rate_scaled,
-    softmax_without_subnormals_, straight_through_clamp, tokens_of)
+    attention_dtype, attention_matmul, cast_without_subnormals, mixing_dtype, rate_scaled, softmax_without_subnormals_,
+    straight_through_clamp, tokens_of)
 from .positional import (
-    ClosedFormPositional, PositionalMixing, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
+    ClosedFormPositional, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
     positional_tables, query_start, split_values)
-from .reference import reference_forward
 
-__all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS', 'join_query_key_entries']
+__all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS']
 
 # parameters stored as value / gate_lr_scale (the gates and the Gaussian positional attention)
 RATE_SCALED_PARAMS = ('content_gate', 'locality_gate', 'pos_log_alpha', 'pos_center')
-
-
-def join_query_key_entries(state_dict: Dict[str, torch.Tensor], prefix: str, num_heads: int) -> None:
-    """Replaces, in place, a layer's separate `q.weight` and `k.weight` entries (heads * d, C) by the joint
-    `qk.weight` (per head, its query rows then its key rows)."""
-    query, key = prefix + 'q.weight', prefix + 'k.weight'
-    if query in state_dict and key in state_dict and prefix + 'qk.weight' not in state_dict:
-        q, k = state_dict.pop(query), state_dict.pop(key)
-        state_dict[prefix + 'qk.weight'] = torch.stack(
-            [q.view(num_heads, -1, q.shape[-1]), k.view(num_heads, -1, k.shape[-1])], 1).flatten(0, 2)
 
 
 class GatedPositionalAttention2d(nn.Module):
@@ -108,13 +96,13 @@ class GatedPositionalAttention2d(nn.Module):
     `attention_block_bytes` bounds the float32 attention tensor materialised at once: queries are
     processed in blocks of that size. None (default) chooses per device type (`default_block_bytes`). It
     changes speed only, never the result. `inference_cache_bytes` bounds what the layer keeps between
-    inference calls (`inference.py`).
+    inference calls (`inference.py`) besides the plan of the latest map size, which it always keeps.
 
     Invariant: with both gates at 0 the layer equals `F.conv2d(x, weight, bias, stride, dilation * (K // 2), dilation,
     groups)` (with `same_padding`, the same on `timm.layers.pad_same(x, (K, K), (stride, stride), (dilation,
     dilation))` without padding).
     """
-    __jit_ignored_attributes__ = ['_plans']  # eager inference only
+    __jit_ignored_attributes__ = ['_plans', 'choices']  # eager only
     __jit_unused_properties__ = ['inference_cache_bytes']
 
     def __init__(
@@ -181,8 +169,22 @@ class GatedPositionalAttention2d(nn.Module):
         self.pos_center = nn.Parameter(torch.empty(self.num_heads, 2, **dd))
         self.register_buffer('gate_lr_scale', torch.tensor(float(gate_lr_scale), device=device, dtype=torch.float32))
         self.qk = nn.Linear(in_channels, 2 * self.num_heads * qk_dim, bias=False, **dd)
-        self._plans = BoundedCache(inference_cache_bytes)
+        self._plans = BoundedCache(inference_cache_bytes, keep_newest=True)
+        self.choices: LayerChoices = self.choose_computation()
+        register(self)
         self.reset_parameters()
+
+    @torch.jit.unused
+    def choose_computation(self) -> LayerChoices:
+        """Decide, for the layer's device and dtype, how its eager forward pass computes (`config.choose`); done when
+        the layer is built, moved or cast, and when a process-wide switch changes. Returns the new `choices`."""
+        self.choices = choose(self.weight.device, self.weight.dtype, self.stride, self.groups)
+        return self.choices
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.choose_computation()
+        return module
 
     # ---- parameters, conversion and state dicts
 
@@ -263,10 +265,8 @@ class GatedPositionalAttention2d(nn.Module):
         state_dict[prefix + 'gate_lr_scale'] = self.gate_lr_scale.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # separate query and key projections (checkpoints of version 0.2) load into the joint one; a convolution's
-        # entries load as the exact conversion (timm's strict checkpoint loading); attention entries keep their
-        # values whatever scale they were saved with
-        join_query_key_entries(state_dict, prefix, self.num_heads)
+        # a convolution's entries load as the exact conversion (timm's strict checkpoint loading); attention entries
+        # keep their values whatever scale they were saved with
         if not self.fill_conversion_state(state_dict, prefix):
             self._rescale_state(state_dict, prefix)
         super()._load_from_state_dict(
@@ -326,17 +326,23 @@ class GatedPositionalAttention2d(nn.Module):
         k, s, same, d = self.kernel_size, self.stride, self.same_padding, self.dilation
         return query_start(height, k, s, same, d), query_start(width, k, s, same, d)
 
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype of the layer's attention, gates and positional values: float64 for a float64 layer, else float32
+        (under autocast too)."""
+        return attention_dtype(self.pos_center.dtype)
+
     def _tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return positional_tables(
-                self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation)
+                self.kernel_size, self.stride, height, width, self.same_padding, device, self.attention_dtype(),
+                dilation=self.dilation)
         return self._cached_tables(height, width, device)
 
     @torch.jit.unused
     def _positional_builder(self, height: int, width: int, device: torch.device) -> Any:
-        """What builds the positional attention in the eager training path: the Triton kernels where they are enabled,
-        run and agree with the closed form (`config.py`), else the closed form."""
-        if positional_kernels_enabled(device):
+        """What builds the positional attention in the eager training path: the Triton kernels where the layer's
+        choices say so and they agree with the closed form on this shape (`config.py`), else the closed form."""
+        if self.choices.positional_kernels:
             from .positional_kernels import checked_kernels  # imports Triton
             kernels = checked_kernels(
                 self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation)
@@ -347,13 +353,15 @@ class GatedPositionalAttention2d(nn.Module):
     @torch.jit.unused
     def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         return cached_positional_tables(
-            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device, self.dilation)
+            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device, self.dilation,
+            self.attention_dtype())
 
-    def _block(self, batch: int, height: int, width: int, device: torch.device) -> int:
-        """Queries per block: the float32 attention of a block stays within `attention_block_bytes`."""
+    def _block(self, batch: int, height: int, width: int) -> int:
+        """Queries per block: the float32 attention of a block stays within `attention_block_bytes` (by default the
+        layer's `choices.block_bytes`)."""
         block_bytes = self.attention_block_bytes
         if block_bytes is None:
-            block_bytes = default_block_bytes(device)
+            block_bytes = self.choices.block_bytes
         out_h, out_w = self.output_size(height, width)
         num_queries = out_h * out_w
         per_query = 4 * batch * self.num_heads * height * width
@@ -363,14 +371,15 @@ class GatedPositionalAttention2d(nn.Module):
     # ---- the attention's parts (public: analysis and tests)
 
     def _values(self) -> torch.Tensor:
-        """(5 * heads,) float32 values: content gate, locality gate (in [0, 1]), log alpha, centre (`split_values`),
-        rate-scaled and straight-through, in standard operations (`ScaledValues` in the eager paths)."""
-        scale = self.gate_lr_scale
+        """(5 * heads,) values in the attention's dtype: content gate, locality gate (in [0, 1]), log alpha, centre
+        (`split_values`), rate-scaled and straight-through, in standard operations (`ScaledValues` in the eager
+        paths)."""
+        scale, dtype = self.gate_lr_scale, self.attention_dtype()
         return torch.cat([
-            straight_through_clamp(rate_scaled(self.content_gate.float(), scale)),
-            straight_through_clamp(rate_scaled(self.locality_gate.float(), scale)),
-            rate_scaled(self.pos_log_alpha.float(), scale),
-            rate_scaled(self.pos_center.float(), scale).flatten(),
+            straight_through_clamp(rate_scaled(self.content_gate.to(dtype), scale)),
+            straight_through_clamp(rate_scaled(self.locality_gate.to(dtype), scale)),
+            rate_scaled(self.pos_log_alpha.to(dtype), scale),
+            rate_scaled(self.pos_center.to(dtype), scale).flatten(),
         ])
 
     @torch.jit.unused
@@ -379,12 +388,12 @@ class GatedPositionalAttention2d(nn.Module):
             self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center, self.gate_lr_scale)
 
     def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention, float32."""
+        """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention."""
         _, _, log_alpha, center = split_values(self._values())
         return gaussian_factors(log_alpha, center, self._tables(height, width, self.pos_center.device))
 
     def positional_mixing(self, height: int, width: int) -> torch.Tensor:
-        """The input-independent part of the attention, (1 - g) * P, as a dense float32 (Nq, heads, N), queries
+        """The input-independent part of the attention, (1 - g) * P, as a dense (Nq, heads, N), queries
         leading (the layout the mixing GEMM reads)."""
         tables = self._tables(height, width, self.pos_center.device)
         return positional_mixing(self._values(), tables, self.grad_floor)
@@ -398,7 +407,7 @@ class GatedPositionalAttention2d(nn.Module):
         return self.qk.weight.view(self.num_heads, -1, self.in_channels).index_select(0, heads).flatten(0, 1)
 
     def content_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled query-key products of every head, always in float32: (B, C_in, H, W) ->
+        """Scaled query-key products of every head, in float32 (float64 for float64 maps): (B, C_in, H, W) ->
         (B, heads, H_out * W_out, H * W)."""
         H, W = x.shape[-2], x.shape[-1]
         h, d = self.num_heads, self.qk_dim
@@ -407,12 +416,12 @@ class GatedPositionalAttention2d(nn.Module):
         q_weight, k_weight = (w.flatten(0, 1) for w in self.query_key_weights())
         q = F.linear(queries.flatten(2).transpose(1, 2), q_weight).unflatten(-1, (h, d))  # B, Nq, h, d
         k = F.linear(x.flatten(2).transpose(1, 2), k_weight).unflatten(-1, (h, d))  # B, N, h, d
-        return float32_matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * self.scale
+        return attention_matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * self.scale
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention of every head, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in float32: (B, C_in, H, W) ->
-        (B, H_out * W_out, heads, H * W), queries leading. Logits and softmax are float32 whatever the input
-        dtype or autocast state; A is a (sub-)stochastic matrix."""
+        """Attention of every head, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in the attention's dtype: (B, C_in, H, W) ->
+        (B, H_out * W_out, heads, H * W), queries leading. Logits and softmax are float32 (float64 for a float64
+        layer) whatever the input dtype or autocast state; A is a (sub-)stochastic matrix."""
         values = self._values()
         positional = self.positional_mixing(x.shape[-2], x.shape[-1])
         probs = softmax_without_subnormals_(self.content_logits(x))
@@ -498,70 +507,40 @@ class GatedPositionalAttention2d(nn.Module):
             return out if bias is None else out + bias[:, None]
         return torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias[:, None], weight, flat)
 
-    def _geometry(self, x: torch.Tensor, block: int) -> MixGeometry:
+    def _geometry(self, x: torch.Tensor, block: int, queries_everywhere: bool) -> MixGeometry:
         H, W = x.shape[-2], x.shape[-1]
         return MixGeometry(H, W, self.stride, self.query_start(H, W), self.qk_dim, self.scale, block,
-                           self._queries_everywhere(x.device))
-
-    def _channels_first_projection(self, x: torch.Tensor) -> bool:
-        """Whether inference projects NCHW maps channels first (`_project_channels_first`): for dense layers on CUDA,
-        where it saves the transposing copy's launch; not on CPU, where one GEMM over every sample and the copy are
-        faster (per-sample GEMMs ran at 0.84x at 7x7)."""
-        return self.groups == 1 and x.device.type == 'cuda' and not x.is_contiguous(memory_format=torch.channels_last)
-
-    def _queries_everywhere(self, device: torch.device) -> bool:
-        """Whether queries are projected at every position, with the keys in one GEMM (`project_qk`): always for
-        stride 1; for stride 2 on CUDA, where the extra multiply-adds (a stride-2 layer's Q/K projection grows by
-        60%) cost less than the launches and copies they save, and not on CPU, where they cost about 7% of the
-        layer's training time."""
-        return self.stride == 1 or device.type == 'cuda'
+                           queries_everywhere)
 
     # ---- the computations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._standard_ops_forward(x)
-        return self._eager_forward(x)
-
-    @torch.jit.unused
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The one place that chooses the eager computation: the process-wide path (`config.py`), and with autograd
-        off (nothing to differentiate) the inference plan."""
-        path = resolve_attention_path()
-        if path == 'reference':
-            return reference_forward(self, x)
-        if not torch.is_grad_enabled():
-            return self._inference_forward(x, fused=path == 'fused')
-        return self._attention(x, fused=path == 'fused')
+        if not torch.is_grad_enabled():  # nothing to differentiate: the inference plan
+            return self._inference_forward(x)
+        return self.attention_forward(x)
 
     @torch.jit.unused
     def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The attention computation itself, as in training, whatever the grad mode: never the inference
         shortcuts (reused positional attention, skipped content branch, `F.conv2d` while the layer is its
         convolution)."""
-        return self._attention(x, fused=resolve_attention_path() == 'fused')
-
-    @torch.jit.unused
-    def _attention(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         B, C, H, W = x.shape
         values = self._scaled_values()
         builder = self._positional_builder(H, W, x.device)
-        geometry = self._geometry(x, self._block(B, H, W, x.device))
-        if fused:
-            positional = PositionalMixing.apply(values, builder, self.grad_floor)
-            mixed = fused_mix(
-                x, self.qk.weight, positional, values[:self.num_heads], geometry, self.grad_floor)
-        else:
-            mixed = AttentionMix.apply(x, self.qk.weight, values, builder, geometry, self.grad_floor)
+        geometry = self._geometry(x, self._block(B, H, W), self.choices.queries_everywhere)
+        mixed = AttentionMix.apply(x, self.qk.weight, values, builder, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(dtype=mixed.dtype), self.bias), x)
 
     def _standard_ops_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training computation in standard operations, all queries at once: scripted, traced, exported and
-        compiled graphs (compilers fuse what the autograd functions fuse by hand)."""
+        compiled graphs (compilers fuse what the autograd functions fuse by hand). Stride-2 layers project queries
+        at their positions only: the fewest multiply-adds, whatever the device."""
         H, W = x.shape[-2], x.shape[-1]
         values = self._values()
         positional = positional_mixing(values, self._tables(H, W, x.device), self.grad_floor)
-        geometry = self._geometry(x, 0)
+        geometry = self._geometry(x, 0, self.stride == 1)
         mixed = content_mix_reference(x, self.qk.weight, positional, values, geometry, self.grad_floor)
         return self._to_map(self._project(mixed, self.tap_major_weight(), self.bias), x)
 
@@ -601,7 +580,7 @@ class GatedPositionalAttention2d(nn.Module):
             open_gates=gate[open_heads], head_order=torch.cat([open_heads, closed_heads]), **closed)
 
     @torch.jit.unused
-    def _inference_forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd, reusing the plan for x's map size (`inference.py`).
 
         Runs the convolution itself while the layer is exactly its convolution; otherwise mixes the closed heads
@@ -618,19 +597,18 @@ class GatedPositionalAttention2d(nn.Module):
         weight = self.tap_major_weight(order, tokens.dtype)
         num_open = 0 if plan.open_positional is None else plan.open_positional.shape[1]
         split = num_open * (self.in_channels // self.groups)
-        project = self._project_channels_first if self._channels_first_projection(x) else self._project
+        channels_first = self.choices.channels_first_projection and not x.is_contiguous(
+            memory_format=torch.channels_last)
+        project = self._project_channels_first if channels_first else self._project
         out: Optional[torch.Tensor] = None
         if plan.closed_positional is not None:
             positional = cast_without_subnormals(plan.closed_positional, tokens.dtype)
             mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, positional.shape[0], -1, C)
             out = project(mixed, weight[..., split:], self.bias)
         if plan.open_positional is not None:
-            geometry = self._geometry(x, self._block(B, H, W, x.device))
+            geometry = self._geometry(x, self._block(B, H, W), self.choices.queries_everywhere)
             qk_weight = self.qk.weight if plan.open_heads is None else self._qk_weight(plan.open_heads)
-            if fused:
-                mixed = fused_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry, 0.)
-            else:
-                mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry)[0]
+            mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry)[0]
             out = project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 

@@ -1,5 +1,5 @@
 """ Numerics of the attention layer: rate-scaled and straight-through parameters, float32 logits under
-autocast, and attention tensors that never hold a subnormal number.
+autocast (float64 for float64 layers), and attention tensors that never hold a subnormal number.
 
 Subnormal floats (below float32's smallest normal, ~1.2e-38) can make CPU arithmetic, GEMMs above all, many
 times slower (GPUs compute with them at full speed). On CPU the attention never produces one, by construction: the Gaussian positional attention is 0 or
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'straight_through_clamp', 'rate_scaled', 'default_block_bytes', 'exp_without_subnormals',
-    'raise_to_range_', 'softmax_without_subnormals_', 'cast_without_subnormals', 'float32_matmul', 'mixing_dtype',
-    'tokens_of', 'autocast_off',
+    'raise_to_range_', 'softmax_without_subnormals_', 'cast_without_subnormals', 'attention_dtype', 'attention_matmul',
+    'mixing_dtype', 'tokens_of', 'autocast_off',
 ]
 
 
@@ -49,7 +49,8 @@ def raise_to_range_(logits: torch.Tensor, logit_range: float = 40.) -> torch.Ten
     that a softmax or logsumexp over them computes no subnormal exponential: each weight is >= exp(-logit_range)
     / N and moves by less than that. The raise is invisible to autograd (a straight-through estimate of a
     gradient that is < exp(-logit_range) anyway), so backward passes are those of the plain softmax."""
-    if torch.compiler.is_compiling():  # compiled graphs are functional: the same raise, out of place (fused)
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # graphs are functional: the same raise, out of place (fused by compilers)
         floor = logits.detach().amax(dim=-1, keepdim=True) - logit_range
         return logits + (torch.maximum(logits, floor) - logits).detach()
     with torch.no_grad():
@@ -74,17 +75,24 @@ def cast_without_subnormals(
     return attn.to(dtype)
 
 
-def float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in float32, also under autocast."""
+def attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the attention (logits, softmax, positional attention, gate values) for parameters or maps of
+    `dtype`: float64 for float64, float32 for every other (float16 and bfloat16 included, whatever autocast says)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in `attention_dtype(a.dtype)`, also under autocast."""
+    dtype = attention_dtype(a.dtype)
     if torch.jit.is_scripting() or a.device.type == 'meta':
-        return a.float() @ b.float()  # scripted code and meta tensors do not autocast
-    return _float32_matmul_no_autocast(a, b)
+        return a.to(dtype) @ b.to(dtype)  # scripted code and meta tensors do not autocast
+    return _matmul_no_autocast(a, b, dtype)
 
 
 @torch.jit.unused
-def _float32_matmul_no_autocast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _matmul_no_autocast(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with torch.autocast(a.device.type, enabled=False):
-        return a.float() @ b.float()
+        return a.to(dtype) @ b.to(dtype)
 
 
 def autocast_off(device: torch.device) -> ContextManager:

@@ -2,14 +2,14 @@
 
     P_h = (1 - g_h) * ((1 - l_h) * onehot(D_h) + l_h * gauss(alpha_h, c_h))
 
-as a dense float32 (Nq, heads, N) matrix, queries leading (the layout the mixing GEMM reads). The Gaussian is
+as a dense (Nq, heads, N) matrix in the attention's dtype (float32; float64 for float64 layers), queries leading (the layout the mixing GEMM reads). The Gaussian is
 separable: gauss[(i, j), (y, x)] = rows[i, y] * cols[j, x], each factor a softmax over every offset in
 [-(size - 1), size - 1] (offsets outside the image are zero tokens, so rows of border queries sum to less
 than 1). In log space the dense Gaussian is the broadcast sum of the two factors' logarithms, so one
 attention-sized addition builds it; everything else works on (heads, size, size) tensors.
 
 What depends on the map size only (the one-hot matrix, the offset tables) is built once per shape and device
-(`positional_tables`). `PositionalMixing` builds P from the layer's values in one autograd function with a
+(`positional_tables`). `ClosedFormPositional` builds P from the layer's values, inside the attention's autograd function, with a
 closed-form backward pass (a handful of operations where autograd takes about a hundred); the Gaussian learns
 as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
 operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
@@ -23,13 +23,13 @@ from .numerics import exp_without_subnormals
 
 __all__ = [
     'PositionalTables', 'TABLES', 'positional_tables', 'cached_positional_tables', 'gaussian_factors', 'positional_mixing',
-    'ClosedFormPositional', 'PositionalMixing', 'PositionalSaved', 'positional_forward', 'positional_backward', 'split_values', 'same_pad_before', 'query_start',
+    'ClosedFormPositional', 'PositionalSaved', 'positional_forward', 'positional_backward', 'split_values', 'same_pad_before', 'query_start',
 ]
 
 class PositionalTables(NamedTuple):
     """What the positional attention of (height, width) maps needs besides the layer's values.
 
-    onehot: (Nq, heads, N) float32, 1 where the key sits at the head's tap offset from the query.
+    onehot: (Nq, heads, N), 1 where the key sits at the head's tap offset from the query.
     offsets: (2, Ho * H + 2 * H - 1) for square maps; per dimension (rows, cols), the key's offset from each
         query, (out_size, size) flattened, then every offset of the normalisation, -(size - 1) ... size - 1,
         padded to a common length with offsets no Gaussian reaches.
@@ -95,7 +95,7 @@ def positional_tables(
         dilation: int = 1,
 ) -> PositionalTables:
     """The shape-dependent constants of the positional attention (see `PositionalTables`), in `dtype`
-    (float32 in the layer; float64 for gradient checks). Padding offsets are `far`: their Gaussian weight is
+    (the layer's `attention_dtype`). Padding offsets are `far`: their Gaussian weight is
     exactly 0 for every alpha > 1e-20."""
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
     row_onehot, row_rel, row_norm = _dimension_tables(
@@ -130,14 +130,14 @@ TABLES = BoundedCache(256 * 2 ** 20)
 @torch.compiler.assume_constant_result
 def cached_positional_tables(
         kernel_size: int, stride: int, height: int, width: int, same_padding: bool, device: torch.device,
-        dilation: int = 1,
+        dilation: int = 1, dtype: torch.dtype = torch.float32,
 ) -> PositionalTables:
-    """`positional_tables`, built once per shape and device in eager code (constants, never written to) and kept
-    in `TABLES`, least recently used evicted beyond its byte budget."""
-    key = (kernel_size, stride, height, width, same_padding, device, dilation)
+    """`positional_tables`, built once per shape, device and dtype in eager code (constants, never written to) and
+    kept in `TABLES`, least recently used evicted beyond its byte budget."""
+    key = (kernel_size, stride, height, width, same_padding, device, dilation, dtype)
     tables = TABLES.get(key)
     if tables is None:
-        tables = positional_tables(kernel_size, stride, height, width, same_padding, device, dilation=dilation)
+        tables = positional_tables(kernel_size, stride, height, width, same_padding, device, dtype, dilation=dilation)
         TABLES.put(key, tables, sum(t.numel() * t.element_size() for t in tables[:4]))
     return tables
 
@@ -181,15 +181,16 @@ def _dense_log_gaussian(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def gaussian_factors(
         log_alpha: torch.Tensor, center: torch.Tensor, tables: PositionalTables) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Separable factors (heads, Ho, H) and (heads, Wo, W) of the Gaussian attention, float32, each row a
+    """Separable factors (heads, Ho, H) and (heads, Wo, W) of the Gaussian attention, in the tables' dtype, each row a
     softmax over every offset of its dimension; values below exp(-35) are 0 (`exp_without_subnormals`)."""
-    logits = _normalised_logits(_log_gaussian(log_alpha.float(), center.float(), tables.offsets), tables)
+    dtype = tables.offsets.dtype
+    logits = _normalised_logits(_log_gaussian(log_alpha.to(dtype), center.to(dtype), tables.offsets), tables)
     rows, cols = _factors(logits, tables.rows, tables.cols)
     return exp_without_subnormals(rows), exp_without_subnormals(cols)
 
 
 def positional_mixing(values: torch.Tensor, tables: PositionalTables, grad_floor: float = 0.) -> torch.Tensor:
-    """P (Nq, heads, N) float32 from a layer's packed values (`split_values`; gates already in [0, 1]), in
+    """P (Nq, heads, N) in the tables' dtype from a layer's packed values (`split_values`; gates already in [0, 1]), in
     standard operations; the Gaussian learns as if its share (1 - g) * l were at least `grad_floor`."""
     gate, locality, log_alpha, center = split_values(values)
     logits = _normalised_logits(_log_gaussian(log_alpha, center, tables.offsets), tables)
@@ -279,21 +280,3 @@ class ClosedFormPositional(NamedTuple):
         """The values' gradient (5 * heads,) from P's, plus `content_gate_grad` (heads,) on the gates if given."""
         grad_values = values.new_empty(values.shape)
         return positional_backward(grad, PositionalSaved(*saved), self.tables, grad_values, content_gate_grad)
-
-
-class PositionalMixing(torch.autograd.Function):
-    """The positional attention P (Nq, heads, N) of (5 * heads,) values as an autograd function, built and
-    differentiated by `positional` (`ClosedFormPositional` or the kernels' `KernelPositional`)."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, positional: Any, grad_floor: float) -> torch.Tensor:
-        dense, saved = positional.forward(values, grad_floor)
-        ctx.save_for_backward(values, *saved)
-        ctx.positional, ctx.grad_floor = positional, grad_floor
-        return dense
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        values, *saved = ctx.saved_tensors
-        return ctx.positional.backward(grad.contiguous(), values, tuple(saved), ctx.grad_floor), None, None

@@ -11,7 +11,6 @@ from ...tools.bench import (
     format_table,
 )
 from ...errors import InputError
-from ...layers import ATTENTION_PATHS, attention_path, get_attention_path
 from .common import add_device_arg, resolve_device
 from ...utils.io import atomic_write, check_output_file
 from ...models.variants import VARIANTS
@@ -52,9 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_device_arg(setup, ' of both sides')
     setup.add_argument('--amp', choices=list(AMP_DTYPES), default='none', help='autocast dtype (default: none)')
     setup.add_argument('--channels-last', action='store_true', help='channels-last models and inputs')
-    setup.add_argument('--attention-path', choices=ATTENTION_PATHS, default=None,
-                       help='the computation of the converted layers (timm_tcnn.layers.set_attention_path; default: '
-                            'as set for the process, "auto" unless TIMM_TCNN_ATTENTION_PATH says otherwise)')
     setup.add_argument('--compile', action='store_true',
                        help='torch.compile both sides (static shapes); compilation time is reported apart')
     state = parser.add_argument_group('state of the T-CNNs (see timm_tcnn.bench.set_state)')
@@ -101,9 +97,6 @@ def _machine(setup: BenchSetup) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    if args.attention_path is not None:
-        with attention_path(args.attention_path):
-            return _run(args)
     return _run(args)
 
 
@@ -139,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
                      + '.')
     table = format_table(results)
     header = (f'Machine: {_machine(setup)}. Batch {args.batch_size}, median of {args.reps}, '
-              f'{time.time() - start:.0f} s in total. Attention path: {get_attention_path()}.\n' + ''.join(note + '\n' for note in notes) +
+              f'{time.time() - start:.0f} s in total.\n' + ''.join(note + '\n' for note in notes) +
               'ratio: T-CNN/CNN throughput (infer, train; layers-*, shape-*: converted layers/convs), T-CNN/CNN peak '
               'memory (train-memory), ours/GPSA GFLOP/s (gpsa); FLOP ratio: CNN/T-CNN FLOPs (gpsa: GPSA/ours); '
               'efficiency = ratio / FLOP ratio.\n')
