@@ -101,6 +101,7 @@ def set_model_state(model, state: str, seed: int = 0, img_size: int = 96) -> Non
     """Put every converted layer of `model` in benchmark `state` (`STATES`), in place, calibrated on the inputs the
     freshly converted model gives its layers on random images of `img_size` px."""
     import torch
+
     import timm_tcnn
     if state not in STATES:
         raise ValueError(f'unknown state {state!r}: choose from {list(STATES)}.')
@@ -125,8 +126,9 @@ def set_model_state(model, state: str, seed: int = 0, img_size: int = 96) -> Non
 
 class Worker:
     def __init__(self, config: Dict):
-        import torch
         import timm
+        import torch
+
         import timm_tcnn
         torch.set_num_threads(config['threads'])
         self.config = config
@@ -149,6 +151,7 @@ class Worker:
         """Each of `LAYERS` (the first converted layer of that stride and 224 px input size) with its convolution."""
         import torch
         import torch.nn as nn
+
         import timm_tcnn
         shapes = {}
 

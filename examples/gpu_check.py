@@ -25,14 +25,14 @@ import traceback
 import warnings
 from typing import Callable, Dict, List, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 
-import timm
 import timm_tcnn
-from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, spread_layer_state, bench_models, bench_shapes, create_pair
 from timm_tcnn.layers import GatedPositionalAttention2d, positional_kernels_enabled, set_positional_kernels
 from timm_tcnn.layers.positional import ClosedFormPositional, cached_positional_tables
+from timm_tcnn.tools.bench import LAYER_SHAPES, BenchSetup, bench_models, bench_shapes, create_pair, spread_layer_state
 from timm_tcnn.tools.op_count import layer_step_ops
 
 BACKENDS = ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH')

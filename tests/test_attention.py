@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 

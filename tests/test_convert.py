@@ -8,7 +8,10 @@ import torch.nn as nn
 from timm.layers import StdConv2d
 
 from timm_tcnn import (
-    GatedPositionalAttention2d, attention_layers, conv_stages, conv_to_attention, convert_cnn_state_dict,
+    attention_layers,
+    conv_stages,
+    conv_to_attention,
+    convert_cnn_state_dict,
     transform_cnn,
 )
 from helpers import randomize_batchnorm, relative_error

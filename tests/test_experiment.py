@@ -11,11 +11,10 @@ import timm
 import torch
 
 from timm_tcnn.cli import main
+from timm_tcnn.models.options import GATE_LR_SCALE
 from timm_tcnn.tools.experiment import ExperimentSpec, Step, start_step
 from timm_tcnn.tools.experiment.report import compare
 from timm_tcnn.tools.relational_shapes import write_dataset
-from timm_tcnn.models.options import GATE_LR_SCALE
-
 from helpers import attention_path, randomize_batchnorm, relative_error
 
 STANDIN = Path(__file__).parent / 'standin_scripts'

@@ -9,7 +9,15 @@ from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import default_block_bytes
 from timm_tcnn.layers.functions import AttentionMix, MixGeometry, content_mix_reference
 from timm_tcnn.layers.positional import ClosedFormPositional, positional_mixing, positional_tables
-from helpers import assert_matches_plain_reference, assert_same_grads, fine_tuned_layer, grads, plain_forward, relative_error
+from helpers import (
+    assert_matches_plain_reference,
+    assert_same_grads,
+    fine_tuned_layer,
+    grads,
+    plain_forward,
+    relative_error,
+)
+
 
 @pytest.mark.parametrize('kernel_size,stride,bias', [(3, 1, True), (3, 2, False), (5, 1, False), (5, 2, True)])
 @pytest.mark.parametrize('size', [(7, 7), (6, 9), (1, 4), (2, 2)])
@@ -196,8 +204,9 @@ def test_benchmark_state_is_fine_tuned_like():
     """The benchmark's T-CNN state: every gate strictly inside (0, 1) and all attention parameters
     moved off their set values by the optimiser steps, so no conversion-state shortcut applies."""
     import timm
-    from timm_tcnn.tools.bench import fine_tune_like
+
     from timm_tcnn.models.convert import attention_layers
+    from timm_tcnn.tools.bench import fine_tune_like
     model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
     fine_tune_like(model, steps=2, gate=0.3, alpha=0.5, img_size=64, batch_size=2)
     assert not model.training
@@ -214,9 +223,11 @@ def test_benchmark_spread_state():
     closed (exactly 0 after clamping) and the rest open, content logits of std 4 on each layer's own inputs;
     the content branch runs in inference, so no shortcut of the conversion state applies."""
     import math
+
     import timm
-    from timm_tcnn.tools.bench import _layer_inputs, spread_state
+
     from timm_tcnn.models.convert import attention_layers
+    from timm_tcnn.tools.bench import _layer_inputs, spread_state
     model = timm.create_model('tcnn_resnet50rs', layers=(1, 1, 1, 1), num_classes=10)
     spread_state(model, img_size=64, seed=0)
     assert not model.training

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from timm_tcnn.tools.bench import LAYER_SHAPES, spread_layer_state
 from timm_tcnn.layers import GatedPositionalAttention2d, default_block_bytes, set_positional_kernels
 from timm_tcnn.layers.positional import TABLES
+from timm_tcnn.tools.bench import LAYER_SHAPES, spread_layer_state
 from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
 
 # at most, with the positional attention in its closed form (CPU; the Triton kernels' counts are in

@@ -16,7 +16,6 @@ import torch
 
 from timm_tcnn.cli import main
 from timm_tcnn.tools.relational_shapes import write_dataset
-
 from helpers import randomize_batchnorm
 
 pytest.importorskip('submitit', reason='the SLURM launcher needs submitit (the cluster extra)')

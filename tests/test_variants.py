@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import timm_tcnn
 from timm_tcnn import TcnnOptions, attention_layers, tcnn_class, transform_cnn
-from timm_tcnn.models.state_dicts import checkpoint_options, describe_mismatch
 from timm_tcnn.errors import InputError
+from timm_tcnn.models.state_dicts import checkpoint_options, describe_mismatch
 from timm_tcnn.utils.hub import HubWeightsUnavailable
 from helpers import OfflineHub, attention_path, randomize_batchnorm, relative_error
 

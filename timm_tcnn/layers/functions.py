@@ -15,7 +15,13 @@ from typing import Any, List, NamedTuple, Tuple
 import torch
 
 from .numerics import (
-    attention_dtype, autocast_off, cast_without_subnormals, mixing_dtype, softmax_without_subnormals_, tokens_of)
+    attention_dtype,
+    autocast_off,
+    cast_without_subnormals,
+    mixing_dtype,
+    softmax_without_subnormals_,
+    tokens_of,
+)
 
 __all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weight', 'project_qk', 'floored_blend', 'content_mix_reference']
 

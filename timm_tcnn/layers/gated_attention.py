@@ -49,7 +49,6 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.layers import trunc_normal_
 from timm.layers.padding import pad_same
 
@@ -58,11 +57,25 @@ from .config import LayerChoices, choose, register
 from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
 from .inference import InferencePlan
 from .numerics import (
-    attention_dtype, attention_matmul, cast_without_subnormals, mixing_dtype, rate_scaled, softmax_without_subnormals_,
-    straight_through_clamp, tokens_of)
+    attention_dtype,
+    attention_matmul,
+    cast_without_subnormals,
+    mixing_dtype,
+    rate_scaled,
+    softmax_without_subnormals_,
+    straight_through_clamp,
+    tokens_of,
+)
 from .positional import (
-    ClosedFormPositional, PositionalTables, cached_positional_tables, gaussian_factors, positional_mixing,
-    positional_tables, query_start, split_values)
+    ClosedFormPositional,
+    PositionalTables,
+    cached_positional_tables,
+    gaussian_factors,
+    positional_mixing,
+    positional_tables,
+    query_start,
+    split_values,
+)
 
 __all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS']
 

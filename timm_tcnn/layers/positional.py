@@ -14,7 +14,7 @@ closed-form backward pass (a handful of operations where autograd takes about a 
 as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
 operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
 """
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 

@@ -9,12 +9,11 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-
 from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import Conv2dSameExport
 
-from ..layers import GatedPositionalAttention2d
 from ..errors import InputError
+from ..layers import GatedPositionalAttention2d
 from .options import TcnnOptions
 
 __all__ = [

@@ -26,13 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
-
-import timm
 
 from ..layers import GatedPositionalAttention2d
 from ..models.convert import attention_layers, conv_to_attention, convolution_of

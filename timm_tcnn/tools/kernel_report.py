@@ -106,6 +106,7 @@ def variant_geometries(image_sizes: Optional[Sequence[int]] = None) -> List[Geom
     """The geometries of every converted layer of every registered variant, at its pretrained config's train and
     test image sizes (or at `image_sizes`), found by one forward pass on the meta device per model and size."""
     import timm
+
     from ..models.convert import attention_layers
     from ..models.variants import VARIANTS
     found = set()
@@ -238,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{all(r.ok for r in results)}\n')
     print(format_report(results, skipped))
     if args.json:
-        from ..utils.io import atomic_write, check_output_file
+        from ..utils.io import atomic_write
         atomic_write(args.json, json.dumps(dict(
             triton=triton.__version__, skipped=skipped,
             results=[dict(dataclasses.asdict(r), geometries=[list(g) for g in r.geometries]) for r in results]), indent=1))

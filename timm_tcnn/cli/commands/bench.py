@@ -6,14 +6,22 @@ import time
 
 import torch
 
+from ...errors import InputError
+from ...models.variants import VARIANTS
 from ...tools.bench import (
-    CONFIGS, LAYER_SHAPES, STATES, BenchSetup, bench_gpsa, bench_layers, bench_models, bench_shapes, create_pair,
+    CONFIGS,
+    LAYER_SHAPES,
+    STATES,
+    BenchSetup,
+    bench_gpsa,
+    bench_layers,
+    bench_models,
+    bench_shapes,
+    create_pair,
     format_table,
 )
-from ...errors import InputError
-from .common import add_device_arg, resolve_device
 from ...utils.io import atomic_write, check_output_file
-from ...models.variants import VARIANTS
+from .common import add_device_arg, resolve_device
 
 PARTS = ('models', 'layers', 'shapes', 'gpsa')
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}

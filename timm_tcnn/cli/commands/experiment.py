@@ -9,16 +9,16 @@ import timm
 from timm.data import ImageDataset
 
 from ...errors import InputError, WorkError
+from ...models.options import PREFIX
+from ...models.variants import conversion_options, variant
 from ...tools.experiment import ARMS, DEFAULT_ARMS, ExperimentSpec, build_steps, scratch_arm, write_report
 from ...tools.experiment.launchers import LAUNCHERS, LocalLauncher
 from ...tools.experiment.parts import load_label_parts
 from ...tools.experiment.recipes import DEFAULT_RECIPE, recipe_path
+from ...tools.robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 from ...utils.hub import require_hub_weights
 from ...utils.io import check_writable, read_mapping
 from ...weights.loading import load_cnn, unknown_model_hint
-from ...models.options import PREFIX
-from ...models.variants import conversion_options, variant
-from ...tools.robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 from .common import add_device_arg, add_model_kwargs_arg, input_errors, refuse_unused, resolve_device
 
 # create_model arguments train.py sets itself (from its own options): --model-kwargs must not repeat them

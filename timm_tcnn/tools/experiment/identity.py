@@ -11,7 +11,8 @@ from ...errors import TcnnError
 from ...models.convert import attention_layers
 from ...utils.io import atomic_path, atomic_write, image_files
 from ...weights.identity import TOLERANCE, identity_error, load_converted
-from ...weights.loading import create_model, load_cnn as load_weights
+from ...weights.loading import create_model
+from ...weights.loading import load_cnn as load_weights
 from ..analyze import analyze_images
 from .spec import ExperimentSpec, Step
 

@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from safetensors.torch import save_file
 
+from ...errors import InputError
 from ...layers import RATE_SCALED_PARAMS
 from ...models.state_dicts import attention_layer_names
-from ...errors import InputError
 from ...utils.io import atomic_path, atomic_write
 from .spec import TCNN_ARMS, ExperimentSpec, Step
 
