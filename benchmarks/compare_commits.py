@@ -267,7 +267,8 @@ class Tree:
     def __init__(self, spec: str, label: str):
         self.label, self.worktree = label, None
         if Path(spec).is_dir() and (Path(spec) / 'timm_tcnn').is_dir():
-            self.path, self.name = Path(spec).resolve(), f'{spec} (working tree at {_git("rev-parse", "--short", "HEAD")})'
+            head = _git("rev-parse", "--short", "HEAD")
+            self.path, self.name = Path(spec).resolve(), f'{spec} (working tree at {head})'
             return
         commit = _git('rev-parse', '--verify', '--quiet', f'{spec}^{{commit}}') if spec else ''
         if not commit:
@@ -278,20 +279,31 @@ class Tree:
 
     def remove(self) -> None:
         if self.worktree is not None:
-            subprocess.run(['git', '-C', str(ROOT), 'worktree', 'remove', '--force', str(self.worktree)],
-                           capture_output=True)
+            subprocess.run(
+                ['git', '-C', str(ROOT), 'worktree', 'remove', '--force', str(self.worktree)], capture_output=True
+            )
 
 
 class Process:
     """One tree's worker process."""
 
     def __init__(self, tree: Tree, config: Dict):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(tree.path)] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(
+                [str(tree.path)] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
+            ),
+        )
         env.pop('TIMM_TCNN_ATTENTION_PATH', None)
         self.tree = tree
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--worker'], cwd=tree.path,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), '--worker'],
+            cwd=tree.path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         info = self.ask(op='init', config=config)
         expected = tree.path / 'timm_tcnn' / '__init__.py'
         if Path(info['file']).resolve() != expected.resolve():
@@ -329,8 +341,15 @@ def measurements(args: argparse.Namespace) -> List[Tuple[str, str]]:
 
 
 def compare(args: argparse.Namespace) -> str:
-    config = dict(threads=args.threads, seed=args.seed, cnn=args.cnn, model=args.model, stages=args.stages,
-                  states=args.states, batch_size=args.batch_size)
+    config = dict(
+        threads=args.threads,
+        seed=args.seed,
+        cnn=args.cnn,
+        model=args.model,
+        stages=args.stages,
+        states=args.states,
+        batch_size=args.batch_size,
+    )
     trees, procs = [], []
     start = time.time()
     try:
@@ -353,8 +372,11 @@ def compare(args: argparse.Namespace) -> str:
                         ratios[key][i].append(base[id(p)] / t)
                         seconds[key][i].append(t)
             print(f'round {round_index + 1}/{args.rounds} done, {time.time() - start:.0f} s', file=sys.stderr)
-        flop_ratio = {key: procs[0].ask(op='flops', part=key[0], setting=key[1], state=key[2])['flop_ratio']
-                      for key in ratios if key[0] != 'infer'}
+        flop_ratio = {
+            key: procs[0].ask(op='flops', part=key[0], setting=key[1], state=key[2])['flop_ratio']
+            for key in ratios
+            if key[0] != 'infer'
+        }
     finally:
         for p in procs:
             p.close()
@@ -377,22 +399,29 @@ def compare(args: argparse.Namespace) -> str:
     for (part, setting, state), (now, before) in ratios.items():
         quotients = [a / b for a, b in zip(now, before)]
         flops = flop_ratio.get((part, setting, state))
-        eff = ('', '') if flops is None else (f'{statistics.median(now) / flops:.2f}',
-                                             f'{statistics.median(before) / flops:.2f}')
+        eff = (
+            ('', '')
+            if flops is None
+            else (f'{statistics.median(now) / flops:.2f}', f'{statistics.median(before) / flops:.2f}')
+        )
         label = f'{setting}px' if part == 'infer' else setting
         ms = seconds[(part, setting, state)]
-        lines.append(f'| {part} | {label} | {state} | {_spread(now)} | {_spread(before)} | {_spread(quotients)} | '
-                     f'{eff[0]} | {eff[1]} | {1e3 * statistics.median(ms[0]):.0f} / '
-                     f'{1e3 * statistics.median(ms[1]):.0f} |')
+        lines.append(
+            f'| {part} | {label} | {state} | {_spread(now)} | {_spread(before)} | {_spread(quotients)} | '
+            f'{eff[0]} | {eff[1]} | {1e3 * statistics.median(ms[0]):.0f} / '
+            f'{1e3 * statistics.median(ms[1]):.0f} |'
+        )
     return '\n'.join(lines)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('baseline', help='the earlier commit (anything git rev-parse takes)')
-    parser.add_argument('--current', default=str(ROOT),
-                        help='the tree to compare: a folder (default: this working tree) or a commit')
+    parser.add_argument(
+        '--current', default=str(ROOT), help='the tree to compare: a folder (default: this working tree) or a commit'
+    )
     parser.add_argument('--states', nargs='+', choices=list(STATES), default=list(STATES))
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
     parser.add_argument('--sizes', nargs='+', type=int, default=[224, 448], help='inference image sizes (px)')
@@ -424,6 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     if args.out:
         from timm_tcnn.utils.io import atomic_write
+
         atomic_write(args.out, table + '\n')
     return 0
 

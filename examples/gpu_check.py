@@ -228,7 +228,8 @@ def main() -> None:
 
     def models():
         pair, description = create_pair(model_configs)
-        out = per_config(lambda: bench_models(pair, sizes['infer'], sizes['train'], sizes['memory'], batch, reps, setup))
+        out = per_config(
+            lambda: bench_models(pair, sizes['infer'], sizes['train'], sizes['memory'], batch, reps, setup))
         out['state'] = description
         return out
 

@@ -69,8 +69,15 @@ def layers():
             set_positional_kernels(True)
         target = torch.randn_like(out)
         grad_errors = [error(a, b) for a, b in zip(grads(layer, x, out, target), grads(layer, x, closed, target))]
-        results.append(dict(stride=stride, forward=error(out, plain_forward(layer, x)), forward_closed=error(out, closed),
-                            gradients=max(grad_errors), kernel_launches=counter.ops['positional_attention']))
+        results.append(
+            dict(
+                stride=stride,
+                forward=error(out, plain_forward(layer, x)),
+                forward_closed=error(out, closed),
+                gradients=max(grad_errors),
+                kernel_launches=counter.ops['positional_attention'],
+            )
+        )
     return results
 
 
@@ -82,12 +89,13 @@ def operations():
     results = {}
     for name, (channels, size, stride) in {'7x7': (512, 7, 1), '14x14 -> 7x7': (512, 14, 2)}.items():
         generator = torch.Generator().manual_seed(0)
-        layer = conv_to_attention(nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.,
-                                  grad_floor=0.1)
+        layer = conv_to_attention(
+            nn.Conv2d(channels, channels, 3, stride, 1, bias=False), gate_lr_scale=30.0, grad_floor=0.1
+        )
         layer.choices = layer.choices._replace(queries_everywhere=True, channels_first_projection=True)  # CUDA's
         x = torch.randn(2, channels, size, size, generator=generator)
         with torch.no_grad():
-            spread_layer_state(layer, x, generator, 4., 0.5)
+            spread_layer_state(layer, x, generator, 4.0, 0.5)
         float32 = layer_step_ops(layer, x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             bf16 = layer_step_ops(layer, x.to(torch.bfloat16, memory_format=torch.channels_last))
@@ -106,8 +114,10 @@ def fallback():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             out = layer(x)
-        return dict(warned=any('differ from the closed form' in str(w.message) for w in caught),
-                    forward=error(out, plain_forward(layer, x)))
+        return dict(
+            warned=any('differ from the closed form' in str(w.message) for w in caught),
+            forward=error(out, plain_forward(layer, x)),
+        )
     finally:
         positional_kernels.positional_attention = right
         positional_kernels._CHECKED.clear()

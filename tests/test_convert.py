@@ -121,13 +121,16 @@ def test_building_a_tcnn_draws_what_its_cnn_draws():
     tcnn = timm.create_model('tcnn_resnet18', num_classes=7)
     after_tcnn = torch.randn(4)
     assert torch.equal(after_cnn, after_tcnn)
-    assert torch.equal(cnn.fc.weight, tcnn.fc.weight) and torch.equal(cnn.layer4[1].conv2.weight, tcnn.layer4[1].conv2.weight)
+    assert torch.equal(cnn.fc.weight, tcnn.fc.weight) and torch.equal(
+        cnn.layer4[1].conv2.weight, tcnn.layer4[1].conv2.weight
+    )
 
 
 def test_transform_cnn_refuses_a_vision_transformer():
     """A ViT has no spatial convolution (its patch embedding's kernel equals its stride): said so, not timm's
     assertion about the input size of the probing forward pass; the model is left as it was."""
     from timm_tcnn.errors import InputError
+
     vit = timm.create_model('vit_tiny_patch16_224')
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     with pytest.raises(InputError, match=r'VisionTransformer has no spatial convolution .* not vision transformers'):

@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
     write_dataset(root / 'data', seed=31, train_images=20, val_images=20, size=64)  # every class in both splits
     cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=10, zero_init_last=False, **KWARGS),
                               torch.Generator().manual_seed(0))
-    # as train.py leaves it: args.yaml at the start of the run, the checkpoint after its 4th epoch (index 3), 500 s later
+    # as train.py leaves it: args.yaml at the start of the run, the checkpoint after its 4th epoch (index 3), 500 s
+    # later
     (root / 'args.yaml').write_text('model: resnetrs50\nepochs: 10\npretrained: true\ndata_dir: /elsewhere\n'
                                     'lr: 0.1\nbatch_size: 4\nopt: sgd\n')
     torch.save({'state_dict': cnn.state_dict(), 'epoch': 3}, root / 'cnn.pth.tar')
@@ -161,9 +162,10 @@ def test_report_verdicts_and_curves_from_every_image(finished):
     hits = {arm: [relation_hits(r) for r in predictions[arm]] for arm in predictions}
     paired = [100 * (sum(t) - sum(c)) / len(t) for t, c in zip(hits['tcnn'], hits['cnn'])]
     assert row['paired'] == pytest.approx(paired)
-    assert row['image_error'] == 'paired per image' and row['se_images'] == pytest.approx(_image_se(hits['tcnn'], hits['cnn']))
-    se_seeds = abs(paired[0] - paired[1]) / 2 ** 0.5 / 2 ** 0.5  # std of two values / sqrt(2)
-    half = 2 * (se_seeds ** 2 + row['se_images'] ** 2) ** 0.5
+    assert row['image_error'] == 'paired per image'
+    assert row['se_images'] == pytest.approx(_image_se(hits['tcnn'], hits['cnn']))
+    se_seeds = abs(paired[0] - paired[1]) / 2**0.5 / 2**0.5  # std of two values / sqrt(2)
+    half = 2 * (se_seeds**2 + row['se_images'] ** 2) ** 0.5
     assert row['interval'] == pytest.approx([sum(paired) / 2 - half, sum(paired) / 2 + half])
     corrupted = results['comparisons']['tcnn - cnn']['corrupted_accuracy']
     assert corrupted['image_error'] == 'unpaired bound'
@@ -171,7 +173,11 @@ def test_report_verdicts_and_curves_from_every_image(finished):
     assert corrupted['se_images'] == pytest.approx(100 * ((pa * (1 - pa) + pb * (1 - pb)) / 20) ** 0.5)
     curves = results['results']['runs']['scratch-seed0']['curves']
     assert sorted(curves, key=int) == [str(e) for e in range(1, 7)]  # epochs done
-    assert curves['6']['validation_top1'] == 45 and 'part/relation (near)' in curves['6'] and 'content_share' in curves['6']
+    assert (
+        curves['6']['validation_top1'] == 45
+        and 'part/relation (near)' in curves['6']
+        and 'content_share' in curves['6']
+    )
     assert 'content_share' not in results['results']['runs']['cnn-seed0']['curves']['2']
     last = predictions['tcnn'][0]['predicted']
     assert last['epoch1'] == last['last']  # the last epoch's recorded weights are the last checkpoint's
@@ -187,7 +193,7 @@ def test_report_times_against_hand_computation(finished, setup, tmp_path):
     out, _ = finished
     state_file = out / 'experiment.json'
     state = json.loads(state_file.read_text())
-    seconds = {'tcnn': (100., 120.), 'cnn': (60., 70.), 'scratch': (300., 340.)}
+    seconds = {'tcnn': (100.0, 120.0), 'cnn': (60.0, 70.0), 'scratch': (300.0, 340.0)}
     for arm, values in seconds.items():
         for seed, value in enumerate(values):
             state['steps'][f'train/{arm}/seed{seed}']['seconds'] = value
@@ -236,7 +242,7 @@ def test_interrupted_training_resumes_from_last_checkpoint(finished, setup, tmp_
 def test_failed_arm_keeps_the_other(setup, tmp_path):
     out = tmp_path / 'run'
     args = experiment_args(setup, out)
-    args[args.index('--seeds') + 1:args.index('--seeds') + 3] = ['0']
+    args[args.index('--seeds') + 1 : args.index('--seeds') + 3] = ['0']
     result = run_cli(args, env={'STANDIN_FAIL': 'resnetrs50'})
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'error:' in result.stderr and 'train/cnn/seed0' in result.stderr
@@ -249,8 +255,11 @@ def test_failed_arm_keeps_the_other(setup, tmp_path):
 
 
 def _runs(values: dict, hits: dict = None) -> dict:
-    return {f'{arm}-seed{s}': dict(metrics={'top1': v}, hits={'top1': hits[arm][s]} if hits else {})
-            for arm, vs in values.items() for s, v in enumerate(vs)}
+    return {
+        f'{arm}-seed{s}': dict(metrics={'top1': v}, hits={'top1': hits[arm][s]} if hits else {})
+        for arm, vs in values.items()
+        for s, v in enumerate(vs)
+    }
 
 
 def test_report_arithmetic():
@@ -258,19 +267,19 @@ def test_report_arithmetic():
     hits = {'cnn': [[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0]], 'tcnn': [[1, 1, 0, 1], [1, 1, 1, 0], [1, 1, 1, 1]]}
     values = {arm: [100 * sum(h) / 4 for h in hs] for arm, hs in hits.items()}  # cnn 50 50 50, tcnn 75 75 100
     row = compare(_runs(values, hits), [0, 1, 2])['top1']
-    assert row['cnn']['mean'] == pytest.approx(50.) and row['paired'] == [25., 25., 50.]
+    assert row['cnn']['mean'] == pytest.approx(50.0) and row['paired'] == [25.0, 25.0, 50.0]
     mean, std = 100 / 3, (((25 - 100 / 3) ** 2 * 2 + (50 - 100 / 3) ** 2) / 2) ** 0.5
     assert row['difference']['mean'] == pytest.approx(mean) and row['difference']['std'] == pytest.approx(std)
-    assert row['se_seeds'] == pytest.approx(std / 3 ** 0.5)
+    assert row['se_seeds'] == pytest.approx(std / 3**0.5)
     # per image, tcnn - cnn averaged over seeds: 1/3, 1/3, 1/3, 1/3 (x 100): no spread over images
-    assert row['se_images'] == pytest.approx(0.) and row['image_error'] == 'paired per image'
-    assert row['interval'] == pytest.approx([mean - 2 * std / 3 ** 0.5, mean + 2 * std / 3 ** 0.5])
+    assert row['se_images'] == pytest.approx(0.0) and row['image_error'] == 'paired per image'
+    assert row['interval'] == pytest.approx([mean - 2 * std / 3**0.5, mean + 2 * std / 3**0.5])
     assert row['verdict'] == 'tcnn better, beyond the noise'  # 33.3 - 19.2 > 0
     # without per-image results: the unpaired bound over 4 images
     row = compare(_runs(values), [0, 1, 2], images=4)['top1']
     se_images = 100 * ((0.5 * 0.5 + (250 / 300) * (50 / 300)) / 4) ** 0.5
     assert row['image_error'] == 'unpaired bound' and row['se_images'] == pytest.approx(se_images)
-    half = 2 * ((std / 3 ** 0.5) ** 2 + se_images ** 2) ** 0.5
+    half = 2 * ((std / 3**0.5) ** 2 + se_images**2) ** 0.5
     assert row['interval'] == pytest.approx([mean - half, mean + half])
     assert row['verdict'] == 'within the noise (seeds and images)'  # 33.3 - 42.5 < 0
 
@@ -282,7 +291,7 @@ def test_one_image_is_not_a_result():
         tcnn = [[1] * 101 + [0] * 150 for _ in range(seeds)]
         values = {'cnn': [100 * 100 / 251] * seeds, 'tcnn': [100 * 101 / 251] * seeds}
         row = compare(_runs(values, {'cnn': cnn, 'tcnn': tcnn}), list(range(seeds)))['top1']
-        assert row['difference']['mean'] == pytest.approx(100 / 251) and row['se_seeds'] == pytest.approx(0.)
+        assert row['difference']['mean'] == pytest.approx(100 / 251) and row['se_seeds'] == pytest.approx(0.0)
         assert row['se_images'] == pytest.approx(_image_se(tcnn, cnn))
         assert row['interval'][0] < 0 < row['interval'][1]
         assert row['verdict'] == ('too few seeds (2 < 3)' if seeds == 2 else 'within the noise (seeds and images)')
@@ -291,27 +300,30 @@ def test_one_image_is_not_a_result():
 def _set(args: list, option: str, *values: str) -> None:
     """Replace the value(s) of `option` in `args` (as many as given)."""
     at = args.index(option) + 1
-    args[at:at + len(values)] = values
+    args[at : at + len(values)] = values
 
 
-@pytest.mark.parametrize('problem, expect', [
-    ('no-scripts', 'clone https://github.com/huggingface/pytorch-image-models'),
-    ('empty-data', 'does not exist'),
-    ('unlabelled', 'not labelled'),
-    ('typo', "Did you mean 'tcnn_resnet50rs'"),
-    ('negative-seed', '--seeds must be distinct integers >= 0, got -1 1'),
-    ('splits-differ', "have different classes (with images only in train: ['b']"),
-    ('fewer-classes-than-data', 'the model would have 3 classes but'),
-    ('kwargs-train-py-sets', '--model-kwargs drop_rate: train.py sets these'),
-    ('tcnn-checkpoint', 'is a T-CNN checkpoint'),
-    ('tcnn-kwargs-for-both-arms', "move ['drop_rate', 'tcnn_qk_dim'] to the other one"),
-    ('bad-tcnn-option', '--tcnn-kwargs: tcnn_qk_dim=0: expected an integer >= 1'),
-    ('other-architecture', 'does not fit resnetrs50'),
-    ('scratch-epochs-unknown', 'does not record its epochs: pass --cnn-epochs N'),
-    ('scratch-recipe-unknown', "has no args.yaml beside it: pass the CNN's train.py recipe with --scratch-config"),
-    ('scratch-options-without-scratch', '--cnn-epochs only acts with the scratch arm: add --arms tcnn cnn scratch'),
-    ('arms-without-tcnn', '--arms must name the tcnn arm and each arm once, got cnn scratch'),
-])
+@pytest.mark.parametrize(
+    'problem, expect',
+    [
+        ('no-scripts', 'clone https://github.com/huggingface/pytorch-image-models'),
+        ('empty-data', 'does not exist'),
+        ('unlabelled', 'not labelled'),
+        ('typo', "Did you mean 'tcnn_resnet50rs'"),
+        ('negative-seed', '--seeds must be distinct integers >= 0, got -1 1'),
+        ('splits-differ', "have different classes (with images only in train: ['b']"),
+        ('fewer-classes-than-data', 'the model would have 3 classes but'),
+        ('kwargs-train-py-sets', '--model-kwargs drop_rate: train.py sets these'),
+        ('tcnn-checkpoint', 'is a T-CNN checkpoint'),
+        ('tcnn-kwargs-for-both-arms', "move ['drop_rate', 'tcnn_qk_dim'] to the other one"),
+        ('bad-tcnn-option', '--tcnn-kwargs: tcnn_qk_dim=0: expected an integer >= 1'),
+        ('other-architecture', 'does not fit resnetrs50'),
+        ('scratch-epochs-unknown', 'does not record its epochs: pass --cnn-epochs N'),
+        ('scratch-recipe-unknown', "has no args.yaml beside it: pass the CNN's train.py recipe with --scratch-config"),
+        ('scratch-options-without-scratch', '--cnn-epochs only acts with the scratch arm: add --arms tcnn cnn scratch'),
+        ('arms-without-tcnn', '--arms must name the tcnn arm and each arm once, got cnn scratch'),
+    ],
+)
 def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
     args = experiment_args(setup, tmp_path / 'out', '--dry-run')
     if problem == 'no-scripts':
@@ -329,7 +341,8 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
             for label in labels:
                 (tmp_path / 'data' / split / label).mkdir(parents=True)
                 (tmp_path / 'data' / split / label / '0.png').write_bytes(
-                    (setup / 'data' / 'validation' / 'disk_same').iterdir().__next__().read_bytes())
+                    (setup / 'data' / 'validation' / 'disk_same').iterdir().__next__().read_bytes()
+                )
         (tmp_path / 'data' / 'validation' / 'b').mkdir()  # empty: ImageFolder skips it
         _set(args, '--data-dir', str(tmp_path / 'data'))
     elif problem == 'fewer-classes-than-data':
@@ -345,9 +358,14 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
         tcnn = timm.create_model('tcnn_resnet50rs', num_classes=10, **KWARGS)
         torch.save(tcnn.state_dict(), tmp_path / 'tcnn.pth')
         _set(args, '--cnn-checkpoint', str(tmp_path / 'tcnn.pth'))
-    elif problem in ('scratch-epochs-unknown', 'scratch-recipe-unknown'):  # a state dict alone, in a folder without args.yaml
+    elif problem in (
+        'scratch-epochs-unknown',
+        'scratch-recipe-unknown',
+    ):  # a state dict alone, in a folder without args.yaml
         checkpoint = torch.load(setup / 'cnn.pth.tar', weights_only=True)
-        torch.save(checkpoint if problem == 'scratch-recipe-unknown' else checkpoint['state_dict'], tmp_path / 'cnn.pth')
+        torch.save(
+            checkpoint if problem == 'scratch-recipe-unknown' else checkpoint['state_dict'], tmp_path / 'cnn.pth'
+        )
         _set(args, '--cnn-checkpoint', str(tmp_path / 'cnn.pth'))
         args += list(ALL_ARMS)
     elif problem == 'scratch-options-without-scratch':
@@ -365,12 +383,12 @@ def test_bad_input(setup, tmp_path, capsys, monkeypatch, problem, expect):
     assert not (tmp_path / 'out').exists()
 
 
-
 @pytest.fixture(scope='module')
 def cnn4(setup):
     """A 4-class CNN checkpoint of the same architecture: fine-tuning it on the 10-class data is a transfer."""
-    cnn = randomize_batchnorm(timm.create_model('resnetrs50', num_classes=4, zero_init_last=False, **KWARGS),
-                              torch.Generator().manual_seed(1))
+    cnn = randomize_batchnorm(
+        timm.create_model('resnetrs50', num_classes=4, zero_init_last=False, **KWARGS), torch.Generator().manual_seed(1)
+    )
     torch.save({'state_dict': cnn.state_dict()}, setup / 'cnn4.pth.tar')
     return cnn.eval(), setup / 'cnn4.pth.tar'
 
@@ -393,15 +411,27 @@ def test_transfer_start_gives_both_arms_one_classifier(setup, cnn4, tmp_path):
     """The start file keeps the checkpoint's body, holds a new 10-class classifier drawn with the seed, and the CNN
     and the T-CNN built from it as train.py builds them compute the same logits."""
     cnn, path = cnn4
-    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(setup / 'data'),
-                          out=str(tmp_path), recipe='', recipe_sha256='', scripts_dir='', seeds=(0, 1),
-                          cnn_checkpoint=str(path), model_kwargs=KWARGS, num_classes=10)
+    spec = ExperimentSpec(
+        model='tcnn_resnet50rs',
+        cnn_model='resnetrs50',
+        data_dir=str(setup / 'data'),
+        out=str(tmp_path),
+        recipe='',
+        recipe_sha256='',
+        scripts_dir='',
+        seeds=(0, 1),
+        cnn_checkpoint=str(path),
+        model_kwargs=KWARGS,
+        num_classes=10,
+    )
     heads = []
     for seed in (0, 1):
         start = spec.start_checkpoint(seed)
         assert start_step(spec, Step(f'start/seed{seed}', 'start', (), seed=seed, result=str(start)))['passed']
-        arms = {name: timm.create_model(name, num_classes=10, checkpoint_path=str(start), **KWARGS).eval()
-                for name in ('resnetrs50', 'tcnn_resnet50rs')}
+        arms = {
+            name: timm.create_model(name, num_classes=10, checkpoint_path=str(start), **KWARGS).eval()
+            for name in ('resnetrs50', 'tcnn_resnet50rs')
+        }
         for name, value in cnn.state_dict().items():
             if not name.startswith('fc.'):
                 assert torch.equal(arms['resnetrs50'].state_dict()[name], value), name
@@ -424,8 +454,10 @@ def test_transfer_fine_tune(setup, cnn4, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((out / 'identity' / 'identity.json').read_text())['passed']
     for seed in (0, 1):
-        last = {arm: torch.load(out / 'train' / f'{arm}-seed{seed}' / 'last.pth.tar', weights_only=True)['state_dict']
-                for arm in ('cnn', 'tcnn')}
+        last = {
+            arm: torch.load(out / 'train' / f'{arm}-seed{seed}' / 'last.pth.tar', weights_only=True)['state_dict']
+            for arm in ('cnn', 'tcnn')
+        }
         assert last['cnn']['fc.weight'].shape == (10, 2048)
         assert torch.equal(last['cnn']['fc.weight'], last['tcnn']['fc.weight'])
         for name, value in cnn.state_dict().items():  # the body is the checkpoint's, in both arms

@@ -29,9 +29,12 @@ CUDA_SAVES = 3
 @pytest.fixture(scope='module')
 def checks():
     tests = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([str(tests), os.environ.get('PYTHONPATH', '')]))
-    done = subprocess.run([sys.executable, str(tests / 'kernel_checks.py')], env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = dict(
+        os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([str(tests), os.environ.get('PYTHONPATH', '')])
+    )
+    done = subprocess.run(
+        [sys.executable, str(tests / 'kernel_checks.py')], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

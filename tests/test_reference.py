@@ -41,7 +41,9 @@ def fine_tuned(geometry, state: str, grad_floor: float = 0., dtype=torch.float32
             content_gate=gate, locality_gate=torch.rand(heads, generator=generator) * 0.8 + 0.1,
             pos_log_alpha=torch.linspace(-1.5, 0.7, heads),
             pos_center=layer.conversion_values()['pos_center'] + torch.randn(heads, 2, generator=generator) * 0.4)
-        layer.qk.weight.copy_(torch.randn(layer.qk.weight.shape, generator=generator) * (1. if state == 'sharp' else .3))
+        layer.qk.weight.copy_(
+            torch.randn(layer.qk.weight.shape, generator=generator) * (1.0 if state == 'sharp' else 0.3)
+        )
     return layer
 
 
@@ -73,7 +75,7 @@ def test_reference_gaussian_is_a_tap_when_sharp():
     conv = convolution(6, 5, 3, 1, 1, 2, False)
     layer = conv_to_attention(conv)
     with torch.no_grad():
-        layer.set_attention_values(locality_gate=1., pos_log_alpha=torch.full((9,), 9.2))
+        layer.set_attention_values(locality_gate=1.0, pos_log_alpha=torch.full((9,), 9.2))
     x = torch.randn(2, 6, 8, 7)
     assert relative_error(reference_forward(layer, x), conv(x)) <= 1e-6
 
@@ -85,7 +87,8 @@ def _trace(layer, x):
 def cuda_choices(layer: GatedPositionalAttention2d) -> GatedPositionalAttention2d:
     """The layer computing as it does on CUDA (its projection choices), on CPU tensors (the kernels apart)."""
     layer.choices = choose(torch.device('cuda'), layer.weight.dtype, layer.stride, layer.groups)._replace(
-        positional_kernels=False)
+        positional_kernels=False
+    )
     return layer
 
 
@@ -97,8 +100,14 @@ def query_blocks_of_one(layer: GatedPositionalAttention2d) -> GatedPositionalAtt
 EAGER_PATHS = {'training': lambda layer: layer, 'blocks of one query': query_blocks_of_one, "CUDA's": cuda_choices}
 
 
-@pytest.mark.parametrize('state,grad_floor', [
-    pytest.param('open', 0., marks=pytest.mark.slow), ('mixed', 0.3), pytest.param('sharp', 0., marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'state,grad_floor',
+    [
+        pytest.param('open', 0.0, marks=pytest.mark.slow),
+        ('mixed', 0.3),
+        pytest.param('sharp', 0.0, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize('geometry', GEOMETRIES)
 def test_eager_and_standard_operations_match_the_reference(geometry, state, grad_floor):
     for size in SIZES:
@@ -118,7 +127,7 @@ def test_eager_and_standard_operations_match_the_reference(geometry, state, grad
 
 @pytest.mark.parametrize('geometry', GEOMETRIES)
 def test_float64_layers_compute_in_float64(geometry):
-    for state, grad_floor in (('open', 0.), ('mixed', 0.3), ('sharp', 0.)):
+    for state, grad_floor in (('open', 0.0), ('mixed', 0.3), ('sharp', 0.0)):
         layer = fine_tuned(geometry, state, grad_floor, torch.float64)
         x = torch.randn(2, geometry[0], 6, 5, dtype=torch.float64)
         target = torch.randn_like(reference_forward(layer, x))
@@ -133,7 +142,7 @@ def test_gradient_floor_changes_only_the_learning_of_nearly_closed_heads():
     the definition says (the reference), and more than without the floor."""
     geometry = GEOMETRIES[0]
     x, target = torch.randn(2, 6, 7, 7), torch.randn(2, 5, 7, 7)
-    without = fine_tuned(geometry, 'mixed', 0.)
+    without = fine_tuned(geometry, 'mixed', 0.0)
     floored = copy.deepcopy(without)
     floored.grad_floor = 0.5
     a, b = (outputs_and_grads(layer, layer, x, target) for layer in (without, floored))
@@ -150,7 +159,7 @@ def test_gradient_floor_changes_only_the_learning_of_nearly_closed_heads():
 
 @pytest.mark.parametrize('geometry', [GEOMETRIES[1], GEOMETRIES[7]])
 def test_gradcheck_on_a_fine_tuned_float64_layer(geometry):
-    layer = fine_tuned(geometry, 'open', 0., torch.float64)
+    layer = fine_tuned(geometry, 'open', 0.0, torch.float64)
     x = torch.randn(1, geometry[0], 5, 4, dtype=torch.float64, requires_grad=True)
     params = [layer.content_gate, layer.locality_gate, layer.pos_log_alpha, layer.pos_center, layer.qk.weight]
 

@@ -34,7 +34,10 @@ def model() -> torch.nn.Module:
         for _, layer in attention_layers(model):
             layer.set_attention_values(content_gate=torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
             layer.set_attention_values(locality_gate=torch.rand(layer.num_heads, generator=generator) * 0.6 + 0.2)
-            layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(layer.pos_center.shape, generator=generator) * 0.3)
+            layer.set_attention_values(
+                pos_center=layer.attention_values()['pos_center']
+                + torch.randn(layer.pos_center.shape, generator=generator) * 0.3
+            )
     assert {n.split('.')[0] for n, _ in attention_layers(model)} == {'layer3', 'layer4'}
     assert not any(layer.is_convolution() for _, layer in attention_layers(model))
     return model.eval()
@@ -51,7 +54,8 @@ def taps(model, x):
     outputs = {}
     hooks = [
         model.get_submodule(info['module']).register_forward_hook(
-            lambda mod, inp, out, name=info['module']: outputs.__setitem__(name, out.clone()))
+            lambda mod, inp, out, name=info['module']: outputs.__setitem__(name, out.clone())
+        )
         for info in model.feature_info
     ]
     try:
@@ -81,16 +85,24 @@ def test_forward_intermediates_agree_with_feature_info(model, x, taps):
     torch.testing.assert_close(model.forward_head(final), logits)
 
 
-@pytest.mark.parametrize('indices,expected', [
-    (None, [0, 1, 2, 3, 4]), (2, [3, 4]), ([0, 2], [0, 2]), ([-1], [4]), ((1, 3), [1, 3]),
-])
+@pytest.mark.parametrize(
+    'indices,expected',
+    [
+        (None, [0, 1, 2, 3, 4]),
+        (2, [3, 4]),
+        ([0, 2], [0, 2]),
+        ([-1], [4]),
+        ((1, 3), [1, 3]),
+    ],
+)
 def test_forward_intermediates_indices(model, x, taps, indices, expected):
     references, _ = taps
     with torch.no_grad():
         for stop_early in (False, True):
             for norm in (False, True):  # a ResNet has no final norm: norm=True changes nothing
                 out = model.forward_intermediates(
-                    x, indices=indices, stop_early=stop_early, norm=norm, intermediates_only=True)
+                    x, indices=indices, stop_early=stop_early, norm=norm, intermediates_only=True
+                )
                 assert isinstance(out, list) and len(out) == len(expected)
                 for tap, i in zip(out, expected):
                     torch.testing.assert_close(tap, references[i], rtol=0, atol=0)
@@ -131,8 +143,13 @@ def test_features_only(model, x, taps, feature_cls):
     out_indices = (1, 3, 4)
     extra = {} if feature_cls is None else dict(feature_cls=feature_cls)
     features = timm.create_model(
-        MODEL, pretrained=True, pretrained_cfg_overlay=dict(state_dict=model.state_dict()),
-        features_only=True, out_indices=out_indices, **MODEL_ARGS, **extra,
+        MODEL,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(state_dict=model.state_dict()),
+        features_only=True,
+        out_indices=out_indices,
+        **MODEL_ARGS,
+        **extra,
     ).eval()
     assert features.feature_info.channels() == [model.feature_info[i]['num_chs'] for i in out_indices]
     assert features.feature_info.reduction() == [model.feature_info[i]['reduction'] for i in out_indices]
@@ -170,8 +187,12 @@ def test_features_only_grad_checkpointing_backward(model, x):
     grads = []
     for grad_checkpointing in (False, True):
         features = timm.create_model(
-            MODEL, pretrained=True, pretrained_cfg_overlay=dict(state_dict=model.state_dict()),
-            features_only=True, out_indices=(3, 4), **MODEL_ARGS,
+            MODEL,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(state_dict=model.state_dict()),
+            features_only=True,
+            out_indices=(3, 4),
+            **MODEL_ARGS,
         ).eval()
         features.set_grad_checkpointing(grad_checkpointing)
         sum(f.square().mean() for f in features(x)).backward()

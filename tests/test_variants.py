@@ -93,10 +93,14 @@ def test_options_validated_where_they_enter():
     assert TcnnOptions(stages=4).stages == (4,)
     assert TcnnOptions(stages=[4, 3, 4]).stages == (3, 4)
     for kwargs, message in [
-        (dict(stages='34'), "tcnn_stages='34'"), (dict(stages=()), 'tcnn_stages=()'),
-        (dict(stages=(3.0,)), 'tcnn_stages'), (dict(qk_dim=0), 'tcnn_qk_dim=0: expected an integer >= 1'),
-        (dict(qk_init_std=-1.), 'tcnn_qk_init_std'), (dict(locality_init=0), 'tcnn_locality_init=0: expected a number > 0'),
-        (dict(convert_strided='no'), 'tcnn_convert_strided'), (dict(gate_lr_scale=0), 'tcnn_gate_lr_scale'),
+        (dict(stages='34'), "tcnn_stages='34'"),
+        (dict(stages=()), 'tcnn_stages=()'),
+        (dict(stages=(3.0,)), 'tcnn_stages'),
+        (dict(qk_dim=0), 'tcnn_qk_dim=0: expected an integer >= 1'),
+        (dict(qk_init_std=-1.0), 'tcnn_qk_init_std'),
+        (dict(locality_init=0), 'tcnn_locality_init=0: expected a number > 0'),
+        (dict(convert_strided='no'), 'tcnn_convert_strided'),
+        (dict(gate_lr_scale=0), 'tcnn_gate_lr_scale'),
         (dict(grad_floor=2), 'tcnn_grad_floor=2: expected a number in \\[0, 1\\]'),
     ]:
         with pytest.raises(InputError, match=message):
@@ -112,19 +116,23 @@ def test_options_validated_where_they_enter():
 
 
 def test_checkpoint_options_and_mismatch_message():
-    trained = timm.create_model('tcnn_resnet18', tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8,
-                                num_classes=7)
+    trained = timm.create_model(
+        'tcnn_resnet18', tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8, num_classes=7
+    )
     state_dict = trained.state_dict()
     model = timm.create_model('tcnn_resnet18')
     assert checkpoint_options(state_dict, model) == dict(
-        num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8, tcnn_gate_lr_scale=30.)
+        num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8, tcnn_gate_lr_scale=30.0
+    )
     assert checkpoint_options(timm.create_model('resnet18').state_dict(), model) == dict(num_classes=1000)
     with pytest.raises(RuntimeError) as info:
         model.load_state_dict(state_dict)
-    assert ("--model-kwargs num_classes=7 'tcnn_stages=(3, 4)' tcnn_convert_strided=False tcnn_qk_dim=8"
-            in str(info.value))
-    rebuilt = timm.create_model('tcnn_resnet18', num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False,
-                                tcnn_qk_dim=8)
+    assert "--model-kwargs num_classes=7 'tcnn_stages=(3, 4)' tcnn_convert_strided=False tcnn_qk_dim=8" in str(
+        info.value
+    )
+    rebuilt = timm.create_model(
+        'tcnn_resnet18', num_classes=7, tcnn_stages=(3, 4), tcnn_convert_strided=False, tcnn_qk_dim=8
+    )
     rebuilt.load_state_dict(state_dict)  # the kwargs the message names fit
     other = timm.create_model('convnext_atto', device='meta').state_dict()
     assert describe_mismatch(other, model).endswith('It fits tcnn_convnext_atto.')
@@ -145,5 +153,10 @@ def test_no_weight_decay_merges_the_cnn_set():
 
     model = transform_cnn(Net(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)), stages=0)
     model.__class__ = tcnn_class(Net)
-    assert model.no_weight_decay() == {'1.weight', '0.content_gate', '0.locality_gate', '0.pos_log_alpha',
-                                       '0.pos_center'}
+    assert model.no_weight_decay() == {
+        '1.weight',
+        '0.content_gate',
+        '0.locality_gate',
+        '0.pos_log_alpha',
+        '0.pos_center',
+    }

@@ -73,5 +73,16 @@ for epoch in range(start, epochs):
     time.sleep(float(os.environ.get('STANDIN_EPOCH_SECONDS', '0')))
 if os.environ.get('STANDIN_TIMES'):
     with open(os.environ['STANDIN_TIMES'], 'a') as f:
-        f.write(json.dumps(dict(script='train', run=args.experiment, start_epoch=start, started=started, ended=time.time(),
-                                job=os.environ.get('SLURM_JOB_ID'))) + '\n')
+        f.write(
+            json.dumps(
+                dict(
+                    script='train',
+                    run=args.experiment,
+                    start_epoch=start,
+                    started=started,
+                    ended=time.time(),
+                    job=os.environ.get('SLURM_JOB_ID'),
+                )
+            )
+            + '\n'
+        )

@@ -1,5 +1,6 @@
 """ Stand-in for timm's validate.py in the experiment tests: reports the top-1 the stand-in train.py stored in
-the checkpoint, minus 1 at a size other than 64 px, in validate.py's --results-file JSON layout. Records its command line
+the checkpoint, minus 1 at a size other than 64 px, in validate.py's --results-file JSON layout. Records its command
+line
 in STANDIN_LOG and when it ran in STANDIN_TIMES. """
 import argparse
 import json
@@ -26,4 +27,6 @@ with open(args.results_file, 'w') as f:
     json.dump(dict(model=args.model, top1=top1, top1_err=100 - top1, img_size=args.img_size), f)
 if os.environ.get('STANDIN_TIMES'):
     with open(os.environ['STANDIN_TIMES'], 'a') as f:
-        f.write(json.dumps(dict(script='validate', checkpoint=args.checkpoint, started=started, ended=time.time())) + '\n')
+        f.write(
+            json.dumps(dict(script='validate', checkpoint=args.checkpoint, started=started, ended=time.time())) + '\n'
+        )

@@ -23,7 +23,18 @@ from .numerics import (
     tokens_of,
 )
 
-__all__ = ['ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weight', 'project_qk', 'floored_blend', 'content_mix_reference']
+__all__ = [
+    'ScaledValues',
+    'AttentionMix',
+    'content_mix',
+    'MixGeometry',
+    'query_maps',
+    'split_qk',
+    'projection_weight',
+    'project_qk',
+    'floored_blend',
+    'content_mix_reference',
+]
 
 
 class ScaledValues(torch.autograd.Function):
@@ -38,7 +49,7 @@ class ScaledValues(torch.autograd.Function):
         values = torch.cat([content_gate, locality_gate, log_alpha, center.flatten()])
         values = values.to(attention_dtype(values.dtype)).mul_(scale)
         heads = content_gate.shape[0]
-        values[:2 * heads].clamp_(0., 1.)
+        values[: 2 * heads].clamp_(0.0, 1.0)
         ctx.dtypes = content_gate.dtype, center.shape
         return values
 
@@ -48,7 +59,13 @@ class ScaledValues(torch.autograd.Function):
         dtype, center_shape = ctx.dtypes
         heads = center_shape[0]
         grad = grad.to(dtype)
-        return grad[:heads], grad[heads:2 * heads], grad[2 * heads:3 * heads], grad[3 * heads:].view(center_shape), None
+        return (
+            grad[:heads],
+            grad[heads : 2 * heads],
+            grad[2 * heads : 3 * heads],
+            grad[3 * heads :].view(center_shape),
+            None,
+        )
 
 
 class MixGeometry(NamedTuple):
@@ -56,6 +73,7 @@ class MixGeometry(NamedTuple):
     query/key width per head, the logit scale, the number of queries per block, and whether queries are projected
     at every position (one GEMM for queries and keys) or, with stride 2, only at the query positions (two GEMMs,
     a quarter of the queries' multiply-adds: `project_qk`)."""
+
     height: int
     width: int
     stride: int
@@ -95,8 +113,9 @@ def projection_weight(qk_weight: torch.Tensor, geometry: MixGeometry, dtype: tor
     return split_qk(qk_weight, geometry.qk_dim, dtype)
 
 
-def project_qk(maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry,
-               precision: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def project_qk(
+    maps: torch.Tensor, weight: torch.Tensor, geometry: MixGeometry, precision: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Queries (B * heads, d, Nq) and keys (B * heads, d, N) in `precision` (the attention's dtype), of (B, C, H, W)
     maps and `projection_weight` in their dtype, reading NCHW or channels-last maps in place.
 
@@ -122,13 +141,16 @@ def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + block, num_queries)) for start in range(0, num_queries, block)]
 
 
-def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor,
-                geometry: MixGeometry) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def content_mix(
+    x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor, geometry: MixGeometry
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
-    the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) in the attention's dtype, gate (heads,) -> mixed (B, Nq, heads,
+    the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) in the attention's dtype, gate
+    (heads,) -> mixed (B, Nq, heads,
     C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the backward pass reads: the maps and
     projection weight in that dtype, queries, keys and the softmax of each block of queries.
-    Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`); queries go in blocks of
+    Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`); queries go in
+    blocks of
     `geometry.block`."""
     dtype = mixing_dtype(x)
     num_queries, heads = positional.shape[:2]
@@ -142,7 +164,7 @@ def content_mix(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tens
         probs_blocks = []
         for start, stop in _blocks(num_queries, geometry.block):
             block_queries = queries[:, :, start:stop].transpose(1, 2)
-            logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0., alpha=geometry.scale)
+            logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0.0, alpha=geometry.scale)
             probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
             attn = _blended(positional[start:stop], probs, gate[:, None], dtype)
             torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
@@ -163,7 +185,8 @@ def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
 
 class AttentionMix(torch.autograd.Function):
     """The attention of every head built and applied in one function: maps x (B, C, H, W), the joint query and key
-    projection (heads * 2 * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional attention
+    projection (heads * 2 * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional
+    attention
     (`ClosedFormPositional` or `KernelPositional`) -> mixed (B, Nq, heads, C), `content_mix` of the positional
     attention and the content gates.
 
@@ -175,8 +198,15 @@ class AttentionMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qk_weight: torch.Tensor, values: torch.Tensor, builder: Any,
-                geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        qk_weight: torch.Tensor,
+        values: torch.Tensor,
+        builder: Any,
+        geometry: MixGeometry,
+        grad_floor: float,
+    ) -> torch.Tensor:
         positional, positional_saved = builder.forward(values, grad_floor)
         heads = positional.shape[1]
         mixed, saved = content_mix(x, qk_weight, positional, values[:heads], geometry)
@@ -190,8 +220,8 @@ class AttentionMix(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         positional, values, *saved = ctx.saved_tensors
-        positional_saved = tuple(saved[:ctx.num_positional_saved])
-        maps, weight, queries, keys, *probs_blocks = saved[ctx.num_positional_saved:]
+        positional_saved = tuple(saved[: ctx.num_positional_saved])
+        maps, weight, queries, keys, *probs_blocks = saved[ctx.num_positional_saved :]
         geometry, dtype = ctx.geometry, ctx.dtype
         num_queries, heads = positional.shape[:2]
         gate = values[:heads, None]
@@ -224,11 +254,15 @@ class AttentionMix(torch.autograd.Function):
                 # p * (g - r), r = <g, p> per row: written once, in the logits' layout
                 grad_logits = torch.mul(grad_attn.transpose(1, 2), probs, out=torch.empty_like(probs))
                 row_sums = grad_logits.sum(-1, keepdim=True)
-                grad_logits.addcmul_(probs, row_sums, value=-1.)
+                grad_logits.addcmul_(probs, row_sums, value=-1.0)
                 grad_logits = grad_logits.view(B * heads, stop - start, N)
                 # the logits' scale applied by the GEMMs
-                _bmm_into(grad_logits, keys.transpose(1, 2), grad_queries[:, :, start:stop].transpose(1, 2),
-                          alpha=geometry.scale)
+                _bmm_into(
+                    grad_logits,
+                    keys.transpose(1, 2),
+                    grad_queries[:, :, start:stop].transpose(1, 2),
+                    alpha=geometry.scale,
+                )
                 _bmm_into(queries[:, :, start:stop], grad_logits, grad_keys, accumulate=not first, alpha=geometry.scale)
                 if first:
                     torch.sum(row_sums, (0, 2), out=grad_gate)
@@ -241,11 +275,13 @@ class AttentionMix(torch.autograd.Function):
             else:
                 if geometry.stride > 1:
                     query_maps(grad_qk[:, 0].unflatten(-1, maps.shape[-2:]), geometry).copy_(
-                        grad_queries.view(B * heads, geometry.qk_dim, *_query_grid(geometry)))
+                        grad_queries.view(B * heads, geometry.qk_dim, *_query_grid(geometry))
+                    )
                 grad_x, grad_qk_weight = _joint_qk_backward(maps, weight, grad_qk, factor, geometry.qk_dim)
             grad_x.view(B, C, N).transpose(1, 2).add_(grad_tokens)
             grad_values = ctx.builder.backward(
-                grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads))
+                grad_positional, values, positional_saved, ctx.grad_floor, grad_gate.view(heads)
+            )
         return grad_x.to(ctx.x_dtype), grad_qk_weight.to(ctx.weight_dtype), grad_values, None, None, None
 
 
@@ -256,7 +292,11 @@ def _scaled_per_head(grad: torch.Tensor, factor: torch.Tensor, batch: int, dtype
 
 
 def _joint_qk_backward(
-        maps: torch.Tensor, weight: torch.Tensor, grad_qk: torch.Tensor, factor: torch.Tensor, qk_dim: int,
+    maps: torch.Tensor,
+    weight: torch.Tensor,
+    grad_qk: torch.Tensor,
+    factor: torch.Tensor,
+    qk_dim: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype) from that of its GEMM
     output (B * heads, 2, d, N), scaled per head by `factor` (heads, 1)."""
@@ -268,20 +308,27 @@ def _joint_qk_backward(
 
 
 def _split_qk_backward(
-        maps: torch.Tensor, weight: torch.Tensor, grad_queries: torch.Tensor, grad_keys: torch.Tensor,
-        factor: torch.Tensor, geometry: MixGeometry,
+    maps: torch.Tensor,
+    weight: torch.Tensor,
+    grad_queries: torch.Tensor,
+    grad_keys: torch.Tensor,
+    factor: torch.Tensor,
+    geometry: MixGeometry,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype, in its layout) from those of
+    """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype, in its layout) from
+    those of
     its queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
     C)), scaled per head by `factor` (heads, 1)."""
     B, C = maps.shape[:2]
     d = geometry.qk_dim
     heads = weight.shape[1] // d
-    grad_q, grad_k = (_scaled_per_head(grad, factor, B, maps.dtype).view(B, heads * d, -1)
-                      for grad in (grad_queries, grad_keys))
+    grad_q, grad_k = (
+        _scaled_per_head(grad, factor, B, maps.dtype).view(B, heads * d, -1) for grad in (grad_queries, grad_keys)
+    )
     grad_maps = torch.bmm(weight[1].t().expand(B, -1, -1), grad_k).view(maps.shape)
     query_maps(grad_maps, geometry).add_(
-        torch.bmm(weight[0].t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry)))
+        torch.bmm(weight[0].t().expand(B, -1, -1), grad_q).view(B, C, *_query_grid(geometry))
+    )
     grad_weight = grad_queries.new_empty(heads, 2, d, C)
     for part, (grad, inputs) in enumerate(((grad_q, query_maps(maps, geometry)), (grad_k, maps))):
         per_sample = torch.bmm(grad, inputs.flatten(2).transpose(1, 2)).view(B, heads, d, C)
@@ -289,15 +336,19 @@ def _split_qk_backward(
     return grad_maps, grad_weight.flatten(0, 2)
 
 
-def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.) -> None:
+def _bmm_into(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False, alpha: float = 1.0
+) -> None:
     """out = alpha * a @ b, or out += alpha * a @ b (batched)."""
-    if accumulate or alpha != 1.:
+    if accumulate or alpha != 1.0:
         out.baddbmm_(a, b, beta=float(accumulate), alpha=alpha)  # beta 0: out's old contents are ignored
     else:
         torch.bmm(a, b, out=out)
 
 
-def floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, grad_floor: float) -> torch.Tensor:
+def floored_blend(
+    positional: torch.Tensor, content: torch.Tensor, gate: torch.Tensor, grad_floor: float
+) -> torch.Tensor:
     """positional + gate * content (gate broadcast); in the backward pass content gets the gradient of
     max(gate, grad_floor) * content, gate and positional their true gradients. Standard operations."""
     out = torch.addcmul(positional, content, gate)
@@ -306,8 +357,14 @@ def floored_blend(positional: torch.Tensor, content: torch.Tensor, gate: torch.T
     return out
 
 
-def content_mix_reference(x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, values: torch.Tensor,
-                          geometry: MixGeometry, grad_floor: float) -> torch.Tensor:
+def content_mix_reference(
+    x: torch.Tensor,
+    qk_weight: torch.Tensor,
+    positional: torch.Tensor,
+    values: torch.Tensor,
+    geometry: MixGeometry,
+    grad_floor: float,
+) -> torch.Tensor:
     """`content_mix` (with autograd) in standard operations, all queries at once."""
     num_queries, heads = positional.shape[:2]
     maps = x.to(mixing_dtype(x))

@@ -87,7 +87,8 @@ class GatedPositionalAttention2d(nn.Module):
     """Gated positional self-attention with the interface of an `nn.Conv2d`.
 
     Input (B, C_in, H, W), output (B, C_out, H_out, W_out) with H_out = ceil(H / stride), exactly as
-    a KxK convolution with `groups` groups, `dilation` and padding dilation * (K // 2) (or, with `same_padding`, TF 'SAME'
+    a KxK convolution with `groups` groups, `dilation` and padding dilation * (K // 2) (or, with `same_padding`, TF
+    'SAME'
     padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so
     the queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head
     reads the full-width input, and its tap's slice of the grouped kernel projects it group by group
@@ -277,13 +278,15 @@ class GatedPositionalAttention2d(nn.Module):
                     state_dict[prefix + name] = state_dict[prefix + name] * (saved_scale / own_scale)
         state_dict[prefix + 'gate_lr_scale'] = self.gate_lr_scale.detach().clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # a convolution's entries load as the exact conversion (timm's strict checkpoint loading); attention entries
         # keep their values whatever scale they were saved with
         if not self.fill_conversion_state(state_dict, prefix):
             self._rescale_state(state_dict, prefix)
         super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def attention_values(self) -> Dict[str, torch.Tensor]:
         """Current values of the gates and positional parameters (stored * `gate_lr_scale`), detached."""
@@ -347,8 +350,15 @@ class GatedPositionalAttention2d(nn.Module):
     def _tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return positional_tables(
-                self.kernel_size, self.stride, height, width, self.same_padding, device, self.attention_dtype(),
-                dilation=self.dilation)
+                self.kernel_size,
+                self.stride,
+                height,
+                width,
+                self.same_padding,
+                device,
+                self.attention_dtype(),
+                dilation=self.dilation,
+            )
         return self._cached_tables(height, width, device)
 
     @torch.jit.unused
@@ -357,8 +367,10 @@ class GatedPositionalAttention2d(nn.Module):
         choices say so and they agree with the closed form on this shape (`config.py`), else the closed form."""
         if self.choices.positional_kernels:
             from .positional_kernels import checked_kernels  # imports Triton
+
             kernels = checked_kernels(
-                self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation)
+                self.kernel_size, self.stride, height, width, self.same_padding, device, dilation=self.dilation
+            )
             if kernels is not None:
                 return kernels
         return ClosedFormPositional(self._tables(height, width, device))
@@ -366,8 +378,15 @@ class GatedPositionalAttention2d(nn.Module):
     @torch.jit.unused
     def _cached_tables(self, height: int, width: int, device: torch.device) -> PositionalTables:
         return cached_positional_tables(
-            self.kernel_size, self.stride, int(height), int(width), self.same_padding, device, self.dilation,
-            self.attention_dtype())
+            self.kernel_size,
+            self.stride,
+            int(height),
+            int(width),
+            self.same_padding,
+            device,
+            self.dilation,
+            self.attention_dtype(),
+        )
 
     def _block(self, batch: int, height: int, width: int) -> int:
         """Queries per block: the float32 attention of a block stays within `attention_block_bytes` (by default the
@@ -388,17 +407,20 @@ class GatedPositionalAttention2d(nn.Module):
         (`split_values`), rate-scaled and straight-through, in standard operations (`ScaledValues` in the eager
         paths)."""
         scale, dtype = self.gate_lr_scale, self.attention_dtype()
-        return torch.cat([
-            straight_through_clamp(rate_scaled(self.content_gate.to(dtype), scale)),
-            straight_through_clamp(rate_scaled(self.locality_gate.to(dtype), scale)),
-            rate_scaled(self.pos_log_alpha.to(dtype), scale),
-            rate_scaled(self.pos_center.to(dtype), scale).flatten(),
-        ])
+        return torch.cat(
+            [
+                straight_through_clamp(rate_scaled(self.content_gate.to(dtype), scale)),
+                straight_through_clamp(rate_scaled(self.locality_gate.to(dtype), scale)),
+                rate_scaled(self.pos_log_alpha.to(dtype), scale),
+                rate_scaled(self.pos_center.to(dtype), scale).flatten(),
+            ]
+        )
 
     @torch.jit.unused
     def _scaled_values(self) -> torch.Tensor:
         return ScaledValues.apply(
-            self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center, self.gate_lr_scale)
+            self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center, self.gate_lr_scale
+        )
 
     def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention."""
@@ -425,7 +447,7 @@ class GatedPositionalAttention2d(nn.Module):
         H, W = x.shape[-2], x.shape[-1]
         h, d = self.num_heads, self.qk_dim
         row0, col0 = self.query_start(H, W)
-        queries = x[:, :, row0::self.stride, col0::self.stride] if self.stride > 1 else x
+        queries = x[:, :, row0 :: self.stride, col0 :: self.stride] if self.stride > 1 else x
         q_weight, k_weight = (w.flatten(0, 1) for w in self.query_key_weights())
         q = F.linear(queries.flatten(2).transpose(1, 2), q_weight).unflatten(-1, (h, d))  # B, Nq, h, d
         k = F.linear(x.flatten(2).transpose(1, 2), k_weight).unflatten(-1, (h, d))  # B, N, h, d
@@ -438,7 +460,7 @@ class GatedPositionalAttention2d(nn.Module):
         values = self._values()
         positional = self.positional_mixing(x.shape[-2], x.shape[-1])
         probs = softmax_without_subnormals_(self.content_logits(x))
-        return floored_blend(positional, probs.transpose(1, 2), values[:self.num_heads, None], self.grad_floor)
+        return floored_blend(positional, probs.transpose(1, 2), values[: self.num_heads, None], self.grad_floor)
 
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Content attention of every head applied to the full-width input: (B, C_in, H, W) ->
@@ -455,7 +477,9 @@ class GatedPositionalAttention2d(nn.Module):
         t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
         return torch.einsum('bchyj,hiy->bchij', t, rows).flatten(3)
 
-    def tap_major_weight(self, heads: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def tap_major_weight(
+        self, heads: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
+    ) -> torch.Tensor:
         """(groups, C_out / groups, heads * C_in / groups) projection of the taps (of `heads`, indices, if given),
         per group and head-major: what the last (grouped) GEMM reads, in `dtype` (the weight's if None). One copy of
         the weight (two to select heads in another dtype)."""
@@ -469,11 +493,11 @@ class GatedPositionalAttention2d(nn.Module):
         return weight.new_empty(weight.shape, dtype=dtype).copy_(weight).flatten(2)  # the layout and the cast at once
 
     def _project(
-            self,
-            mixed: torch.Tensor,
-            weight: torch.Tensor,
-            bias: Optional[torch.Tensor] = None,
-            add_to: Optional[torch.Tensor] = None,
+        self,
+        mixed: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        add_to: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """add_to + bias + sum_h W_h (x A_h^T): (B, Nq, heads, C_in) mixed inputs, `tap_major_weight` (of those
         heads) -> (B * Nq, C_out).
@@ -507,8 +531,11 @@ class GatedPositionalAttention2d(nn.Module):
         return out.contiguous()
 
     def _project_channels_first(
-            self, mixed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-            add_to: Optional[torch.Tensor] = None,
+        self,
+        mixed: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        add_to: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """`_project` of a dense layer written channels first, (B, C_out, Nq): one GEMM per sample against the
         shared weight, so that an NCHW map needs no transposing copy. Inference only (autograd would expand the
@@ -522,8 +549,9 @@ class GatedPositionalAttention2d(nn.Module):
 
     def _geometry(self, x: torch.Tensor, block: int, queries_everywhere: bool) -> MixGeometry:
         H, W = x.shape[-2], x.shape[-1]
-        return MixGeometry(H, W, self.stride, self.query_start(H, W), self.qk_dim, self.scale, block,
-                           queries_everywhere)
+        return MixGeometry(
+            H, W, self.stride, self.query_start(H, W), self.qk_dim, self.scale, block, queries_everywhere
+        )
 
     # ---- the computations
 
@@ -560,8 +588,15 @@ class GatedPositionalAttention2d(nn.Module):
     @torch.jit.unused
     def _stored_values(self) -> torch.Tensor:
         """The gate and positional parameters as stored, and the scale: what an inference plan is built from."""
-        return torch.cat([self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center.flatten(),
-                          self.gate_lr_scale.view(1)])
+        return torch.cat(
+            [
+                self.content_gate,
+                self.locality_gate,
+                self.pos_log_alpha,
+                self.pos_center.flatten(),
+                self.gate_lr_scale.view(1),
+            ]
+        )
 
     @torch.jit.unused
     def _inference_plan(self, height: int, width: int, device: torch.device) -> InferencePlan:
@@ -576,7 +611,7 @@ class GatedPositionalAttention2d(nn.Module):
     @torch.jit.unused
     def _build_plan(self, height: int, width: int, device: torch.device, stored: torch.Tensor) -> InferencePlan:
         values = self._scaled_values()
-        gate, locality = values[:self.num_heads], values[self.num_heads:2 * self.num_heads]
+        gate, locality = values[: self.num_heads], values[self.num_heads : 2 * self.num_heads]
         open_heads, closed_heads = (gate > 0).nonzero().flatten(), (gate == 0).nonzero().flatten()
         if open_heads.numel() == 0 and bool((locality == 0).all()):
             return InferencePlan(stored, True)
@@ -589,8 +624,14 @@ class GatedPositionalAttention2d(nn.Module):
         if open_heads.numel() == self.num_heads:  # one part: no indexing
             return InferencePlan(stored, False, open_positional=positional, open_gates=gate.clone())
         return InferencePlan(
-            stored, False, open_heads=open_heads, open_positional=positional[:, open_heads].contiguous(),
-            open_gates=gate[open_heads], head_order=torch.cat([open_heads, closed_heads]), **closed)
+            stored,
+            False,
+            open_heads=open_heads,
+            open_positional=positional[:, open_heads].contiguous(),
+            open_gates=gate[open_heads],
+            head_order=torch.cat([open_heads, closed_heads]),
+            **closed,
+        )
 
     @torch.jit.unused
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -611,7 +652,8 @@ class GatedPositionalAttention2d(nn.Module):
         num_open = 0 if plan.open_positional is None else plan.open_positional.shape[1]
         split = num_open * (self.in_channels // self.groups)
         channels_first = self.choices.channels_first_projection and not x.is_contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         project = self._project_channels_first if channels_first else self._project
         out: Optional[torch.Tensor] = None
         if plan.closed_positional is not None:

@@ -13,7 +13,8 @@ in about fifteen operations and reduces its gradient in about fifteen more; on a
 
 Each is a `torch.library` custom operation, so that dispatch (and the operation counter) sees one operation per
 launch. What each launch runs with (grid, arguments, constexprs, warps and stages) comes from one place,
-`kernel_launches`, which `tools.kernel_report` also reads to compile the kernels ahead of time for GPU targets. They run on CUDA, and on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
+`kernel_launches`, which `tools.kernel_report` also reads to compile the kernels ahead of time for GPU targets. They
+run on CUDA, and on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
 """
 import warnings
 from typing import Any, Dict, Hashable, NamedTuple, Optional, Tuple

@@ -231,7 +231,8 @@ def _stages_and_strides(model: nn.Module, input_size: int = 256) -> Dict[str, Tu
     """(stage, stride at output_stride 32) of every spatial convolution `conv_stages` lists."""
     modules = dict(model.named_modules())
     return {
-        name: (round(math.log2(reduction)) - 1, stride) for name, (reduction, stride) in _layout(model, input_size).items()
+        name: (round(math.log2(reduction)) - 1, stride)
+        for name, (reduction, stride) in _layout(model, input_size).items()
         if round(math.log2(reduction)) >= 1 and _is_candidate(modules[name], stride)
     }
 
@@ -250,35 +251,38 @@ def conv_stages(model: nn.Module, input_size: int = 256) -> Dict[str, int]:
 
 
 def _targets(
-        model: nn.Module,
-        stages: Tuple[int, ...],
-        convert_strided: bool,
+    model: nn.Module,
+    stages: Tuple[int, ...],
+    convert_strided: bool,
 ) -> List[Tuple[str, nn.Conv2d]]:
     """(name, conv) of the convolutions to convert, or an InputError naming the stages the model has."""
     if not any(_is_candidate(module) for module in model.modules()):
         raise InputError(
             f'{type(model).__name__} has no spatial convolution (KxK, K > 1, kernel larger than stride): '
-            f'transform_cnn converts CNNs, not vision transformers or MLPs.')
+            f'transform_cnn converts CNNs, not vision transformers or MLPs.'
+        )
     layout = _stages_and_strides(model)
     available = sorted({stage for stage, _ in layout.values()})
     bad = [s for s in stages if s not in available]
     if bad:
         raise InputError(
             f'{type(model).__name__} has no stage {bad}: its stages are {available} (stage i = the convolutions '
-            f'whose output has reduction 2^(i+1) at output_stride 32: 1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32).')
+            f'whose output has reduction 2^(i+1) at output_stride 32: 1 -> 4, 2 -> 8, 3 -> 16, 4 -> 32).'
+        )
     modules = dict(model.named_modules())
     return [
-        (name, modules[name]) for name, (stage, stride) in layout.items()
+        (name, modules[name])
+        for name, (stage, stride) in layout.items()
         if stage in stages and isinstance(modules[name], nn.Conv2d) and (convert_strided or stride == (1, 1))
     ]
 
 
 def transform_cnn(
-        model: nn.Module,
-        stages: Union[int, Sequence[int]] = (3, 4),
-        convert_strided: bool = True,
-        unsupported: Literal['raise', 'skip'] = 'raise',
-        **layer_kwargs: Any,
+    model: nn.Module,
+    stages: Union[int, Sequence[int]] = (3, 4),
+    convert_strided: bool = True,
+    unsupported: Literal['raise', 'skip'] = 'raise',
+    **layer_kwargs: Any,
 ) -> nn.Module:
     """Replace, in place, the spatial convolutions of the chosen stages by exact attention: all or nothing.
 
@@ -313,7 +317,8 @@ def transform_cnn(
     if not layers:
         raise InputError(
             f'No convertible convolution in stages {stages} of {type(model).__name__} '
-            f'(convert_strided={convert_strided}): nothing to transform.')
+            f'(convert_strided={convert_strided}): nothing to transform.'
+        )
     # build every layer before replacing any: a failure leaves the model untouched. The layers draw their random
     # Q/K from a fork of the generator, so building a T-CNN draws what building its CNN draws: with one seed both
     # get the same classifier initialisation, and train.py gives both the same data order

@@ -49,13 +49,17 @@ class Geometry(NamedTuple):
         from ..layers.positional import query_start
         from ..layers.positional_kernels import KernelPositional
         k, s, d = self.kernel_size, self.stride, self.dilation
-        starts = query_start(self.height, k, s, self.same_padding, d), query_start(self.width, k, s, self.same_padding, d)
+        starts = (
+            query_start(self.height, k, s, self.same_padding, d),
+            query_start(self.width, k, s, self.same_padding, d),
+        )
         return KernelPositional(k, s, self.height, self.width, starts, d)
 
 
 @dataclasses.dataclass
 class KernelCompile:
     """One kernel configuration compiled for one target, and what ptxas reports for it."""
+
     kernel: str
     config: str
     target: int
@@ -70,12 +74,17 @@ class KernelCompile:
 
     @property
     def ok(self) -> bool:
-        return (self.spill_stores == 0 and self.spill_loads == 0 and self.registers <= MAX_REGISTERS
-                and self.shared_bytes <= self.shared_limit)
+        return (
+            self.spill_stores == 0
+            and self.spill_loads == 0
+            and self.registers <= MAX_REGISTERS
+            and self.shared_bytes <= self.shared_limit
+        )
 
 
 def _arch(target: int) -> str:
     from triton.backends.nvidia.compiler import sm_arch_from_capability
+
     return sm_arch_from_capability(target)
 
 
@@ -83,6 +92,7 @@ def ptxas_path(target: int) -> Optional[Path]:
     """The ptxas Triton's CUDA backend runs for `target` (bundled with Triton's wheel), None where it is missing."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+
         path = Path(get_ptxas(target).path)
     except (ImportError, RuntimeError):
         return None
@@ -109,6 +119,7 @@ def variant_geometries(image_sizes: Optional[Sequence[int]] = None) -> List[Geom
 
     from ..models.convert import attention_layers
     from ..models.variants import VARIANTS
+
     found = set()
     for name in VARIANTS:
         with torch.device('meta'):
@@ -139,6 +150,7 @@ def _specialisation(launch, target: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
+
     fn = launch.kernel
     backend = make_backend(GPUTarget('cuda', target, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -153,13 +165,19 @@ def launch_configs(geometries: Iterable[Geometry]) -> Dict[Tuple, Tuple]:
     """Distinct compilations of the layers' launches: key (kernel, constexprs, scalars the JIT specialises to 1,
     warps, stages) -> (a launch, the geometries that use it), the first launch's specialisation standing for all."""
     from ..layers.positional_kernels import kernel_launches
+
     configs: Dict[Tuple, Tuple] = {}
     for geometry in geometries:
         for has_content in (False, True):
             for launch in kernel_launches(geometry.kernels(), has_content).values():
                 ones = tuple(sorted(name for name, value in launch.scalars.items() if value == 1))
-                key = (launch.kernel.__name__, tuple(sorted(launch.constexprs.items())), ones, launch.num_warps,
-                       launch.num_stages)
+                key = (
+                    launch.kernel.__name__,
+                    tuple(sorted(launch.constexprs.items())),
+                    ones,
+                    launch.num_warps,
+                    launch.num_stages,
+                )
                 entry = configs.setdefault(key, (launch, []))
                 if geometry not in entry[1]:
                     entry[1].append(geometry)
@@ -175,14 +193,26 @@ def compile_launch(launch, target: int) -> Tuple[int, int, int, int, int]:
     spill store bytes, spill load bytes, stack frame bytes, shared memory bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
+
     signature, constexprs, attrs, options = _specialisation(launch, target)
     source = triton.compiler.ASTSource(launch.kernel, signature, constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget('cuda', target, 32), options=options.__dict__)
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / 'kernel.ptx'
         ptx.write_text(compiled.asm['ptx'])
-        done = subprocess.run([str(ptxas_path(target)), '-v', '--regAllocOptLevel=2', f'--gpu-name={_arch(target)}',
-                               str(ptx), '-o', str(Path(folder) / 'kernel.cubin')], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                str(ptxas_path(target)),
+                '-v',
+                '--regAllocOptLevel=2',
+                f'--gpu-name={_arch(target)}',
+                str(ptx),
+                '-o',
+                str(Path(folder) / 'kernel.cubin'),
+            ],
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         raise RuntimeError(f'ptxas failed for {launch.kernel.__name__} on sm_{target}: {done.stderr[-2000:]}')
     spills, registers = _SPILLS.search(done.stderr), _REGISTERS.search(done.stderr)
@@ -198,8 +228,9 @@ def _config_text(launch) -> str:
     return f'{constexprs} {ones}'.strip()
 
 
-def kernel_report(geometries: Optional[Iterable[Geometry]] = None,
-                  targets: Optional[Iterable[int]] = None) -> Tuple[List[KernelCompile], Dict[int, str]]:
+def kernel_report(
+    geometries: Optional[Iterable[Geometry]] = None, targets: Optional[Iterable[int]] = None
+) -> Tuple[List[KernelCompile], Dict[int, str]]:
     """Every distinct kernel configuration of `geometries` (default: the registered variants' and
     `EXTRA_GEOMETRIES`) compiled for every supported target: (results, {target: why skipped})."""
     geometries = list(geometries if geometries is not None else [*variant_geometries(), *EXTRA_GEOMETRIES])
@@ -208,22 +239,38 @@ def kernel_report(geometries: Optional[Iterable[Geometry]] = None,
     for target in (t for t, why in support.items() if why is None):
         for launch, users in launch_configs(geometries).values():
             registers, stores, loads, stack, shared = compile_launch(launch, target)
-            results.append(KernelCompile(
-                launch.kernel.__name__.strip('_'), _config_text(launch), target, launch.num_warps, registers, stores,
-                loads, stack, shared, SHARED_LIMITS[target], users))
+            results.append(
+                KernelCompile(
+                    launch.kernel.__name__.strip('_'),
+                    _config_text(launch),
+                    target,
+                    launch.num_warps,
+                    registers,
+                    stores,
+                    loads,
+                    stack,
+                    shared,
+                    SHARED_LIMITS[target],
+                    users,
+                )
+            )
     return results, {t: why for t, why in support.items() if why is not None}
 
 
 def format_report(results: Sequence[KernelCompile], skipped: Dict[int, str]) -> str:
     """A markdown table, one row per kernel configuration and target."""
-    lines = ['| kernel | constexprs (and scalars specialised to 1) | target | warps | registers | spill stores / loads '
-             '(bytes) | shared memory (bytes) / limit | layer shapes (K, stride, H, W, dilation) |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| kernel | constexprs (and scalars specialised to 1) | target | warps | registers | spill stores / loads '
+        '(bytes) | shared memory (bytes) / limit | layer shapes (K, stride, H, W, dilation) |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     for r in results:
         shapes = ', '.join(f'{g.kernel_size}/{g.stride}/{g.height}x{g.width}/{g.dilation}' for g in r.geometries[:3])
         more = f' +{len(r.geometries) - 3}' if len(r.geometries) > 3 else ''
-        lines.append(f'| {r.kernel} | {r.config} | sm_{r.target} | {r.num_warps} | {r.registers} | '
-                     f'{r.spill_stores} / {r.spill_loads} | {r.shared_bytes} / {r.shared_limit} | {shapes}{more} |')
+        lines.append(
+            f'| {r.kernel} | {r.config} | sm_{r.target} | {r.num_warps} | {r.registers} | '
+            f'{r.spill_stores} / {r.spill_loads} | {r.shared_bytes} / {r.shared_limit} | {shapes}{more} |'
+        )
     for target, why in skipped.items():
         lines.append(f'\nsm_{target} not compiled: {why}.')
     return '\n'.join(lines)
@@ -234,15 +281,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--json', type=Path, help='also write the report as JSON to this file')
     args = parser.parse_args(argv)
     import triton
+
     results, skipped = kernel_report()
-    print(f'Triton {triton.__version__}; {len(results)} compilations; all within limits: '
-          f'{all(r.ok for r in results)}\n')
+    print(
+        f'Triton {triton.__version__}; {len(results)} compilations; all within limits: {all(r.ok for r in results)}\n'
+    )
     print(format_report(results, skipped))
     if args.json:
         from ..utils.io import atomic_write
-        atomic_write(args.json, json.dumps(dict(
-            triton=triton.__version__, skipped=skipped,
-            results=[dict(dataclasses.asdict(r), geometries=[list(g) for g in r.geometries]) for r in results]), indent=1))
+
+        atomic_write(
+            args.json,
+            json.dumps(
+                dict(
+                    triton=triton.__version__,
+                    skipped=skipped,
+                    results=[dict(dataclasses.asdict(r), geometries=[list(g) for g in r.geometries]) for r in results],
+                ),
+                indent=1,
+            ),
+        )
     return 0 if all(r.ok for r in results) else 1
 
 

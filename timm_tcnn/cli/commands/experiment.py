@@ -69,25 +69,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--model', required=True, metavar='TCNN', help='the T-CNN, e.g. tcnn_resnet50rs')
     parser.add_argument('--data-dir', required=True, metavar='DIR', help='ImageFolder with train and validation splits')
     parser.add_argument('--out', required=True, metavar='DIR', help='experiment folder (resumed if it exists)')
-    parser.add_argument('--config', metavar='YAML', help=f'train.py --config recipe (default: the shipped {DEFAULT_RECIPE})')
+    parser.add_argument(
+        '--config', metavar='YAML', help=f'train.py --config recipe (default: the shipped {DEFAULT_RECIPE})'
+    )
     parser.add_argument('--epochs', type=int, help="override the recipe's epochs")
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='one run per arm and seed')
-    parser.add_argument('--arms', nargs='+', choices=ARMS, default=list(DEFAULT_ARMS),
-                        help='training arms (default: tcnn cnn); scratch: the T-CNN trained from scratch (see above)')
-    parser.add_argument('--cnn-epochs', type=int, metavar='N',
-                        help="epochs the starting CNN was trained for (default: read from --cnn-checkpoint)")
-    parser.add_argument('--scratch-config', metavar='YAML',
-                        help="the scratch arm's train.py recipe (default: the args.yaml beside --cnn-checkpoint)")
+    parser.add_argument(
+        '--arms',
+        nargs='+',
+        choices=ARMS,
+        default=list(DEFAULT_ARMS),
+        help='training arms (default: tcnn cnn); scratch: the T-CNN trained from scratch (see above)',
+    )
+    parser.add_argument(
+        '--cnn-epochs',
+        type=int,
+        metavar='N',
+        help="epochs the starting CNN was trained for (default: read from --cnn-checkpoint)",
+    )
+    parser.add_argument(
+        '--scratch-config',
+        metavar='YAML',
+        help="the scratch arm's train.py recipe (default: the args.yaml beside --cnn-checkpoint)",
+    )
     parser.add_argument('--nproc', type=int, default=1, help='processes per training run (torchrun when > 1)')
-    parser.add_argument('--cnn-checkpoint', metavar='FILE',
-                        help="start from this CNN checkpoint instead of timm's pretrained weights")
-    parser.add_argument('--scripts-dir', default=os.environ.get('TIMM_SCRIPTS_DIR'), metavar='DIR',
-                        help="folder with timm's train.py and validate.py (default: $TIMM_SCRIPTS_DIR)")
+    parser.add_argument(
+        '--cnn-checkpoint', metavar='FILE', help="start from this CNN checkpoint instead of timm's pretrained weights"
+    )
+    parser.add_argument(
+        '--scripts-dir',
+        default=os.environ.get('TIMM_SCRIPTS_DIR'),
+        metavar='DIR',
+        help="folder with timm's train.py and validate.py (default: $TIMM_SCRIPTS_DIR)",
+    )
     add_model_kwargs_arg(parser, help='create_model arguments of both arms')
     add_model_kwargs_arg(parser, '--tcnn-kwargs', help='T-CNN options of the tcnn arm, e.g. tcnn_stages="(3,)"')
-    parser.add_argument('--num-classes', type=int,
-                        help="classes of the model (default: the starting weights'); another count replaces the "
-                             'classifier (transfer, see above)')
+    parser.add_argument(
+        '--num-classes',
+        type=int,
+        help="classes of the model (default: the starting weights'); another count replaces the "
+        'classifier (transfer, see above)',
+    )
     parser.add_argument('--train-size', type=int, help="training image size (default: the model's)")
     parser.add_argument('--test-size', type=int, help="evaluation image size (default: the model's test size)")
     parser.add_argument('--train-split', default='train')
@@ -104,15 +126,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--analyze-images', type=int, default=32, help='validation images for the attention analysis')
     parser.add_argument('--dry-run', action='store_true', help='print every command (and SLURM job) and run nothing')
     cluster = parser.add_argument_group('cluster (docs/cluster.md)')
-    cluster.add_argument('--launcher', choices=LAUNCHERS, default='local',
-                         help='local: every step here, one after another; slurm: every run a SLURM job through '
-                              'submitit, independent runs at once (default: local)')
-    cluster.add_argument('--slurm', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
-                         help="submitit's SlurmExecutor parameters of every job, e.g. partition=gpu nodes=2 "
-                              'gpus_per_node=8 cpus_per_task=10 mem_gb=400 timeout_min=1440 account=... qos=... '
-                              "constraint=... 'setup=module load cuda' (repeatable)")
-    cluster.add_argument('--no-wait', action='store_true',
-                         help='submit the jobs and return (a rerun attaches to them and writes the report)')
+    cluster.add_argument(
+        '--launcher',
+        choices=LAUNCHERS,
+        default='local',
+        help='local: every step here, one after another; slurm: every run a SLURM job through '
+        'submitit, independent runs at once (default: local)',
+    )
+    cluster.add_argument(
+        '--slurm',
+        nargs='+',
+        action='extend',
+        default=[],
+        metavar='KEY=VALUE',
+        help="submitit's SlurmExecutor parameters of every job, e.g. partition=gpu nodes=2 "
+        'gpus_per_node=8 cpus_per_task=10 mem_gb=400 timeout_min=1440 account=... qos=... '
+        "constraint=... 'setup=module load cuda' (repeatable)",
+    )
+    cluster.add_argument(
+        '--no-wait',
+        action='store_true',
+        help='submit the jobs and return (a rerun attaches to them and writes the report)',
+    )
     parser.add_argument('train_args', nargs='*', metavar='-- TRAIN_ARGS', help='passed to train.py unchanged')
     parser.set_defaults(func=run)
 
@@ -129,8 +164,10 @@ def _check_split(data_dir: Path, split: str) -> List[str]:
     """The classes of a split (its class folders holding images, in timm's ImageFolder order)."""
     folder = data_dir / split
     if not folder.is_dir():
-        raise InputError(f'{folder} does not exist: --data-dir needs the splits {split!r} (see --train-split, '
-                         f'--val-split), each holding one folder of images per class.')
+        raise InputError(
+            f'{folder} does not exist: --data-dir needs the splits {split!r} (see --train-split, '
+            f'--val-split), each holding one folder of images per class.'
+        )
     classes = [p for p in folder.iterdir() if p.is_dir()]
     if len(classes) < 2:
         raise InputError(f'{folder} is not labelled: it needs one folder per class (at least 2), found {len(classes)}.')
@@ -148,7 +185,8 @@ def _check_classes(data_dir: Path, train_split: str, val_split: str) -> int:
         raise InputError(
             f'the splits {train_split!r} and {val_split!r} of {data_dir} have different classes (with images only '
             f'in {train_split}: {only_train[:5]}; only in {val_split}: {only_val[:5]}), so their labels would be '
-            f'numbered differently: give every class images in both splits.')
+            f'numbered differently: give every class images in both splits.'
+        )
     return len(train)
 
 
@@ -160,44 +198,64 @@ def _start_classes(args: argparse.Namespace, cnn: str) -> int:
         if not args.dry_run:
             require_hub_weights(cfg.hf_hub_id)
         return cfg.num_classes
-    cnn = load_cnn(cnn, args.cnn_checkpoint, source=f'--cnn-checkpoint {args.cnn_checkpoint}', device='meta',
-                   refusal='both arms start from CNN weights; pass the CNN checkpoint it was converted from.',
-                   **args.model_kwargs)
+    cnn = load_cnn(
+        cnn,
+        args.cnn_checkpoint,
+        source=f'--cnn-checkpoint {args.cnn_checkpoint}',
+        device='meta',
+        refusal='both arms start from CNN weights; pass the CNN checkpoint it was converted from.',
+        **args.model_kwargs,
+    )
     return cnn.num_classes
 
 
 def _check_options(args: argparse.Namespace) -> None:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise InputError(f'--seeds must be distinct integers >= 0, got {" ".join(map(str, args.seeds))}.')
-    if (args.epochs is not None and args.epochs < 1) or args.nproc < 1 or (args.cnn_epochs is not None and args.cnn_epochs < 1):
+    if (
+        (args.epochs is not None and args.epochs < 1)
+        or args.nproc < 1
+        or (args.cnn_epochs is not None and args.cnn_epochs < 1)
+    ):
         raise InputError('--epochs, --cnn-epochs and --nproc must be >= 1.')
     if 'tcnn' not in args.arms or len(set(args.arms)) != len(args.arms):
         raise InputError(f'--arms must name the tcnn arm and each arm once, got {" ".join(args.arms)}.')
     if 'scratch' not in args.arms:
-        refuse_unused({'--cnn-epochs': args.cnn_epochs is not None, '--scratch-config': bool(args.scratch_config)},
-                      'the scratch arm', 'add --arms tcnn cnn scratch')
+        refuse_unused(
+            {'--cnn-epochs': args.cnn_epochs is not None, '--scratch-config': bool(args.scratch_config)},
+            'the scratch arm',
+            'add --arms tcnn cnn scratch',
+        )
     if args.num_classes is not None and args.num_classes < 1:
         raise InputError(f'--num-classes must be >= 1, got {args.num_classes}.')
     if (args.imagenet_a or args.imagenet_r) and not args.imagenet_c:  # no corrupted images in the robustness step
-        refuse_unused({'--corruptions': bool(args.corruptions), '--severities': bool(args.severities)},
-                      'corrupted images', 'add --imagenet-c DIR (or drop --imagenet-a/-r: the validation split is then '
-                                          'corrupted on the fly)')
+        refuse_unused(
+            {'--corruptions': bool(args.corruptions), '--severities': bool(args.severities)},
+            'corrupted images',
+            'add --imagenet-c DIR (or drop --imagenet-a/-r: the validation split is then corrupted on the fly)',
+        )
     unknown = [c for c in args.corruptions if c not in CORRUPTIONS + EXTRA_CORRUPTIONS]
     bad = [s for s in args.severities if s not in SEVERITIES]
     if unknown or bad:
-        raise InputError(f'unknown corruption(s) {unknown} or severities {bad}: corruptions are '
-                         f'{", ".join(CORRUPTIONS + EXTRA_CORRUPTIONS)}; severities 1..5.')
+        raise InputError(
+            f'unknown corruption(s) {unknown} or severities {bad}: corruptions are '
+            f'{", ".join(CORRUPTIONS + EXTRA_CORRUPTIONS)}; severities 1..5.'
+        )
     not_tcnn = sorted(k for k in args.tcnn_kwargs if not k.startswith(PREFIX))
     tcnn_in_both = sorted(k for k in args.model_kwargs if k.startswith(PREFIX))
     if not_tcnn or tcnn_in_both:
-        raise InputError(f'--tcnn-kwargs takes the T-CNN options (tcnn_*), of the tcnn arm only, and --model-kwargs the '
-                         f'arguments of both arms: move {not_tcnn + tcnn_in_both} to the other one.')
+        raise InputError(
+            f'--tcnn-kwargs takes the T-CNN options (tcnn_*), of the tcnn arm only, and --model-kwargs the '
+            f'arguments of both arms: move {not_tcnn + tcnn_in_both} to the other one.'
+        )
     with input_errors('--tcnn-kwargs'):
         conversion_options(args.model, **args.tcnn_kwargs)
     repeated = sorted(set(args.model_kwargs) & set(_TRAIN_PY_KWARGS))
     if repeated:
-        raise InputError(f'--model-kwargs {", ".join(repeated)}: train.py sets these from its own options (e.g. '
-                         f'--num-classes, or --drop, --drop-path after --): pass them that way.')
+        raise InputError(
+            f'--model-kwargs {", ".join(repeated)}: train.py sets these from its own options (e.g. '
+            f'--num-classes, or --drop, --drop-path after --): pass them that way.'
+        )
 
 
 def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
@@ -218,8 +276,10 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
     start_classes = _start_classes(args, names['cnn'])
     classes = args.num_classes or start_classes
     if classes < data_classes:
-        raise InputError(f'the model would have {classes} classes but {data_dir} has {data_classes}: pass '
-                         f'--num-classes {data_classes}.')
+        raise InputError(
+            f'the model would have {classes} classes but {data_dir} has {data_classes}: pass '
+            f'--num-classes {data_classes}.'
+        )
     cfg = timm.models.get_pretrained_cfg(names['cnn']) or {}
     cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
     scratch = None
@@ -231,16 +291,36 @@ def _spec(args: argparse.Namespace) -> Tuple[ExperimentSpec, bool]:
     train_size = args.train_size or cfg.get('input_size', (3, 224, 224))[-1]
     test_size = args.test_size or (cfg.get('test_input_size') or cfg.get('input_size', (3, 224, 224)))[-1]
     spec = ExperimentSpec(
-        model=names['tcnn'], cnn_model=names['cnn'], data_dir=str(data_dir.resolve()), out=str(Path(args.out).resolve()),
-        recipe=str(recipe.resolve()), recipe_sha256=hashlib.sha256(recipe.read_bytes()).hexdigest(),
-        scripts_dir=str(scripts.resolve()), seeds=tuple(args.seeds), epochs=args.epochs, nproc=args.nproc,
+        model=names['tcnn'],
+        cnn_model=names['cnn'],
+        data_dir=str(data_dir.resolve()),
+        out=str(Path(args.out).resolve()),
+        recipe=str(recipe.resolve()),
+        recipe_sha256=hashlib.sha256(recipe.read_bytes()).hexdigest(),
+        scripts_dir=str(scripts.resolve()),
+        seeds=tuple(args.seeds),
+        epochs=args.epochs,
+        nproc=args.nproc,
         cnn_checkpoint=str(Path(args.cnn_checkpoint).resolve()) if args.cnn_checkpoint else None,
-        model_kwargs=dict(args.model_kwargs), tcnn_kwargs=dict(args.tcnn_kwargs), num_classes=args.num_classes,
-        train_size=train_size, test_size=test_size, train_split=args.train_split, val_split=args.val_split,
-        train_args=tuple(args.train_args), device=args.device, workers=args.workers,
-        eval_batch_size=args.eval_batch_size, corruptions=tuple(args.corruptions), severities=tuple(args.severities),
-        imagenet_c=args.imagenet_c, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
-        analyze_images=args.analyze_images, arms=tuple(args.arms), scratch=scratch,
+        model_kwargs=dict(args.model_kwargs),
+        tcnn_kwargs=dict(args.tcnn_kwargs),
+        num_classes=args.num_classes,
+        train_size=train_size,
+        test_size=test_size,
+        train_split=args.train_split,
+        val_split=args.val_split,
+        train_args=tuple(args.train_args),
+        device=args.device,
+        workers=args.workers,
+        eval_batch_size=args.eval_batch_size,
+        corruptions=tuple(args.corruptions),
+        severities=tuple(args.severities),
+        imagenet_c=args.imagenet_c,
+        imagenet_a=args.imagenet_a,
+        imagenet_r=args.imagenet_r,
+        analyze_images=args.analyze_images,
+        arms=tuple(args.arms),
+        scratch=scratch,
     )
     return spec, classes != start_classes
 
@@ -251,6 +331,7 @@ def _launcher(args: argparse.Namespace):
         refuse_unused({'--slurm': bool(args.slurm), '--no-wait': args.no_wait}, '--launcher slurm')
         return LocalLauncher()
     from ...tools.experiment.slurm import SlurmLauncher, parse_parameters  # needs the cluster extra
+
     return SlurmLauncher(parse_parameters(args.slurm), wait=not args.no_wait)
 
 
@@ -271,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
     if 'identity' in failed:
         raise WorkError(f'the identity check failed ({state.steps["identity"].get("reason")}); nothing was trained.')
     if failed:
-        raise WorkError(f'{len(failed)} step(s) did not finish: {", ".join(failed)}; see the report and their logs. '
-                        f'Rerun the same command to retry them.')
+        raise WorkError(
+            f'{len(failed)} step(s) did not finish: {", ".join(failed)}; see the report and their logs. '
+            f'Rerun the same command to retry them.'
+        )
     return 0

@@ -104,10 +104,15 @@ def _attention(axes, results: Dict[str, Any]) -> bool:
     if not start or not ends:
         return False
     names = [layer['name'] for layer in start['layers']]
-    for key, ax, label in (('content_share', axes[0], 'content share'), ('distance_mixed', axes[1], 'attention distance (px)')):
+    for key, ax, label in (
+        ('content_share', axes[0], 'content share'),
+        ('distance_mixed', axes[1], 'attention distance (px)'),
+    ):
         at_start = [statistics.fmean(h[key] for h in layer['heads']) for layer in start['layers']]
-        at_end = [statistics.fmean(statistics.fmean(h[key] for h in a['layers'][i]['heads']) for a in ends)
-                  for i in range(len(names))]
+        at_end = [
+            statistics.fmean(statistics.fmean(h[key] for h in a['layers'][i]['heads']) for a in ends)
+            for i in range(len(names))
+        ]
         ax.plot(range(len(names)), at_start, marker='o', label='conversion')
         ax.plot(range(len(names)), at_end, marker='o', label='end (mean over seeds)')
         ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize='small')

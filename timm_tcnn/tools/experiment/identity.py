@@ -60,9 +60,15 @@ def identity_check(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
     error, agree = identity_error(cnn, tcnn, images)
     passed = error <= TOLERANCE
     result = dict(
-        passed=passed, max_relative_error=error, top1_agreement=agree, tolerance=TOLERANCE,
-        images=len(images), input_size=list(images.shape[1:]), converted_layers=len(list(attention_layers(tcnn))),
-        cnn_parameters=sum(p.numel() for p in cnn.parameters()), tcnn_parameters=sum(p.numel() for p in tcnn.parameters()),
+        passed=passed,
+        max_relative_error=error,
+        top1_agreement=agree,
+        tolerance=TOLERANCE,
+        images=len(images),
+        input_size=list(images.shape[1:]),
+        converted_layers=len(list(attention_layers(tcnn))),
+        cnn_parameters=sum(p.numel() for p in cnn.parameters()),
+        tcnn_parameters=sum(p.numel() for p in tcnn.parameters()),
     )
     if not passed:
         result['reason'] = f'T-CNN logits differ from the CNN\'s: max relative error {error:.2e} > {TOLERANCE:.0e}'
@@ -74,8 +80,10 @@ def identity_check(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
         except TcnnError as e:
             result.update(passed=False, reason=f'the attention analysis of the converted T-CNN failed: {e}')
     atomic_write(out / 'identity.json', json.dumps(result, indent=2) + '\n')
-    print(f'identity: max relative error {error:.2e} (tolerance {TOLERANCE:.0e}), top-1 agreement {agree:.0%} '
-          f'on {len(images)} validation images')
+    print(
+        f'identity: max relative error {error:.2e} (tolerance {TOLERANCE:.0e}), top-1 agreement {agree:.0%} '
+        f'on {len(images)} validation images'
+    )
     return result
 
 
@@ -89,6 +97,8 @@ def start_step(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
         torch.manual_seed(step.seed)
         cnn.reset_classifier(spec.num_classes)
     _save(cnn, Path(step.result))
-    print(f'start: {classes}-class classifier of the starting weights replaced by a '
-          f'random {spec.num_classes}-class one (seed {step.seed})')
+    print(
+        f'start: {classes}-class classifier of the starting weights replaced by a '
+        f'random {spec.num_classes}-class one (seed {step.seed})'
+    )
     return dict(passed=True)

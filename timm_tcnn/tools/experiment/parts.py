@@ -55,13 +55,23 @@ def part_accuracy(model: torch.nn.Module, folder: str, label_parts: Dict[str, Di
     also within each group, keyed `'<part> (<group>)'`), the chance levels and image counts."""
     record = predict_folder(model, folder, img_size, batch_size, desc='accuracy per label part')
     hits = part_hits(record, record['predicted'], label_parts, image_groups)
-    return dict(accuracy={k: 100 * sum(v) / len(v) for k, v in hits.items()}, chance=chance_levels(label_parts, list(hits)),
-                images=len(record['images']), images_per_group={k: len(v) for k, v in hits.items() if ' (' in k})
+    return dict(
+        accuracy={k: 100 * sum(v) / len(v) for k, v in hits.items()},
+        chance=chance_levels(label_parts, list(hits)),
+        images=len(record['images']),
+        images_per_group={k: len(v) for k, v in hits.items() if ' (' in k},
+    )
 
 
-def evaluate_parts(model_name: str, checkpoint: str, folder: str, label_parts: Dict[str, Dict[str, str]],
-                   img_size: int, image_groups: Optional[Dict[str, str]] = None,
-                   **model_kwargs: Any) -> Dict[str, Any]:
+def evaluate_parts(
+    model_name: str,
+    checkpoint: str,
+    folder: str,
+    label_parts: Dict[str, Dict[str, str]],
+    img_size: int,
+    image_groups: Optional[Dict[str, str]] = None,
+    **model_kwargs: Any,
+) -> Dict[str, Any]:
     """`part_accuracy` of a model built by name with a checkpoint."""
     model = create_model_with_weights(model_name, checkpoint=checkpoint, **model_kwargs)
     return part_accuracy(model, folder, label_parts, img_size, image_groups)

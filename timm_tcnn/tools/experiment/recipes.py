@@ -10,7 +10,9 @@ DEFAULT_RECIPE = 'tcnn_resnet50rs_in1k_ft50.yaml'  # ResNet50-RS, ImageNet-1k, 5
 
 def recipe_names() -> List[str]:
     """File names of the shipped recipes."""
-    return sorted(p.name for p in resources.files(__package__).joinpath('recipes').iterdir() if p.name.endswith('.yaml'))
+    return sorted(
+        p.name for p in resources.files(__package__).joinpath('recipes').iterdir() if p.name.endswith('.yaml')
+    )
 
 
 def recipe_path(name: str = DEFAULT_RECIPE) -> Path:

@@ -109,7 +109,9 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
             record = _read_json(spec.predictions(arm, seed))
             hits = _per_image(spec, record, label_parts, groups) if record else {}
             metrics.update({k: v for k, v in _accuracy(hits.get('best', {})).items() if k.startswith('part/')})
-            curves = {int(name[len('epoch'):]) + 1: _accuracy(h) for name, h in hits.items() if name.startswith('epoch')}
+            curves = {
+                int(name[len('epoch') :]) + 1: _accuracy(h) for name, h in hits.items() if name.startswith('epoch')
+            }
             gates = _read_json(spec.root / 'gates' / f'{run_name(arm, seed)}.json') if arm in TCNN_ARMS else None
             epochs = read_summary(spec.run_dir(arm, seed) / 'summary.csv')
             for row in epochs:  # epochs done -> validation top-1 of train.py, content share
@@ -121,33 +123,47 @@ def collect_results(spec: ExperimentSpec, state: Optional[ExperimentState] = Non
                     shares = [s for layer in gates[str(done - 1)].values() for s in layer['content_share']]
                     curves[done]['content_share'] = statistics.fmean(shares)
             # the best checkpoint's per-image results, and the last one's top-1
-            run_hits = {**hits.get('best', {}), **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')}}
+            run_hits = {
+                **hits.get('best', {}),
+                **{k: v for k, v in hits.get('last', {}).items() if k.startswith('top1_')},
+            }
             runs[run_name(arm, seed)] = dict(
-                arm=arm, seed=seed, metrics=metrics, seconds=_train_seconds(state, arm, seed),
+                arm=arm,
+                seed=seed,
+                metrics=metrics,
+                seconds=_train_seconds(state, arm, seed),
                 attempts=_train_attempts(state, arm, seed),
-                predictions_vs_validate={m: v - metrics[m] for m, v in _accuracy(run_hits).items()
-                                         if m.startswith('top1_') and m in metrics},
+                predictions_vs_validate={
+                    m: v - metrics[m] for m, v in _accuracy(run_hits).items() if m.startswith('top1_') and m in metrics
+                },
                 hits=run_hits,
                 images=len(record['images']) if record else None,
-                curves={str(k): curves[k] for k in sorted(curves)})
+                curves={str(k): curves[k] for k in sorted(curves)},
+            )
     start = _read_json(spec.predictions(None, None))
     start_parts = None
     if start and label_parts:
         accuracy = _accuracy(part_hits(start, start['predicted']['start'], label_parts, groups))
-        start_parts = dict(accuracy=accuracy, chance=chance_levels(label_parts, list(accuracy)),
-                           top1=_accuracy({'top1': correct(start['targets'], start['predicted']['start'])})['top1'])
+        start_parts = dict(
+            accuracy=accuracy,
+            chance=chance_levels(label_parts, list(accuracy)),
+            top1=_accuracy({'top1': correct(start['targets'], start['predicted']['start'])})['top1'],
+        )
     return dict(
         identity=_read_json(spec.root / 'identity' / 'identity.json'),
         start_parts=start_parts,
         runs=runs,
         gates={f'seed{s}': _read_json(spec.root / 'gates' / f'{run_name("tcnn", s)}.json') for s in spec.seeds},
-        analysis={name: _read_json(spec.root / 'analyze' / name / 'attention_stats.json')
-                  for name in ['conversion', *(f'seed{s}' for s in spec.seeds)]},
+        analysis={
+            name: _read_json(spec.root / 'analyze' / name / 'attention_stats.json')
+            for name in ['conversion', *(f'seed{s}' for s in spec.seeds)]
+        },
     )
 
 
-def _image_error(hits: Dict[str, List[List[int]]], means: Dict[str, float], images: Optional[int],
-                 arms: Tuple[str, str]) -> Tuple[Optional[float], str]:
+def _image_error(
+    hits: Dict[str, List[List[int]]], means: Dict[str, float], images: Optional[int], arms: Tuple[str, str]
+) -> Tuple[Optional[float], str]:
     """The evaluation set's sampling error of the mean paired difference (points) and how it was obtained."""
     a, b = arms
     if hits[a] and len(hits[a]) == len(hits[b]) and all(len(x) == len(hits[a][0]) for x in hits[a] + hits[b]):
@@ -160,8 +176,12 @@ def _image_error(hits: Dict[str, List[List[int]]], means: Dict[str, float], imag
     return None, 'not counted'
 
 
-def compare(runs: Dict[str, Dict[str, Any]], seeds: Sequence[int], arms: Tuple[str, str] = ('tcnn', 'cnn'),
-            images: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+def compare(
+    runs: Dict[str, Dict[str, Any]],
+    seeds: Sequence[int],
+    arms: Tuple[str, str] = ('tcnn', 'cnn'),
+    images: Optional[int] = None,
+) -> Dict[str, Dict[str, Any]]:
     """Per metric: each arm's mean/std over seeds, the paired difference (arms[0] - arms[1], same seed), its
     standard errors from seeds and from images, the interval mean +- 2 x combined SE, and the verdict.
 
@@ -186,11 +206,17 @@ def compare(runs: Dict[str, Dict[str, Any]], seeds: Sequence[int], arms: Tuple[s
         se_seeds = diff['std'] / math.sqrt(len(paired)) if diff['std'] is not None else None
         interval = None
         if se_seeds is not None:
-            se = math.sqrt(se_seeds ** 2 + (se_images or 0.) ** 2)
+            se = math.sqrt(se_seeds**2 + (se_images or 0.0) ** 2)
             interval = [diff['mean'] - 2 * se, diff['mean'] + 2 * se]
         table[metric] = dict(
-            **stats, difference=diff, paired=paired, se_seeds=se_seeds, se_images=se_images, image_error=method,
-            interval=interval, verdict=_verdict(diff['mean'], interval, len(paired), arms),
+            **stats,
+            difference=diff,
+            paired=paired,
+            se_seeds=se_seeds,
+            se_images=se_images,
+            image_error=method,
+            interval=interval,
+            verdict=_verdict(diff['mean'], interval, len(paired), arms),
         )
     return table
 
@@ -226,15 +252,25 @@ def _gate_lines(gates: Dict[str, Any]) -> List[str]:
     for record in gates.values():
         for epoch, layers in (record or {}).items():
             for name, layer in layers.items():
-                per_epoch.setdefault(int(epoch), {}).setdefault(name, []).append(statistics.fmean(layer['content_share']))
+                per_epoch.setdefault(int(epoch), {}).setdefault(name, []).append(
+                    statistics.fmean(layer['content_share'])
+                )
     if not per_epoch:
         return ['No gate records (the T-CNN runs wrote no checkpoint yet).']
     names = sorted({n for layers in per_epoch.values() for n in layers})
-    lines = ['| epochs done | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|',
-             '| conversion | ' + ' | '.join('0' for _ in names) + ' |']
+    lines = [
+        '| epochs done | ' + ' | '.join(names) + ' |',
+        '|---' * (len(names) + 1) + '|',
+        '| conversion | ' + ' | '.join('0' for _ in names) + ' |',
+    ]
     for epoch in sorted(per_epoch):
-        lines.append(f'| {epoch + 1} | ' + ' | '.join(
-            f'{statistics.fmean(per_epoch[epoch][n]):.3f}' if n in per_epoch[epoch] else '-' for n in names) + ' |')
+        lines.append(
+            f'| {epoch + 1} | '
+            + ' | '.join(
+                f'{statistics.fmean(per_epoch[epoch][n]):.3f}' if n in per_epoch[epoch] else '-' for n in names
+            )
+            + ' |'
+        )
     return lines
 
 
@@ -243,8 +279,10 @@ def _analysis_lines(analysis: Dict[str, Any]) -> List[str]:
     ends = [a for name, a in analysis.items() if name != 'conversion' and a]
     if not start or not ends:
         return ['No attention analysis yet.']
-    lines = ['| layer | content share (end) | attention distance at conversion | attention distance (end) |',
-             '|---|---|---|---|']
+    lines = [
+        '| layer | content share (end) | attention distance at conversion | attention distance (end) |',
+        '|---|---|---|---|',
+    ]
     for i, layer in enumerate(start['layers']):
         share = statistics.fmean(statistics.fmean(h['content_share'] for h in a['layers'][i]['heads']) for a in ends)
         dist0 = statistics.fmean(h['distance_mixed'] for h in layer['heads'])
@@ -264,9 +302,13 @@ def training_times(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> Dic
     for arm in spec.arms:
         seconds = mean_std([r['seconds'] for r in runs.values() if r['arm'] == arm and r['seconds'] is not None])
         prior = None if arm == 'scratch' else before
-        total = None if seconds['mean'] is None else seconds['mean'] + (prior or 0.)
-        times[arm] = dict(train_seconds=seconds, before_seconds=prior, route_seconds=total,
-                          route_device_hours=None if total is None else total * spec.nproc / 3600)
+        total = None if seconds['mean'] is None else seconds['mean'] + (prior or 0.0)
+        times[arm] = dict(
+            train_seconds=seconds,
+            before_seconds=prior,
+            route_seconds=total,
+            route_device_hours=None if total is None else total * spec.nproc / 3600,
+        )
     return times
 
 
@@ -291,15 +333,24 @@ def _curve_lines(spec: ExperimentSpec, runs: Dict[str, Dict[str, Any]]) -> List[
 
 def _time_lines(spec: ExperimentSpec, times: Dict[str, Dict[str, Any]], runs: Dict[str, Dict[str, Any]]) -> List[str]:
     unit = 'GPU-hours' if spec.device.startswith('cuda') else 'CPU-hours'
-    lines = [f'Wall clock of each train.py run (mean +- std over seeds); {unit} = wall clock x {spec.nproc} '
-             f'process(es). The routes from the CNN also count its training'
-             + (f' ({spec.scratch.cnn_seconds:.0f} s, from its run folder: args.yaml to the checkpoint).'
-                if spec.scratch and spec.scratch.cnn_seconds is not None else
-                ' where known (not known here: timm\'s weights, or a checkpoint without its run folder).'), '',
-             f'| arm | epochs | training (s) | before it (s) | route (s) | route ({unit}) |', '|---|---|---|---|---|---|']
+    lines = [
+        f'Wall clock of each train.py run (mean +- std over seeds); {unit} = wall clock x {spec.nproc} '
+        f'process(es). The routes from the CNN also count its training'
+        + (
+            f' ({spec.scratch.cnn_seconds:.0f} s, from its run folder: args.yaml to the checkpoint).'
+            if spec.scratch and spec.scratch.cnn_seconds is not None
+            else ' where known (not known here: timm\'s weights, or a checkpoint without its run folder).'
+        ),
+        '',
+        f'| arm | epochs | training (s) | before it (s) | route (s) | route ({unit}) |',
+        '|---|---|---|---|---|---|',
+    ]
     for arm, t in times.items():
-        epochs = spec.scratch.epochs if arm == 'scratch' else (
-            spec.scratch.finetune_epochs if spec.scratch else spec.epochs or "the recipe's")
+        epochs = (
+            spec.scratch.epochs
+            if arm == 'scratch'
+            else (spec.scratch.finetune_epochs if spec.scratch else spec.epochs or "the recipe's")
+        )
         before = '-' if t['before_seconds'] is None else f'{t["before_seconds"]:.0f}'
         route = '-' if t['route_seconds'] is None else f'{t["route_seconds"]:.0f}'
         hours = '-' if t['route_device_hours'] is None else f'{t["route_device_hours"]:.3f}'
@@ -316,73 +367,123 @@ def _consistency_line(runs: Dict[str, Dict[str, Any]]) -> str:
     gaps = [abs(g) for run in runs.values() for g in run['predictions_vs_validate'].values()]
     if not gaps:
         return '- per-image predictions: none yet'
-    return (f'- per-image predictions (behind the intervals) against validate.py on the same {len(gaps)} checkpoints: '
-            f'largest top-1 difference {max(gaps):.2f} points' + ('' if max(gaps) < 0.01 else
-                                                                ' (they should agree: check the preprocessing)'))
+    return (
+        f'- per-image predictions (behind the intervals) against validate.py on the same {len(gaps)} checkpoints: '
+        f'largest top-1 difference {max(gaps):.2f} points'
+        + ('' if max(gaps) < 0.01 else ' (they should agree: check the preprocessing)')
+    )
 
 
 def _comparison_lines(table: Dict[str, Any], arms: Tuple[str, str]) -> List[str]:
     a, b = arms
-    lines = [f'### {a} ({ARM_TITLES[a]}) against {b} ({ARM_TITLES[b]})', '',
-             f'| metric | {b} | {a} | difference | 95% interval | images | verdict |', '|---|---|---|---|---|---|---|']
+    lines = [
+        f'### {a} ({ARM_TITLES[a]}) against {b} ({ARM_TITLES[b]})',
+        '',
+        f'| metric | {b} | {a} | difference | 95% interval | images | verdict |',
+        '|---|---|---|---|---|---|---|',
+    ]
     for metric, row in table.items():
         if metric.startswith(HEADLINE_PREFIXES) and '/' not in metric.replace('part/', ''):
             interval = '-' if row['interval'] is None else f'[{row["interval"][0]:+.2f}, {row["interval"][1]:+.2f}]'
-            lines.append(f'| {metric} | {_fmt(row[b])} | {_fmt(row[a])} | {_fmt(row["difference"], signed=True)} | '
-                         f'{interval} | {row["image_error"]} | {row["verdict"]} |')
+            lines.append(
+                f'| {metric} | {_fmt(row[b])} | {_fmt(row[a])} | {_fmt(row["difference"], signed=True)} | '
+                f'{interval} | {row["image_error"]} | {row["verdict"]} |'
+            )
     return lines
 
 
-def _markdown(spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[str, Any], state: ExperimentState,
-              figures: List[str]) -> str:
+def _markdown(
+    spec: ExperimentSpec, results: Dict[str, Any], tables: Dict[str, Any], state: ExperimentState, figures: List[str]
+) -> str:
     identity = results['identity'] or {}
     scratch = spec.scratch
     lines = [
-        f'# {spec.model} vs {spec.cnn_model}: T-CNN against its CNN control', '',
+        f'# {spec.model} vs {spec.cnn_model}: T-CNN against its CNN control',
+        '',
         f'- data: `{spec.data_dir}`; recipe: `{spec.recipe}` (sha256 {spec.recipe_sha256[:12]}); epochs: '
         f'{spec.epochs or "as in the recipe"}; seeds: {", ".join(map(str, spec.seeds))}; arms: {", ".join(spec.arms)}',
         f'- start: {spec.cnn_checkpoint or "timm pretrained weights of " + spec.cnn_model}; model kwargs '
         f'{spec.model_kwargs}; T-CNN options {spec.tcnn_kwargs}',
-        *([f'- scratch arm: the T-CNN from its own initialisation, {scratch.epochs} epochs (the starting CNN\'s '
-           f'{scratch.cnn_epochs} + the fine-tune\'s {scratch.finetune_epochs}), recipe `{scratch.recipe_source}` '
-           f'without its run\'s own options (`scratch/recipe.yaml`)'] if scratch else []),
-        *([f'- transfer: the classifier of the starting weights replaced by a random {spec.num_classes}-class one per '
-           f'seed, the same in both arms (`start/seedS.safetensors`)'] if any(k.startswith('start/') for k in state.steps)
-          else []),
+        *(
+            [
+                f'- scratch arm: the T-CNN from its own initialisation, {scratch.epochs} epochs (the starting CNN\'s '
+                f'{scratch.cnn_epochs} + the fine-tune\'s {scratch.finetune_epochs}), recipe `{scratch.recipe_source}` '
+                f'without its run\'s own options (`scratch/recipe.yaml`)'
+            ]
+            if scratch
+            else []
+        ),
+        *(
+            [
+                f'- transfer: the classifier of the starting weights replaced by a random {spec.num_classes}-class '
+                'one per '
+                f'seed, the same in both arms (`start/seedS.safetensors`)'
+            ]
+            if any(k.startswith('start/') for k in state.steps)
+            else []
+        ),
         f'- identity at conversion: max relative error {identity.get("max_relative_error", float("nan")):.2e} '
         f'(tolerance {identity.get("tolerance", float("nan")):.0e}), top-1 agreement '
         f'{100 * identity.get("top1_agreement", float("nan")):.0f}% on {identity.get("images", 0)} validation images',
         _consistency_line(results['runs']),
-        '', '## Headline', '',
+        '',
+        '## Headline',
+        '',
         'Top-1 in %. Difference = first arm minus second with the same seed (mean +- std over seeds). 95% interval = '
         'mean +- 2 x sqrt(SE_seeds^2 + SE_images^2), SE_seeds = std / sqrt(seeds); SE_images from every image\'s '
         'paired difference (`paired per image`, the best or last checkpoint at the test size) or, without per-image '
         f'results, the unpaired binomial bound (`unpaired bound`). A verdict needs at least {MIN_SEEDS} seeds and an '
-        'interval excluding 0.', '',
+        'interval excluding 0.',
+        '',
     ]
     for arms, table in tables.items():
         lines += _comparison_lines(table, arms) + ['']
     if spec.model == 'tcnn_resnet50rs' and spec.num_classes in (None, 1000):
-        lines += [f'Paper (ResNet50-RS, 50 epochs on ImageNet-1k): T-CNN minus CNN +{PAPER_RESNET50RS["top1"]} '
-                  f'top-1, +{PAPER_RESNET50RS["imagenet_c_accuracy"]} top-1 on ImageNet-C.', '']
+        lines += [
+            f'Paper (ResNet50-RS, 50 epochs on ImageNet-1k): T-CNN minus CNN +{PAPER_RESNET50RS["top1"]} '
+            f'top-1, +{PAPER_RESNET50RS["imagenet_c_accuracy"]} top-1 on ImageNet-C.',
+            '',
+        ]
     if results['start_parts']:
         start = results['start_parts']
-        lines += [f'The CNN the arms start from: top-1 {start["top1"]:.1f}%; per part of the label: ' + ', '.join(
-            f'{k} {v:.1f}% (chance {start["chance"][k]:.1f}%)' for k, v in start['accuracy'].items()), '']
+        lines += [
+            f'The CNN the arms start from: top-1 {start["top1"]:.1f}%; per part of the label: '
+            + ', '.join(f'{k} {v:.1f}% (chance {start["chance"][k]:.1f}%)' for k, v in start['accuracy'].items()),
+            '',
+        ]
     lines += ['## Training time', '', *_time_lines(spec, results['times'], results['runs'])]
     main = tables.get(('tcnn', 'cnn'), {})
     corruption_rows = [m for m in main if '/' in m and not m.startswith('part/')]
     if corruption_rows:
-        lines += ['', '## Accuracy per corruption', '', '| corruption | CNN | T-CNN | difference |', '|---|---|---|---|']
-        lines += [f'| {m.split("/", 1)[1]} | {_fmt(main[m]["cnn"])} | {_fmt(main[m]["tcnn"])} | '
-                  f'{_fmt(main[m]["difference"], signed=True)} |' for m in corruption_rows]
+        lines += [
+            '',
+            '## Accuracy per corruption',
+            '',
+            '| corruption | CNN | T-CNN | difference |',
+            '|---|---|---|---|',
+        ]
+        lines += [
+            f'| {m.split("/", 1)[1]} | {_fmt(main[m]["cnn"])} | {_fmt(main[m]["tcnn"])} | '
+            f'{_fmt(main[m]["difference"], signed=True)} |'
+            for m in corruption_rows
+        ]
     lines += ['', '## Learning curves (mean +- std over seeds, per epoch)', '', *_curve_lines(spec, results['runs'])]
-    lines += ['## Gates over epochs (mean content share per layer, mean over seeds)', '', *_gate_lines(results['gates'])]
-    lines += ['', '## Attention at conversion and at the end (mean over heads and seeds)', '',
-              *_analysis_lines(results['analysis'])]
+    lines += [
+        '## Gates over epochs (mean content share per layer, mean over seeds)',
+        '',
+        *_gate_lines(results['gates']),
+    ]
+    lines += [
+        '',
+        '## Attention at conversion and at the end (mean over heads and seeds)',
+        '',
+        *_analysis_lines(results['analysis']),
+    ]
     failed = {k: v for k, v in state.steps.items() if v['status'] != 'done'}
     lines += ['', '## Steps', '', f'{len(state.steps) - len(failed)} of {len(state.steps)} steps done.']
-    lines += [f'- {k}: {v["status"]}' + (f' ({v.get("reason") or "log: " + v.get("log", "")})') for k, v in failed.items()]
+    lines += [
+        f'- {k}: {v["status"]}' + (f' ({v.get("reason") or "log: " + v.get("log", "")})') for k, v in failed.items()
+    ]
     if figures:
         lines += ['', '## Figures', ''] + [f'![{Path(f).stem}]({Path(f).name})' for f in figures]
     return '\n'.join(lines) + '\n'
@@ -396,8 +497,12 @@ def write_report(spec: ExperimentSpec, state: ExperimentState) -> Dict[str, Any]
     results['times'] = training_times(spec, results['runs'])
     figures = write_figures(spec, results, tables)
     runs = {name: {k: v for k, v in run.items() if k != 'hits'} for name, run in results['runs'].items()}
-    data = dict(spec=spec_json(spec), results={**results, 'runs': runs},
-                comparisons={f'{a} - {b}': table for (a, b), table in tables.items()}, steps=state.steps)
+    data = dict(
+        spec=spec_json(spec),
+        results={**results, 'runs': runs},
+        comparisons={f'{a} - {b}': table for (a, b), table in tables.items()},
+        steps=state.steps,
+    )
     atomic_write(spec.root / 'results.json', json.dumps(data, indent=1) + '\n')
     atomic_write(spec.root / 'report.md', _markdown(spec, results, tables, state, figures))
     return data

@@ -23,7 +23,14 @@ from ...utils.io import atomic_path, atomic_write
 from .spec import TCNN_ARMS, ExperimentSpec, Step
 
 __all__ = [
-    'ExperimentState', 'EpochRecorder', 'epoch_recorder', 'gate_summary', 'log_path', 'run_command', 'run_step', 'run_steps',
+    'ExperimentState',
+    'EpochRecorder',
+    'epoch_recorder',
+    'gate_summary',
+    'log_path',
+    'run_command',
+    'run_step',
+    'run_steps',
     'spec_json',
 ]
 
@@ -42,12 +49,16 @@ class ExperimentState:
         if self.path.exists():
             saved = json.loads(self.path.read_text(encoding='utf-8'))
             if saved.get('fingerprint') != spec.fingerprint():
-                changed = sorted(k for k, v in saved.get('spec', {}).items()
-                                 if k not in ('seeds', 'out') and v != spec_json(spec).get(k))
+                changed = sorted(
+                    k
+                    for k, v in saved.get('spec', {}).items()
+                    if k not in ('seeds', 'out') and v != spec_json(spec).get(k)
+                )
                 raise InputError(
                     f'{spec.root} holds an experiment with another recipe or setup (differs in: '
                     f'{", ".join(changed) or "the spec"}); results of different recipes are never mixed. '
-                    f'Use another --out folder, or repeat the original options to resume it.')
+                    f'Use another --out folder, or repeat the original options to resume it.'
+                )
             self.steps = saved.get('steps', {})
             self.jobs = saved.get('jobs', {})
 
@@ -61,8 +72,12 @@ class ExperimentState:
 
     def save(self) -> None:
         self.spec.root.mkdir(parents=True, exist_ok=True)
-        data = dict(fingerprint=self.spec.fingerprint(), spec=spec_json(self.spec), steps=self.steps,
-                    **({'jobs': self.jobs} if self.jobs else {}))
+        data = dict(
+            fingerprint=self.spec.fingerprint(),
+            spec=spec_json(self.spec),
+            steps=self.steps,
+            **({'jobs': self.jobs} if self.jobs else {}),
+        )
         atomic_write(self.path, json.dumps(data, indent=2) + '\n')
 
 
@@ -75,7 +90,7 @@ def gate_summary(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Lis
     """Per converted layer: content and locality share and alpha of every head, from a T-CNN state dict."""
     layers = {}
     for name in attention_layer_names(state_dict):
-        scale = state_dict.get(f'{name}.gate_lr_scale', torch.tensor(1.)).float()
+        scale = state_dict.get(f'{name}.gate_lr_scale', torch.tensor(1.0)).float()
         value = {p: state_dict[f'{name}.{p}'].float() * scale for p in RATE_SCALED_PARAMS}
         layers[name] = dict(
             content_share=value['content_gate'].clamp(0, 1).tolist(),
@@ -98,7 +113,8 @@ class EpochRecorder:
     """Records a train.py run after every epoch, from its `last.pth.tar` (train.py replaces it atomically).
 
     - `gates`: a T-CNN's gates, as {epoch: gate_summary} in that JSON file (at conversion every gate is 0);
-    - `weights`: the epoch's weights as `epoch<N>.safetensors` in that folder, from which the report's per-epoch accuracies
+    - `weights`: the epoch's weights as `epoch<N>.safetensors` in that folder, from which the report's per-epoch
+    accuracies
       (label parts, image groups) are computed after training.
     """
 
@@ -134,8 +150,13 @@ def log_path(spec: ExperimentSpec, step: Step) -> Path:
     return spec.root / 'logs' / (step.key.replace('/', '_') + '.log')
 
 
-def run_command(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], None]],
-                    argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
+def run_command(
+    spec: ExperimentSpec,
+    step: Step,
+    poll: Optional[Callable[[], None]],
+    argv: Optional[List[str]] = None,
+    env: Optional[Dict[str, str]] = None,
+) -> int:
     """Run `argv` (default: the step's) with its output appended to the step's log; a training run continues from
     its `last.pth.tar` where one exists. `poll` is called every 2 s while it runs."""
     argv = list(step.argv if argv is None else argv)
@@ -155,7 +176,7 @@ def run_command(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], No
             while process.poll() is None:
                 if poll is not None:
                     poll()
-                time.sleep(2.)
+                time.sleep(2.0)
         except BaseException:
             process.terminate()
             process.wait()
@@ -168,13 +189,22 @@ def run_command(spec: ExperimentSpec, step: Step, poll: Optional[Callable[[], No
 def epoch_recorder(spec: ExperimentSpec, step: Step, record_weights: bool) -> EpochRecorder:
     """The recorder of a training step: gates of T-CNN arms, weights with `record_weights`."""
     run_dir = spec.run_dir(step.arm, step.seed)
-    return EpochRecorder(run_dir, gates=spec.root / 'gates' / f'{run_dir.name}.json' if step.arm in TCNN_ARMS else None,
-                         weights=spec.epoch_weights(step.arm, step.seed) if record_weights else None)
+    return EpochRecorder(
+        run_dir,
+        gates=spec.root / 'gates' / f'{run_dir.name}.json' if step.arm in TCNN_ARMS else None,
+        weights=spec.epoch_weights(step.arm, step.seed) if record_weights else None,
+    )
 
 
-def run_step(spec: ExperimentSpec, step: Step, in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
-             record_weights: bool = False, poll: Optional[Callable[[], None]] = None,
-             argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+def run_step(
+    spec: ExperimentSpec,
+    step: Step,
+    in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
+    record_weights: bool = False,
+    poll: Optional[Callable[[], None]] = None,
+    argv: Optional[List[str]] = None,
+    env: Optional[Dict[str, str]] = None,
+) -> Dict[str, Any]:
     """Run one step here and return its record: `status` (done or failed), `seconds`, and for a command its
     `returncode` and `log`, for an in-process step that failed its `reason`. A training step's epochs are recorded
     while it runs (`EpochRecorder`); `poll` is called beside it. `argv` and `env` replace the step's command line and
@@ -183,8 +213,11 @@ def run_step(spec: ExperimentSpec, step: Step, in_process: Dict[str, Callable[[E
     if step.kind in in_process:
         result = in_process[step.kind](spec, step)
         ok = bool(result.get('passed', True))
-        return dict(status='done' if ok else 'failed', seconds=round(time.time() - start, 1),
-                    **({} if ok else {'reason': result.get('reason', 'check failed')}))
+        return dict(
+            status='done' if ok else 'failed',
+            seconds=round(time.time() - start, 1),
+            **({} if ok else {'reason': result.get('reason', 'check failed')}),
+        )
     polls = [poll] if poll is not None else []
     if step.kind == 'train':
         polls.insert(0, epoch_recorder(spec, step, record_weights).poll)
@@ -194,16 +227,20 @@ def run_step(spec: ExperimentSpec, step: Step, in_process: Dict[str, Callable[[E
             each()
 
     code = run_command(spec, step, poll_all if polls else None, argv, env)
-    return dict(status='done' if code == 0 else 'failed', returncode=code, log=str(log_path(spec, step)),
-                seconds=round(time.time() - start, 1))
+    return dict(
+        status='done' if code == 0 else 'failed',
+        returncode=code,
+        log=str(log_path(spec, step)),
+        seconds=round(time.time() - start, 1),
+    )
 
 
 def run_steps(
-        spec: ExperimentSpec,
-        steps: List[Step],
-        in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
-        echo: Callable[[str], None] = print,
-        record_weights: bool = False,
+    spec: ExperimentSpec,
+    steps: List[Step],
+    in_process: Dict[str, Callable[[ExperimentSpec, Step], Dict[str, Any]]],
+    echo: Callable[[str], None] = print,
+    record_weights: bool = False,
 ) -> ExperimentState:
     """Run every step not done yet; a failed step blocks the steps that need it, not the others.
 

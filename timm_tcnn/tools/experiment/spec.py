@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    'ARMS', 'DEFAULT_ARMS', 'ExperimentSpec', 'ScratchArm', 'Step', 'analyze_argv', 'build_steps', 'run_name', 'task_argv',
+    'ARMS',
+    'DEFAULT_ARMS',
+    'ExperimentSpec',
+    'ScratchArm',
+    'Step',
+    'analyze_argv',
+    'build_steps',
+    'run_name',
+    'task_argv',
 ]
 
 ARMS = ('tcnn', 'cnn', 'scratch')
@@ -38,6 +46,7 @@ CHECKPOINT_FILES = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
 class ScratchArm:
     """The `scratch` arm: the T-CNN trained from its own initialisation with the starting CNN's recipe, for the
     CNN's epochs plus the fine-tune's."""
+
     recipe_source: str  # the starting CNN's train.py recipe (its args.yaml, or --scratch-config)
     cnn_epochs: int  # epochs the starting CNN was trained for
     finetune_epochs: int  # epochs of the tcnn and cnn arms
@@ -52,6 +61,7 @@ class ScratchArm:
 @dataclass(frozen=True)
 class ExperimentSpec:
     """Everything that defines an experiment's results (and so must match when a folder is resumed)."""
+
     model: str  # the T-CNN, e.g. tcnn_resnet50rs
     cnn_model: str  # its CNN, e.g. resnetrs50
     data_dir: str
@@ -136,6 +146,7 @@ class ExperimentSpec:
 @dataclass(frozen=True)
 class Step:
     """One step: `argv` runs it (a subprocess), unless `kind` is done in process (identity, report)."""
+
     key: str  # e.g. 'train/tcnn/seed0'
     kind: str  # identity | train | validate | robustness | analyze
     argv: Tuple[str, ...]
@@ -160,19 +171,46 @@ def _timm_tcnn(*args: str) -> Tuple[str, ...]:
 
 def _train_step(spec: ExperimentSpec, arm: str, seed: int, transfer: bool) -> Step:
     script = str(Path(spec.scripts_dir) / 'train.py')
-    launcher = (_timm_tcnn('run', script) if spec.nproc == 1 else
-                ('torchrun', f'--nproc_per_node={spec.nproc}', '-m', 'timm_tcnn', 'run', script))
+    launcher = (
+        _timm_tcnn('run', script)
+        if spec.nproc == 1
+        else ('torchrun', f'--nproc_per_node={spec.nproc}', '-m', 'timm_tcnn', 'run', script)
+    )
     if arm == 'scratch':
         recipe, weights, epochs = str(spec.scratch_recipe), [], spec.scratch.epochs
     else:
         start = str(spec.start_checkpoint(seed)) if transfer else spec.cnn_checkpoint
-        recipe, weights, epochs = spec.recipe, ['--initial-checkpoint', start] if start else ['--pretrained'], spec.epochs
+        recipe, weights, epochs = (
+            spec.recipe,
+            ['--initial-checkpoint', start] if start else ['--pretrained'],
+            spec.epochs,
+        )
     argv = [
-        *launcher, '--config', recipe, '--data-dir', spec.data_dir,
-        '--train-split', spec.train_split, '--val-split', spec.val_split,
-        '--model', spec.model_name(arm), *weights, *_kwargs_args(spec.arm_kwargs(arm)),
-        '--seed', str(seed), '--output', str(spec.root / 'train'), '--experiment', run_name(arm, seed),
-        '--checkpoint-hist', '1', '--device', spec.device, '--img-size', str(spec.train_size),
+        *launcher,
+        '--config',
+        recipe,
+        '--data-dir',
+        spec.data_dir,
+        '--train-split',
+        spec.train_split,
+        '--val-split',
+        spec.val_split,
+        '--model',
+        spec.model_name(arm),
+        *weights,
+        *_kwargs_args(spec.arm_kwargs(arm)),
+        '--seed',
+        str(seed),
+        '--output',
+        str(spec.root / 'train'),
+        '--experiment',
+        run_name(arm, seed),
+        '--checkpoint-hist',
+        '1',
+        '--device',
+        spec.device,
+        '--img-size',
+        str(spec.train_size),
     ]
     if spec.num_classes_of(arm) is not None:
         argv += ['--num-classes', str(spec.num_classes_of(arm))]
@@ -183,8 +221,9 @@ def _train_step(spec: ExperimentSpec, arm: str, seed: int, transfer: bool) -> St
         needs = ('identity', 'scratch/recipe')
     else:
         needs = ('identity', f'start/seed{seed}') if transfer else ('identity',)
-    return Step(f'train/{arm}/seed{seed}', 'train', tuple(argv), needs, arm, seed,
-                str(spec.run_dir(arm, seed) / 'summary.csv'))
+    return Step(
+        f'train/{arm}/seed{seed}', 'train', tuple(argv), needs, arm, seed, str(spec.run_dir(arm, seed) / 'summary.csv')
+    )
 
 
 def task_argv(step: Step) -> Tuple[str, ...]:
@@ -199,64 +238,145 @@ def _validate_step(spec: ExperimentSpec, arm: str, seed: int, which: str, size: 
     result = spec.root / 'validate' / f'{run_name(arm, seed)}-{which}-{size}px.json'
     argv = [
         *_timm_tcnn('run', str(Path(spec.scripts_dir) / 'validate.py')),
-        '--data-dir', spec.data_dir, '--split', spec.val_split, '--model', spec.model_name(arm),
-        '--checkpoint', str(spec.checkpoint(arm, seed, which)), *_kwargs_args(spec.arm_kwargs(arm)),
-        '--img-size', str(size), '--batch-size', str(spec.eval_batch_size), '--workers', str(spec.workers),
-        '--device', spec.device, '--results-file', str(result), '--results-format', 'json',
+        '--data-dir',
+        spec.data_dir,
+        '--split',
+        spec.val_split,
+        '--model',
+        spec.model_name(arm),
+        '--checkpoint',
+        str(spec.checkpoint(arm, seed, which)),
+        *_kwargs_args(spec.arm_kwargs(arm)),
+        '--img-size',
+        str(size),
+        '--batch-size',
+        str(spec.eval_batch_size),
+        '--workers',
+        str(spec.workers),
+        '--device',
+        spec.device,
+        '--results-file',
+        str(result),
+        '--results-format',
+        'json',
     ]
     if spec.num_classes_of(arm) is not None:
         argv += ['--num-classes', str(spec.num_classes_of(arm))]
-    return Step(f'validate/{arm}/seed{seed}/{which}/{size}px', 'validate', tuple(argv),
-                (f'train/{arm}/seed{seed}',), arm, seed, str(result))
+    return Step(
+        f'validate/{arm}/seed{seed}/{which}/{size}px',
+        'validate',
+        tuple(argv),
+        (f'train/{arm}/seed{seed}',),
+        arm,
+        seed,
+        str(result),
+    )
 
 
 def _robustness_step(spec: ExperimentSpec, seed: int) -> Step:
     """Both arms' best checkpoints on the same corrupted images, in one run of the robustness command."""
     out = spec.root / 'robustness' / f'seed{seed}'
     data = []
-    for flag, folder in (('--imagenet-c', spec.imagenet_c), ('--imagenet-a', spec.imagenet_a),
-                         ('--imagenet-r', spec.imagenet_r)):
+    for flag, folder in (
+        ('--imagenet-c', spec.imagenet_c),
+        ('--imagenet-a', spec.imagenet_a),
+        ('--imagenet-r', spec.imagenet_r),
+    ):
         if folder:
             data += [flag, folder]
     if not data:
-        data = ['--corrupt', str(Path(spec.data_dir) / spec.val_split), '--corrupt-size', str(spec.test_size),
-                '--seed', str(seed)]
+        data = [
+            '--corrupt',
+            str(Path(spec.data_dir) / spec.val_split),
+            '--corrupt-size',
+            str(spec.test_size),
+            '--seed',
+            str(seed),
+        ]
     if spec.corruptions:
         data += ['--corruptions', *spec.corruptions]
     if spec.severities:
         data += ['--severities', *map(str, spec.severities)]
     argv = [
-        *_timm_tcnn('robustness', spec.model), '--checkpoint', str(spec.checkpoint('tcnn', seed, 'best')),
+        *_timm_tcnn('robustness', spec.model),
+        '--checkpoint',
+        str(spec.checkpoint('tcnn', seed, 'best')),
         *_kwargs_args(spec.eval_kwargs('tcnn')),
-        '--compare', spec.cnn_model, '--compare-checkpoint', str(spec.checkpoint('cnn', seed, 'best')),
+        '--compare',
+        spec.cnn_model,
+        '--compare-checkpoint',
+        str(spec.checkpoint('cnn', seed, 'best')),
         *(['--compare-model-kwargs', *_kwargs_args(spec.eval_kwargs('cnn'))[1:]] if spec.eval_kwargs('cnn') else []),
-        *data, '--img-size', str(spec.test_size), '--out', str(out),
-        '--batch-size', str(spec.eval_batch_size), '--workers', str(spec.workers), '--device', spec.device,
+        *data,
+        '--img-size',
+        str(spec.test_size),
+        '--out',
+        str(out),
+        '--batch-size',
+        str(spec.eval_batch_size),
+        '--workers',
+        str(spec.workers),
+        '--device',
+        spec.device,
     ]
-    return Step(f'robustness/seed{seed}', 'robustness', tuple(argv),
-                (f'train/tcnn/seed{seed}', f'train/cnn/seed{seed}'), None, seed, str(out / 'robustness.json'))
+    return Step(
+        f'robustness/seed{seed}',
+        'robustness',
+        tuple(argv),
+        (f'train/tcnn/seed{seed}', f'train/cnn/seed{seed}'),
+        None,
+        seed,
+        str(out / 'robustness.json'),
+    )
 
 
 def analyze_argv(spec: ExperimentSpec, checkpoint: str, out: Path, model_kwargs: Dict[str, Any]) -> List[str]:
     """`timm-tcnn analyze` of a T-CNN checkpoint against the CNN weights the experiment starts from."""
     return [
-        'analyze', spec.model, '--checkpoint', checkpoint, *_kwargs_args(model_kwargs),
-        '--cnn', str(spec.root / 'identity' / 'cnn.safetensors'),
-        '--images', str(Path(spec.data_dir) / spec.val_split), '--out', str(out), '--overwrite',
-        '--max-images', str(spec.analyze_images), '--img-size', str(spec.test_size), '--no-plots',
+        'analyze',
+        spec.model,
+        '--checkpoint',
+        checkpoint,
+        *_kwargs_args(model_kwargs),
+        '--cnn',
+        str(spec.root / 'identity' / 'cnn.safetensors'),
+        '--images',
+        str(Path(spec.data_dir) / spec.val_split),
+        '--out',
+        str(out),
+        '--overwrite',
+        '--max-images',
+        str(spec.analyze_images),
+        '--img-size',
+        str(spec.test_size),
+        '--no-plots',
     ]
 
 
 def _analyze_step(spec: ExperimentSpec, seed: int) -> Step:
     out = spec.root / 'analyze' / f'seed{seed}'
     argv = analyze_argv(spec, str(spec.checkpoint('tcnn', seed, 'last')), out, spec.eval_kwargs('tcnn'))
-    return Step(f'analyze/seed{seed}', 'analyze', (sys.executable, '-m', 'timm_tcnn', *argv),
-                (f'train/tcnn/seed{seed}',), 'tcnn', seed, str(out / 'attention_stats.json'))
+    return Step(
+        f'analyze/seed{seed}',
+        'analyze',
+        (sys.executable, '-m', 'timm_tcnn', *argv),
+        (f'train/tcnn/seed{seed}',),
+        'tcnn',
+        seed,
+        str(out / 'attention_stats.json'),
+    )
 
 
 def _predictions_step(spec: ExperimentSpec, arm: str, seed: int) -> Step:
-    return Step(f'predictions/{arm}/seed{seed}', 'predictions', (), (f'train/{arm}/seed{seed}',), arm, seed,
-                str(spec.predictions(arm, seed)))
+    return Step(
+        f'predictions/{arm}/seed{seed}',
+        'predictions',
+        (),
+        (f'train/{arm}/seed{seed}',),
+        arm,
+        seed,
+        str(spec.predictions(arm, seed)),
+    )
 
 
 def build_steps(spec: ExperimentSpec, transfer: bool = False) -> List[Step]:
@@ -266,18 +386,26 @@ def build_steps(spec: ExperimentSpec, transfer: bool = False) -> List[Step]:
     With `transfer`, per seed first the starting CNN with its new classifier (in process)."""
     steps = [Step('identity', 'identity', (), result=str(spec.root / 'identity' / 'identity.json'))]
     if not transfer:
-        steps.append(Step('predictions/start', 'predictions', (), ('identity',), result=str(spec.predictions(None, None))))
+        steps.append(
+            Step('predictions/start', 'predictions', (), ('identity',), result=str(spec.predictions(None, None)))
+        )
     if 'scratch' in spec.arms:
         steps.append(Step('scratch/recipe', 'scratch-recipe', (), result=str(spec.scratch_recipe)))
     arms = [arm for arm in ARMS if arm in spec.arms]
     for seed in spec.seeds:
         if transfer:
-            steps.append(Step(f'start/seed{seed}', 'start', (), ('identity',), seed=seed,
-                              result=str(spec.start_checkpoint(seed))))
+            steps.append(
+                Step(
+                    f'start/seed{seed}', 'start', (), ('identity',), seed=seed, result=str(spec.start_checkpoint(seed))
+                )
+            )
         steps += [_train_step(spec, arm, seed, transfer) for arm in arms]
         for arm in arms:
-            steps += [_validate_step(spec, arm, seed, which, size)
-                      for which in CHECKPOINTS for size in sorted({spec.train_size, spec.test_size})]
+            steps += [
+                _validate_step(spec, arm, seed, which, size)
+                for which in CHECKPOINTS
+                for size in sorted({spec.train_size, spec.test_size})
+            ]
             steps.append(_predictions_step(spec, arm, seed))
         if 'cnn' in spec.arms:
             steps.append(_robustness_step(spec, seed))
