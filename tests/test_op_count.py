@@ -12,8 +12,8 @@ from timm_tcnn.tools.op_count import OpCounter, layer_step_ops
 
 # at most, with the positional attention in its closed form (CPU; the Triton kernels' counts are in
 # test_positional_kernels.py): (forward + backward of a training step, inference call), in float32 (NCHW or
-# channels-last) and under bf16 autocast on bf16 channels-last maps (a GPU's training); the layer before the joint
-# Q/K projection (e0aa6d5) issued 231-269 and 24-37 in float32
+# channels-last) and under bf16 autocast on bf16 channels-last maps (a GPU's training); the layer with autograd
+# throughout (before its autograd functions) issued 231-269 and 24-37 in float32
 LIMITS = {
     'resnet50rs stage 3, 14x14': {'float32': (68, 16), 'bf16': (70, 19)},
     'resnet50rs stage 3, 28x28 -> 14x14': {'float32': (77, 19), 'bf16': (79, 22)},
