@@ -1,14 +1,14 @@
 """ Helpers shared by the tests: imported as `from helpers import ...` (pytest puts tests/ on the path). """
 import torch
 import torch.nn as nn
+from reference import reference_forward  # tests/reference.py: the test oracle
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.layers import reference_forward
 from timm_tcnn.utils.numerics import relative_error
 
 __all__ = [
     'relative_error', 'attention_path', 'randomize_batchnorm', 'OfflineHub', 'plain_forward', 'fine_tuned_layer',
-    'grads', 'assert_same_grads', 'assert_matches_plain_reference',
+    'grads', 'assert_same_grads', 'assert_matches_plain_reference', 'reference_forward',
 ]
 
 
@@ -57,7 +57,7 @@ class OfflineHub:
         self.state_dicts[repo_id] = state_dict
 
 
-# the layer's definition written plainly (`timm_tcnn.layers.reference`): unfolded one-hot taps, separable
+# the layer's definition written plainly (`tests/reference.py`): unfolded one-hot taps, separable
 # Gaussian (`positional_attention`, checked against the dense definition in test_attention.py), content attention
 # by an explicit softmax over all keys, then the tap projection (within each group)
 plain_forward = reference_forward

@@ -1,4 +1,4 @@
-""" Every computation path of the layer against its definition written independently (`layers/reference.py`):
+""" Every computation path of the layer against its definition written independently (`tests/reference.py`):
 outputs and every gradient (input, tap weight, bias, Q/K, gates, alpha, centre), in states fine-tuning reaches,
 over strides, 'same' padding, dilation, groups, depthwise, 5x5 kernels, non-square and one-row maps; float64 layers
 computed in float64 (gradcheck passes). """
@@ -10,8 +10,8 @@ import torch.nn as nn
 from timm.layers import Conv2dSame
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
-from timm_tcnn.layers import choose, reference_forward
-from helpers import relative_error
+from timm_tcnn.layers import choose
+from helpers import reference_forward, relative_error
 
 # in_chs, out_chs, kernel, stride, groups, dilation, same padding
 GEOMETRIES = [
