@@ -1,5 +1,6 @@
 """ T-CNNs as dense-prediction backbones: stage numbers independent of `output_stride`, the layers every registered
-variant converts, and `features_only` at output_stride 16 and 8 against timm's own CNN with converted Hub weights. """
+variant converts, `features_only` at output_stride 16 and 8 against timm's own CNN with converted Hub weights, and
+the CNN's own error for an output_stride it refuses. """
 import math
 
 import pytest
@@ -11,9 +12,15 @@ import timm_tcnn
 from timm_tcnn import attention_layers, conv_stages, transform_cnn
 from helpers import OfflineHub, randomize_batchnorm, relative_error
 
-FAMILIES = sorted({row.cnn for row in timm_tcnn.VARIANTS.values()} - {'mobilenetv3_large_100'}  # no output_stride
+FAMILIES = sorted({row.cnn for row in timm_tcnn.VARIANTS.values()}
                   - {f'resnetrs{d}' for d in (101, 152, 200, 270, 350, 420)})
-FAST = {'tcnn_resnet18', 'tcnn_convnext_atto', 'tcnn_efficientnet_b0'}
+FAST = {'tcnn_resnet18', 'tcnn_convnext_atto', 'tcnn_efficientnet_b0', 'tcnn_mobilenetv3_large_100'}
+FEATURES_ONLY_OUTPUT_STRIDE = {'mobilenetv3_large_100'}  # output_stride only in its features class, MobileNetV3Features
+
+
+def _dense(cnn: str) -> dict:
+    """Kwargs of a CNN that takes `output_stride`: its features model where its classifier does not take it."""
+    return dict(features_only=True) if cnn in FEATURES_ONLY_OUTPUT_STRIDE else {}
 
 
 def measured_stages(model: nn.Module, size: int = 64) -> dict:
@@ -38,17 +45,18 @@ def measured_stages(model: nn.Module, size: int = 64) -> dict:
 
 @pytest.mark.parametrize('cnn', FAMILIES)
 def test_stages_do_not_depend_on_output_stride(cnn):
-    reference = conv_stages(timm.create_model(cnn, device='meta'))
+    kwargs = dict(_dense(cnn), device='meta')
+    reference = conv_stages(timm.create_model(cnn, **kwargs))
     assert sorted(set(reference.values()))[-1] == 4
     for output_stride in (16, 8):
-        dilated = timm.create_model(cnn, output_stride=output_stride, device='meta')
+        dilated = timm.create_model(cnn, output_stride=output_stride, **kwargs)
         assert any(m.dilation != (1, 1) for m in dilated.modules() if isinstance(m, nn.Conv2d)) or cnn == 'regnety_032'
         assert conv_stages(dilated) == reference, output_stride
         for convert_strided in (True, False):  # strides judged as at output_stride 32: the same layers convert
             names = [n for n, _ in attention_layers(transform_cnn(
-                timm.create_model(cnn, output_stride=output_stride, device='meta'), (3, 4), convert_strided))]
+                timm.create_model(cnn, output_stride=output_stride, **kwargs), (3, 4), convert_strided))]
             expected = [n for n, _ in attention_layers(transform_cnn(
-                timm.create_model(cnn, device='meta'), (3, 4), convert_strided))]
+                timm.create_model(cnn, **kwargs), (3, 4), convert_strided))]
             assert names == expected, (output_stride, convert_strided)
 
 
@@ -75,12 +83,7 @@ def dense_hub(tmp_path_factory):
 
 def _variants():
     for variant in sorted(timm_tcnn.VARIANTS):
-        marks = [] if variant in FAST else [pytest.mark.slow]
-        if variant == 'tcnn_mobilenetv3_large_100':
-            marks.append(pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-                'MobileNetV3 takes output_stride only in its own MobileNetV3Features class; the T-CNN wraps the '
-                'classification model')))
-        yield pytest.param(variant, marks=marks)
+        yield pytest.param(variant, marks=[] if variant in FAST else [pytest.mark.slow])
 
 
 @pytest.mark.parametrize('variant', list(_variants()))
@@ -97,6 +100,7 @@ def test_features_only_at_output_stride_16_and_8_equal_the_cnn(dense_hub, varian
     for output_stride in (16, 8):
         reference = timm.create_model(row.cnn, pretrained=True, features_only=True, output_stride=output_stride).eval()
         features = timm.create_model(variant, pretrained=True, features_only=True, output_stride=output_stride).eval()
+        assert isinstance(features, type(reference))  # the CNN's features class, or timm's wrapper as for the CNN
         assert features.feature_info.channels() == reference.feature_info.channels()
         assert features.feature_info.reduction() == reference.feature_info.reduction()
         assert max(reference.feature_info.reduction()) == output_stride
@@ -110,3 +114,24 @@ def test_features_only_at_output_stride_16_and_8_equal_the_cnn(dense_hub, varian
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
             assert a.shape == b.shape and relative_error(a, b) <= 1e-4, output_stride
+
+
+@pytest.mark.parametrize('cnn', FAMILIES)
+def test_output_stride_the_cnn_refuses_is_the_cnns_error(cnn):
+    """Every output_stride and form (classifier, features_only) the CNN refuses, the T-CNN refuses with the CNN's
+    own exception (type and message); every one it accepts, the T-CNN gives with the CNN's feature reductions."""
+    variant = next(row.name for row in timm_tcnn.VARIANTS.values() if row.cnn == cnn)
+    for output_stride in (2, 4, 12, 16, 64):
+        for features_only in (False, True):
+            kwargs = dict(output_stride=output_stride, features_only=features_only, device='meta')
+            try:
+                reference = timm.create_model(cnn, **kwargs)
+            except Exception as e:  # the CNN's error, whatever it is
+                with pytest.raises(type(e)) as got:
+                    timm.create_model(variant, **kwargs)
+                assert type(got.value) is type(e) and str(got.value) == str(e), kwargs
+                continue
+            model = timm.create_model(variant, **kwargs)
+            assert list(attention_layers(model)), kwargs
+            if features_only:
+                assert model.feature_info.reduction() == reference.feature_info.reduction(), kwargs

@@ -42,6 +42,19 @@ def test_deeplabv3_trains_a_step():
     assert changed
 
 
+def test_deeplabv3_with_features_class_encoder():
+    """MobileNetV3 takes output_stride only as its features class: the T-CNN's encoder is that class, dilated."""
+    model = smp.DeepLabV3('tu-tcnn_mobilenetv3_large_100', encoder_weights=None, classes=3).eval()
+    layers = [m for m in model.encoder.modules() if isinstance(m, GatedPositionalAttention2d)]
+    assert layers and any(m.dilation > 1 for m in layers)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
 def test_unsupported_output_stride_is_the_cnns_error():
-    with pytest.raises(TypeError, match=r"MobileNetV3.__init__\(\) got an unexpected keyword argument 'output_stride'"):
-        smp.DeepLabV3('tu-tcnn_mobilenetv3_large_100', encoder_weights=None)
+    with pytest.raises(AssertionError) as cnn:
+        smp.encoders.get_encoder('tu-resnet18', output_stride=4)
+    with pytest.raises(AssertionError) as tcnn:
+        smp.encoders.get_encoder('tu-tcnn_resnet18', output_stride=4)
+    assert str(tcnn.value) == str(cnn.value)
+    assert tcnn.traceback[-1].path == cnn.traceback[-1].path  # raised in timm's ResNet, not by timm_tcnn

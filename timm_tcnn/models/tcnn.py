@@ -25,6 +25,7 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.models._builder import pretrained_cfg_for_features
 from timm.models.resnet import ResNet
 
 from ..layers import RATE_SCALED_PARAMS, GatedPositionalAttention2d
@@ -74,10 +75,13 @@ def tcnn_class(cnn_class: type) -> type:
 TcnnResNet = tcnn_class(ResNet)
 
 
-def _build(row: Variant, **kwargs: Any) -> nn.Module:
-    """The CNN built by its own entrypoint (no weights), its `tcnn_stages` converted."""
+def _build(row: Variant, own_features: bool = False, **kwargs: Any) -> nn.Module:
+    """The CNN built by its own entrypoint (no weights), its `tcnn_stages` converted; with `own_features`, the
+    CNN's own `features_only` model (`Variant.own_features`)."""
     options = TcnnOptions.from_kwargs(kwargs, row.options)
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith('tcnn_')}
+    if own_features:
+        kwargs['features_only'] = True
     model = model_entrypoint(row.cnn)(pretrained=False, **kwargs)
     transform_cnn(model, options.stages, options.convert_strided, **options.layer_kwargs())
     model.__class__ = tcnn_class(type(model))
@@ -97,15 +101,33 @@ def _require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
         require_hub_weights(cfg.hf_hub_id, kwargs.get('cache_dir'))
 
 
+def _model_keys(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """The entries of a checkpoint that `model` holds: a features model has no head."""
+    keys = model.state_dict().keys()
+    return {k: v for k, v in state_dict.items() if k in keys}
+
+
 def create_tcnn(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a registered T-CNN; CNN weights (Hub, cache, `pretrained_cfg_overlay=dict(file=...)`) convert on load
-    (the converted layers' state-dict hook), T-CNN weights load as they are."""
+    (the converted layers' state-dict hook), T-CNN weights load as they are.
+
+    `features_only` is the CNN's: timm's wrapper (`feature_cfg`, the row's unless given) around the converted
+    classifier once its weights are loaded, or, for a row with `own_features` (and neither `feature_cls` nor
+    `feature_cfg` given, as the CNN's entrypoint decides), the CNN's own features class converted and loaded
+    (the checkpoint's head left out). Either way `output_stride` and every other argument reach the CNN's
+    entrypoint, so a value the CNN refuses fails with the CNN's own error."""
     row = VARIANTS[variant]
     if pretrained:
         _require_weights(variant, kwargs)
     try:
-        return build_model_with_cfg(
-            partial(_build, row), variant, pretrained, feature_cfg=dict(row.feature_cfg), **kwargs)
+        if row.own_features and kwargs.get('features_only') and not {'feature_cls', 'feature_cfg'} & kwargs.keys():
+            kwargs.pop('features_only')
+            model = build_model_with_cfg(
+                partial(_build, row, True), variant, pretrained, pretrained_filter_fn=_model_keys, **kwargs)
+            model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+            return model
+        feature_cfg = dict(kwargs.pop('feature_cfg', None) or row.feature_cfg)
+        return build_model_with_cfg(partial(_build, row), variant, pretrained, feature_cfg=feature_cfg, **kwargs)
     except LocalEntryNotFoundError as e:
         hf_hub_id = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg')).hf_hub_id
         raise HubWeightsUnavailable(hub_unavailable_message(hf_hub_id, 'not in the local cache')) from e

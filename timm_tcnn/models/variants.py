@@ -23,11 +23,16 @@ class Variant:
         cnn: the timm CNN it is built and converted from, e.g. `resnetrs50`.
         options: its default `tcnn_*` options.
         feature_cfg: `build_model_with_cfg`'s feature_cfg for `features_only`, as the CNN's family uses it.
+        own_features: the CNN's `features_only` model is a class of its own (timm's EfficientNetFeatures,
+            MobileNetV3Features: the CNN's entrypoint builds it unless `feature_cls` or `feature_cfg` is given), not
+            timm's wrapper around the classifier; the T-CNN's is then that class, converted, and `output_stride`
+            is the CNN's whenever the features class takes it and the classifier does not.
     """
     name: str
     cnn: str
     options: TcnnOptions = TcnnOptions()
     feature_cfg: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    own_features: bool = False
 
 
 # families whose features_only wrapper needs more than timm's default (FeatureListNet on out_indices 0..4)
@@ -36,8 +41,9 @@ _FLAT4 = dict(flatten_sequential=True, out_indices=(0, 1, 2, 3))
 
 
 def _row(cnn: str, name: Optional[str] = None, feature_cfg: Optional[Mapping[str, Any]] = None,
-         **options: Any) -> Variant:
-    return Variant(name or f'tcnn_{cnn}', cnn, TcnnOptions(**options), MappingProxyType(dict(feature_cfg or {})))
+         own_features: bool = False, **options: Any) -> Variant:
+    return Variant(name or f'tcnn_{cnn}', cnn, TcnnOptions(**options), MappingProxyType(dict(feature_cfg or {})),
+                   own_features)
 
 
 def _table(*rows: Variant) -> Mapping[str, Variant]:
@@ -55,8 +61,8 @@ VARIANTS: Mapping[str, Variant] = _table(
     _row('seresnext50_32x4d'),
     _row('regnety_032'),
     *(_row(f'convnext_{size}', feature_cfg=_FLAT4) for size in ('atto', 'nano', 'tiny', 'small', 'base')),
-    _row('efficientnet_b0', feature_cfg=_FLAT),
-    _row('mobilenetv3_large_100', feature_cfg=_FLAT),
+    _row('efficientnet_b0', feature_cfg=_FLAT, own_features=True),
+    _row('mobilenetv3_large_100', feature_cfg=_FLAT, own_features=True),
     _row('cspresnet50', feature_cfg=_FLAT),
 )
 
