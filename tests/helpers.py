@@ -57,9 +57,9 @@ class OfflineHub:
         self.state_dicts[repo_id] = state_dict
 
 
-# the layer's definition written plainly (`tests/reference.py`): unfolded one-hot taps, separable
-# Gaussian (`positional_attention`, checked against the dense definition in test_attention.py), content attention
-# by an explicit softmax over all keys, then the tap projection (within each group)
+# the layer's definition written plainly (`tests/reference.py`): unfolded one-hot taps, separable Gaussian
+# (`tools.analysis.positional_attention`, checked against the dense definition in test_attention.py), content
+# attention by an explicit softmax over all keys, then the tap projection (within each group)
 plain_forward = reference_forward
 
 

@@ -9,6 +9,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 
 from timm_tcnn import GatedPositionalAttention2d, attention_to_conv, conv_to_attention
+from timm_tcnn.tools.analysis import positional_attention
 from helpers import relative_error
 
 SIZES = [(1, 1), (2, 2), (3, 3), (7, 7), (14, 14), (1, 7), (2, 14), (3, 7), (14, 3), (7, 2)]
@@ -92,7 +93,7 @@ def test_separable_gaussian_matches_dense_definition(stride):
         layer.set_attention_values(pos_log_alpha=torch.empty_like(layer.pos_log_alpha).uniform_(-1.5, 0.5))
         layer.set_attention_values(pos_center=layer.attention_values()['pos_center'] + torch.randn(9, 2) * 0.5)
     x = torch.randn(2, 3, 5, 4)
-    assert relative_error(layer.positional_attention(x), dense_gaussian_reference(layer, x)) <= 1e-5
+    assert relative_error(positional_attention(layer, x), dense_gaussian_reference(layer, x)) <= 1e-5
 
 
 def test_fine_tuning_opens_gates_and_trains_every_parameter():

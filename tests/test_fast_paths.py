@@ -9,6 +9,7 @@ from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import default_block_bytes
 from timm_tcnn.layers.functions import AttentionMix, MixGeometry, content_mix_reference
 from timm_tcnn.layers.positional import ClosedFormPositional, positional_mixing, positional_tables
+from timm_tcnn.tools.analysis import attention_map, content_attention, content_logits, positional_attention
 from helpers import (
     assert_matches_plain_reference,
     assert_same_grads,
@@ -192,8 +193,8 @@ def test_flops_are_conv_plus_attention_without_expansion(stride):
 def test_public_attention_outputs():
     layer = fine_tuned_layer(stride=2)
     x = torch.randn(2, 6, 7, 5)
-    assert layer.content_attention(x).shape == layer.positional_attention(x).shape == (2, 6, 9, 12)
-    attn = layer.attention_map(x)
+    assert content_attention(layer, x).shape == positional_attention(layer, x).shape == (2, 6, 9, 12)
+    attn = attention_map(layer, x)
     assert attn.shape == (2, 12, 9, 35) and attn.dtype == torch.float32
     # rows sum to at most 1 (zero tokens outside the image) and at least the content share (a softmax)
     rows = attn.sum(-1)
@@ -242,7 +243,7 @@ def test_benchmark_spread_state():
         locality = layer.locality_share()
         assert ((locality >= 0.05) & (locality <= 0.3)).all()
         with torch.no_grad():
-            assert math.isclose(layer.content_logits(layer_input).std(), 4., rel_tol=1e-3)
+            assert math.isclose(content_logits(layer, layer_input).std(), 4., rel_tol=1e-3)
     assert len(list(attention_layers(model))) == 1  # stage 4 of a one-block-per-stage ResNet
 
 

@@ -11,6 +11,7 @@ from timm.layers import Conv2dSame
 
 from timm_tcnn import GatedPositionalAttention2d, conv_to_attention
 from timm_tcnn.layers import choose
+from timm_tcnn.tools.analysis import content_logits
 from helpers import reference_forward, relative_error
 
 # in_chs, out_chs, kernel, stride, groups, dilation, same padding
@@ -174,5 +175,5 @@ def test_float32_layers_keep_float32_attention():
     layer = fine_tuned(GEOMETRIES[0], 'open')
     assert layer.attention_dtype() == torch.float32
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert layer.content_logits(torch.randn(1, 6, 5, 5)).dtype == torch.float32
+        assert content_logits(layer, torch.randn(1, 6, 5, 5)).dtype == torch.float32
     assert layer.double().attention_dtype() == torch.float64

@@ -54,15 +54,13 @@ from timm.layers.padding import pad_same
 
 from .cache import BoundedCache
 from .config import LayerChoices, choose, register
-from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, floored_blend
+from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference
 from .inference import InferencePlan
 from .numerics import (
     attention_dtype,
-    attention_matmul,
     cast_without_subnormals,
     mixing_dtype,
     rate_scaled,
-    softmax_without_subnormals_,
     straight_through_clamp,
     tokens_of,
 )
@@ -70,11 +68,9 @@ from .positional import (
     ClosedFormPositional,
     PositionalTables,
     cached_positional_tables,
-    gaussian_factors,
     positional_mixing,
     positional_tables,
     query_start,
-    split_values,
 )
 
 __all__ = ['GatedPositionalAttention2d', 'RATE_SCALED_PARAMS']
@@ -400,7 +396,7 @@ class GatedPositionalAttention2d(nn.Module):
         num_blocks = -(-num_queries * per_query // block_bytes)  # ceil
         return -(-num_queries // max(1, num_blocks))  # balanced blocks
 
-    # ---- the attention's parts (public: analysis and tests)
+    # ---- the attention's parts (timm_tcnn.tools.analysis has the attention itself in parts)
 
     def _values(self) -> torch.Tensor:
         """(5 * heads,) values in the attention's dtype: content gate, locality gate (in [0, 1]), log alpha, centre
@@ -422,17 +418,6 @@ class GatedPositionalAttention2d(nn.Module):
             self.content_gate, self.locality_gate, self.pos_log_alpha, self.pos_center, self.gate_lr_scale
         )
 
-    def positional_gaussian(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention."""
-        _, _, log_alpha, center = split_values(self._values())
-        return gaussian_factors(log_alpha, center, self._tables(height, width, self.pos_center.device))
-
-    def positional_mixing(self, height: int, width: int) -> torch.Tensor:
-        """The input-independent part of the attention, (1 - g) * P, as a dense (Nq, heads, N), queries
-        leading (the layout the mixing GEMM reads)."""
-        tables = self._tables(height, width, self.pos_center.device)
-        return positional_mixing(self._values(), tables, self.grad_floor)
-
     def query_key_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views (heads, d, C_in) of the query and key weights in the joint projection `qk`."""
         return self.qk.weight.view(self.num_heads, 2, self.qk_dim, -1).unbind(1)
@@ -440,42 +425,6 @@ class GatedPositionalAttention2d(nn.Module):
     def _qk_weight(self, heads: torch.Tensor) -> torch.Tensor:
         """The joint projection's rows of `heads` (indices), in its layout: (heads * 2 * d, C_in)."""
         return self.qk.weight.view(self.num_heads, -1, self.in_channels).index_select(0, heads).flatten(0, 1)
-
-    def content_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled query-key products of every head, in float32 (float64 for float64 maps): (B, C_in, H, W) ->
-        (B, heads, H_out * W_out, H * W)."""
-        H, W = x.shape[-2], x.shape[-1]
-        h, d = self.num_heads, self.qk_dim
-        row0, col0 = self.query_start(H, W)
-        queries = x[:, :, row0 :: self.stride, col0 :: self.stride] if self.stride > 1 else x
-        q_weight, k_weight = (w.flatten(0, 1) for w in self.query_key_weights())
-        q = F.linear(queries.flatten(2).transpose(1, 2), q_weight).unflatten(-1, (h, d))  # B, Nq, h, d
-        k = F.linear(x.flatten(2).transpose(1, 2), k_weight).unflatten(-1, (h, d))  # B, N, h, d
-        return attention_matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)) * self.scale
-
-    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention of every head, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in the attention's dtype: (B, C_in, H, W) ->
-        (B, H_out * W_out, heads, H * W), queries leading. Logits and softmax are float32 (float64 for a float64
-        layer) whatever the input dtype or autocast state; A is a (sub-)stochastic matrix."""
-        values = self._values()
-        positional = self.positional_mixing(x.shape[-2], x.shape[-1])
-        probs = softmax_without_subnormals_(self.content_logits(x))
-        return floored_blend(positional, probs.transpose(1, 2), values[: self.num_heads, None], self.grad_floor)
-
-    def content_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Content attention of every head applied to the full-width input: (B, C_in, H, W) ->
-        (B, C_in, heads, H_out * W_out), for head h the attention-weighted input x S_h^T."""
-        probs = softmax_without_subnormals_(self.content_logits(x))  # B, h, Nq, N
-        attn = cast_without_subnormals(probs, mixing_dtype(x))
-        return torch.matmul(attn, tokens_of(x, attn.dtype)[:, None]).permute(0, 3, 1, 2)
-
-    def positional_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Gaussian positional attention of every head applied to the input: (B, C_in, H, W) ->
-        (B, C_in, heads, H_out * W_out), separable (columns, then rows)."""
-        rows, cols = self.positional_gaussian(x.shape[-2], x.shape[-1])
-        rows, cols = cast_without_subnormals(rows, x.dtype), cast_without_subnormals(cols, x.dtype)
-        t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
-        return torch.einsum('bchyj,hiy->bchij', t, rows).flatten(3)
 
     def tap_major_weight(
         self, heads: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None

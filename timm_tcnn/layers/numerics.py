@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'straight_through_clamp', 'rate_scaled', 'default_block_bytes', 'exp_without_subnormals',
-    'raise_to_range_', 'softmax_without_subnormals_', 'cast_without_subnormals', 'attention_dtype', 'attention_matmul',
+    'raise_to_range_', 'softmax_without_subnormals_', 'cast_without_subnormals', 'attention_dtype',
     'mixing_dtype', 'tokens_of', 'autocast_off',
 ]
 
@@ -80,20 +80,6 @@ def attention_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the attention (logits, softmax, positional attention, gate values) for parameters or maps of
     `dtype`: float64 for float64, float32 for every other (float16 and bfloat16 included, whatever autocast says)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def attention_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in `attention_dtype(a.dtype)`, also under autocast."""
-    dtype = attention_dtype(a.dtype)
-    if torch.jit.is_scripting() or a.device.type == 'meta':
-        return a.to(dtype) @ b.to(dtype)  # scripted code and meta tensors do not autocast
-    return _matmul_no_autocast(a, b, dtype)
-
-
-@torch.jit.unused
-def _matmul_no_autocast(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    with torch.autocast(a.device.type, enabled=False):
-        return a.to(dtype) @ b.to(dtype)
 
 
 def autocast_off(device: torch.device) -> ContextManager:

@@ -7,7 +7,7 @@ Every converted layer (`GatedPositionalAttention2d`, K*K heads) mixes, per head 
 over the keys of the layer's input grid (H x W pixels) plus the zero tokens outside it: the one-hot
 head of tap D_h reads a zero token when its tap falls outside the image, and the Gaussian puts the
 rest of its mass (offsets up to H - 1, W - 1) on zero tokens too. The content attention S_h only
-sees in-image keys. `AttentionAnalyzer` rebuilds these maps densely from the layer's public pieces
+sees in-image keys. `AttentionAnalyzer` rebuilds these maps densely from the layer's pieces
 (gates, `positional_gaussian`, `tap_offsets`, `q`, `k`, `scale`), feeds the model batches of images,
 captures each layer's input with a forward hook and accumulates, per head:
 
@@ -20,6 +20,9 @@ captures each layer's input with a forward hook and accumulates, per head:
 for the positional (P), content (S) and mixed (A) attention; per layer, the relative weight drift
 from the source CNN and the identity error (layer output vs `F.conv2d`) while the layer is still a
 convolution. docs/analysis.md gives the full definitions.
+
+The attention of a layer in parts, as the layer computes it (`content_logits`, `positional_gaussian`,
+`attention_map`, `content_attention`, `positional_attention`), is here too: no forward pass reads them.
 """
 import math
 from dataclasses import dataclass, field
@@ -32,12 +35,23 @@ from timm.layers.padding import pad_same
 
 from ..errors import InputError
 from ..layers import GatedPositionalAttention2d
+from ..layers.functions import floored_blend
+from ..layers.numerics import (
+    attention_dtype,
+    autocast_off,
+    cast_without_subnormals,
+    mixing_dtype,
+    softmax_without_subnormals_,
+    tokens_of,
+)
+from ..layers.positional import gaussian_factors, positional_mixing, split_values
 from ..models.convert import attention_layers
 from ..utils.numerics import error_ratio
 
 __all__ = [
     'HeadStats', 'LayerStats', 'QueryAttention', 'AttentionMaps', 'AttentionAnalyzer',
-    'positional_offset_attention', 'query_positions', 'attention_maps', 'head_rows',
+    'positional_offset_attention', 'query_positions', 'attention_maps', 'head_rows', 'content_logits',
+    'positional_gaussian', 'attention_map', 'content_attention', 'positional_attention',
 ]
 
 # upper bound on the elements of one (batch, heads, queries, keys) block of dense attention
@@ -100,6 +114,57 @@ class QueryAttention:
     mixed: torch.Tensor  # (heads, H, W)
 
 
+def content_logits(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """Scaled query-key products of every head of `layer`, in float32 (float64 for float64 maps), also under
+    autocast: (B, C_in, H, W) -> (B, heads, H_out * W_out, H * W)."""
+    H, W = x.shape[-2], x.shape[-1]
+    h, d = layer.num_heads, layer.qk_dim
+    row0, col0 = layer.query_start(H, W)
+    queries = x[:, :, row0 :: layer.stride, col0 :: layer.stride] if layer.stride > 1 else x
+    q_weight, k_weight = (w.flatten(0, 1) for w in layer.query_key_weights())
+    q = F.linear(queries.flatten(2).transpose(1, 2), q_weight).unflatten(-1, (h, d))  # B, Nq, h, d
+    k = F.linear(x.flatten(2).transpose(1, 2), k_weight).unflatten(-1, (h, d))  # B, N, h, d
+    dtype = attention_dtype(q.dtype)
+    with autocast_off(x.device):
+        logits = q.permute(0, 2, 1, 3).to(dtype) @ k.permute(0, 2, 3, 1).to(dtype)
+    return logits * layer.scale
+
+
+def positional_gaussian(
+        layer: GatedPositionalAttention2d, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Separable factors (heads, H_out, H) and (heads, W_out, W) of the Gaussian attention of `layer`."""
+    _, _, log_alpha, center = split_values(layer._values())
+    return gaussian_factors(log_alpha, center, layer._tables(height, width, layer.pos_center.device))
+
+
+def attention_map(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """Attention of every head of `layer`, A_h = g_h * S_h(x) + (1 - g_h) * P_h, in the attention's dtype:
+    (B, C_in, H, W) -> (B, H_out * W_out, heads, H * W), queries leading. Logits and softmax are float32 (float64
+    for a float64 layer) whatever the input dtype or autocast state; A is a (sub-)stochastic matrix."""
+    values = layer._values()
+    tables = layer._tables(x.shape[-2], x.shape[-1], layer.pos_center.device)
+    positional = positional_mixing(values, tables, layer.grad_floor)  # (1 - g) * P, (Nq, heads, N)
+    probs = softmax_without_subnormals_(content_logits(layer, x))
+    return floored_blend(positional, probs.transpose(1, 2), values[: layer.num_heads, None], layer.grad_floor)
+
+
+def content_attention(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """Content attention of every head of `layer` applied to the full-width input: (B, C_in, H, W) ->
+    (B, C_in, heads, H_out * W_out), for head h the attention-weighted input x S_h^T."""
+    probs = softmax_without_subnormals_(content_logits(layer, x))  # B, h, Nq, N
+    attn = cast_without_subnormals(probs, mixing_dtype(x))
+    return torch.matmul(attn, tokens_of(x, attn.dtype)[:, None]).permute(0, 3, 1, 2)
+
+
+def positional_attention(layer: GatedPositionalAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """Gaussian positional attention of every head of `layer` applied to the input: (B, C_in, H, W) ->
+    (B, C_in, heads, H_out * W_out), separable (columns, then rows)."""
+    rows, cols = positional_gaussian(layer, x.shape[-2], x.shape[-1])
+    rows, cols = cast_without_subnormals(rows, x.dtype), cast_without_subnormals(cols, x.dtype)
+    t = torch.einsum('bcyx,hjx->bchyj', x, cols)  # B, C, h, H, W_out
+    return torch.einsum('bchyj,hiy->bchij', t, rows).flatten(3)
+
+
 def _neg_xlogx(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p)
 
@@ -140,7 +205,7 @@ def positional_offset_attention(layer: GatedPositionalAttention2d, height: int, 
     p = layer.padding
     r_y, r_x = max(height - 1, p), max(width - 1, p)
     with torch.no_grad():
-        rows, cols = layer.positional_gaussian(height, width)
+        rows, cols = positional_gaussian(layer, height, width)
         row0, col0 = layer.query_start(height, width)
         rows = _offset_profile(rows.detach().float().cpu(), layer.stride, row0)
         cols = _offset_profile(cols.detach().float().cpu(), layer.stride, col0)

@@ -37,6 +37,7 @@ from ..layers import GatedPositionalAttention2d
 from ..models.convert import attention_layers, conv_to_attention, convolution_of
 from ..models.options import GATE_LR_SCALE, GRAD_FLOOR
 from ..models.variants import variant
+from .analysis import content_logits
 
 __all__ = [
     'CONFIGS', 'STATES', 'LAYER_SHAPES', 'BenchSetup', 'Result', 'fine_tune_like', 'spread_state', 'set_state',
@@ -203,7 +204,7 @@ def spread_layer_state(layer: GatedPositionalAttention2d, x: torch.Tensor, gener
         pos_center=centre,
     )
     layer.qk.weight.copy_(torch.randn(layer.qk.weight.shape, generator=generator))
-    std = layer.content_logits(x).std()
+    std = content_logits(layer, x).std()
     layer.qk.weight.mul_((logit_std / std).sqrt())
 
 
