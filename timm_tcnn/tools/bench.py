@@ -12,15 +12,22 @@ taking medians, so that machine load affects both sides alike:
   and 4, ConvNeXt's 7x7 depthwise), inference and forward + backward.
 - `gpsa`: one `GatedPositionalAttention2d` vs timm's ConViT `GPSA` (forward + backward) on the same
   token grid, width and 9 heads: time, FLOPs, GFLOP/s.
+- `dense`: the T-CNN as a dense-prediction backbone (`features_only`, `output_stride` 16 or 8, default 512 px,
+  batch 2) vs its CNN as the same backbone: inference and training-step throughput and peak memory, in the freshly
+  converted state (`fresh`: inference runs the convolutions, training the attention) and the fine-tuned ones.
+  `dense_memory_estimate` says beforehand what the attention will hold.
 
 T-CNNs are measured in a state that fine-tuning reaches (`STATES`): by default `spread_state` (per-head
 locality strengths spread over [0.25, 4] with the conversion value 1 among them, half the content gates
 still closed, content logits of std 4), or the older `uniform` state (`fine_tune_like`: every gate 0.3,
 every strength 0.5). The freshly converted state, which inference runs as plain convolutions, is never
-what is measured. `BenchSetup` holds the device, autocast dtype, memory format and `torch.compile`.
+what is measured, except by `dense`, where it is one of the states, named as such. `BenchSetup` holds the
+device, autocast dtype, memory format and `torch.compile`.
 """
 import contextlib
+import copy
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,7 +49,8 @@ from .analysis import content_logits
 __all__ = [
     'CONFIGS', 'STATES', 'LAYER_SHAPES', 'BenchSetup', 'Result', 'fine_tune_like', 'spread_state', 'set_state',
     'create_pair', 'count_flops', 'peak_train_memory', 'bench_variant', 'bench_models', 'bench_layers',
-    'bench_shapes', 'bench_gpsa', 'format_table',
+    'bench_shapes', 'bench_gpsa', 'DENSE_STATES', 'DenseEstimate', 'dense_models', 'dense_memory_estimate',
+    'bench_dense', 'available_memory', 'format_table',
 ]
 
 # configuration name -> T-CNN keyword arguments
@@ -54,6 +62,7 @@ CONFIGS: Dict[str, Dict] = {
 }
 
 STATES = ('spread', 'uniform')
+DENSE_STATES = ('fresh',) + STATES  # fresh: as converted, every gate 0
 
 # name -> (channels, input size, stride, kernel size, groups) of single-layer comparisons (224 px images)
 LAYER_SHAPES: Dict[str, Tuple[int, int, int, int, int]] = {
@@ -284,10 +293,11 @@ def _interleaved(
         setup: BenchSetup,
         progress: Optional[tqdm] = None,
         warmup: Optional[Dict[str, float]] = None,
+        warm_up: bool = True,
 ) -> Dict[str, float]:
     """Median seconds per call of each function, run round-robin `reps` times after a warm-up each (whose
-    seconds, compilation included, go to `warmup`)."""
-    for name, fn in fns.items():
+    seconds, compilation included, go to `warmup`; none with `warm_up=False`, for functions run before)."""
+    for name, fn in fns.items() if warm_up else ():
         seconds = _timed(fn, setup)
         if warmup is not None:
             warmup[name] = warmup.get(name, 0.) + seconds
@@ -337,14 +347,14 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def peak_train_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, setup: BenchSetup = BenchSetup()) -> int:
-    """Peak bytes during one training step (parameters, gradients, activations, optimizer state, temporaries).
-
-    On CPU, live tensors tracked per tensor by torch's `MemTracker` (independent of the allocator); on a GPU,
-    the caching allocator's peak of allocated bytes.
-    """
-    step = _train_fn(model, x, y, setup)
-    step()  # optimizer state exists from the second step on
+def _peak_memory(step: Callable[[], object], model: nn.Module, setup: BenchSetup) -> int:
+    """Peak bytes during one call of `step` (run once before, so that optimizer state exists), with `model`'s
+    parameters and buffers: on CPU, live tensors tracked per tensor by torch's `MemTracker` (independent of the
+    allocator); on a GPU, the caching allocator's peak of allocated bytes. What converted layers keep for
+    inference (`inference.py`) is dropped before the tracked call, so that it is counted there."""
+    step()
+    for _, layer in attention_layers(model):
+        layer._plans.clear()
     if setup.device.type == 'cuda':
         setup.synchronize()
         torch.cuda.reset_peak_memory_stats(setup.device)
@@ -357,6 +367,15 @@ def peak_train_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, setup:
     with tracker:
         step()
     return sum(v['Total'] for v in tracker.get_tracker_snapshot('peak').values())
+
+
+def peak_train_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, setup: BenchSetup = BenchSetup()) -> int:
+    """Peak bytes during one training step (parameters, gradients, activations, optimizer state, temporaries).
+
+    On CPU, live tensors tracked per tensor by torch's `MemTracker` (independent of the allocator); on a GPU,
+    the caching allocator's peak of allocated bytes.
+    """
+    return _peak_memory(_train_fn(model, x, y, setup), model, setup)
 
 
 def bench_models(
@@ -551,6 +570,170 @@ def bench_gpsa(
             flops['gpsa'] / flops['ours'],
             f'{rate["ours"]:.0f} vs {rate["gpsa"]:.0f} GFLOP/s, {1e3 * times["ours"]:.0f} vs '
             f'{1e3 * times["gpsa"]:.0f} ms, {flops["ours"] / flops["gpsa"]:.1f}x FLOPs'))
+    return results
+
+
+def dense_models(
+        model: str = 'tcnn_resnet50rs',
+        output_stride: int = 8,
+        states: Sequence[str] = ('fresh', 'spread'),
+        seed: int = 0,
+        **uniform_kwargs,
+) -> Tuple[Dict[str, nn.Module], List[str]]:
+    """The CNN of a registered T-CNN as a dense-prediction backbone ('cnn': `features_only`, `output_stride`) and the
+    T-CNN (its default options) as the same backbone in each of `states` (`DENSE_STATES`), from the same weights, on
+    CPU in eval mode; also what each state is. States are set on the whole model (`uniform` trains its classifier),
+    whose weights the backbone then loads."""
+    unknown = [state for state in states if state not in DENSE_STATES]
+    if unknown:
+        raise ValueError(f'unknown state {unknown}: choose from {DENSE_STATES}.')
+    torch.manual_seed(seed)
+    cnn = timm.create_model(variant(model).cnn, output_stride=output_stride)
+    models = {'cnn': timm.create_model(variant(model).cnn, features_only=True, output_stride=output_stride)}
+    _load_backbone(models['cnn'], cnn.state_dict())
+    descriptions = []
+    for state in states:
+        tcnn = timm.create_model(model, output_stride=output_stride)
+        tcnn.load_state_dict(cnn.state_dict())  # CNN weights convert on load
+        if state == 'fresh':
+            descriptions.append('T-CNN state "fresh": as converted, every gate 0 (inference runs the convolutions, '
+                                'a training step the attention)')
+        else:
+            descriptions.append(set_state(tcnn, state, seed=seed, **uniform_kwargs))
+        models[state] = timm.create_model(model, features_only=True, output_stride=output_stride)
+        _load_backbone(models[state], tcnn.state_dict())
+    return {name: m.eval() for name, m in models.items()}, descriptions
+
+
+def _load_backbone(backbone: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    missing = backbone.load_state_dict(state_dict, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f'the features_only model did not get {missing} from the whole model')
+
+
+@dataclass
+class DenseEstimate:
+    """What the converted layers' attention holds at once, estimated from their shapes before anything runs:
+    `inference` bytes during a forward pass without autograd (the positional attention kept per layer, plus the
+    largest layer's tables), `train` bytes during a training step (per layer the softmax of every sample, the
+    positional attention and its Gaussian kept for backward, plus the largest layer's tables and backward
+    temporaries), `kept` bytes the positional attention of every layer stays in memory between inference calls.
+    `layers` and `tokens` (the largest key count) describe the setting."""
+    inference: int
+    train: int
+    kept: int
+    layers: int
+    tokens: int
+
+
+def _layer_shapes(model: nn.Module, img_size: int) -> List[Tuple[GatedPositionalAttention2d, int, int]]:
+    """(layer, input height, width) of every converted layer at `img_size` px: one image through `model` (freshly
+    converted: plain convolutions)."""
+    shapes = [(layer, x.shape[-2], x.shape[-1]) for layer, x in _layer_inputs(model, torch.zeros(1, 3, img_size,
+                                                                                                 img_size))]
+    return shapes
+
+
+def dense_memory_estimate(model: nn.Module, img_size: int, batch_size: int) -> DenseEstimate:
+    """`DenseEstimate` of `model` (a T-CNN, any state: it is run freshly converted on one image to find the layers'
+    map sizes) at `img_size` px and `batch_size`, float32. A (queries, heads, keys) float32 matrix is the unit U of a
+    layer: inference holds U per layer (its positional attention, kept) and, while one layer builds it, that
+    layer's one-hot and offset tables (U + 5 U / heads); a training step keeps (batch + 2) U per layer for backward
+    and, in the backward pass of one layer, its tables and three more U."""
+    probe = copy.deepcopy(model).cpu().float()
+    for _, layer in attention_layers(probe):
+        layer.set_attention_values(**layer.conversion_values())
+    shapes = _layer_shapes(probe, img_size)
+    units, tables, tokens = [], [], 0
+    for layer, height, width in shapes:
+        out_h, out_w = layer.output_size(height, width)
+        pairs = out_h * out_w * height * width
+        units.append(4 * layer.num_heads * pairs)
+        tables.append(4 * layer.num_heads * pairs + 4 * 5 * pairs)
+        tokens = max(tokens, height * width)
+    if not units:
+        return DenseEstimate(0, 0, 0, 0, 0)
+    largest = max(u + t for u, t in zip(units, tables))
+    return DenseEstimate(
+        inference=sum(units) + largest,
+        train=(batch_size + 2) * sum(units) + largest + 2 * max(units),
+        kept=sum(units),
+        layers=len(units),
+        tokens=tokens,
+    )
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be used without swapping: `MemAvailable` of /proc/meminfo on CPU (Linux; elsewhere the
+    physical memory), the free memory of a GPU."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def _dense_train_fn(model: nn.Module, x: torch.Tensor, setup: BenchSetup) -> Callable[[], object]:
+    """A training step of a backbone: forward, the mean square of every feature map as the loss, backward, SGD."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    def run():
+        model.train()
+        with setup.autocast():
+            features = model(x)
+        loss = sum(f.float().square().mean() for f in features)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.eval()
+    return run
+
+
+def bench_dense(
+        models: Dict[str, nn.Module],
+        output_stride: int,
+        img_size: int = 512,
+        batch_size: int = 2,
+        reps: int = 3,
+        setup: BenchSetup = BenchSetup(),
+        estimate: Optional[DenseEstimate] = None,
+) -> List[Result]:
+    """Inference and training-step throughput and peak memory of every T-CNN backbone in `models` (by state, from
+    `dense_models`) against `models['cnn']`, at `img_size` px and `batch_size`: rows `dense-infer`, `dense-train`
+    (T-CNN / CNN throughput), `dense-infer-memory`, `dense-train-memory` (T-CNN / CNN peak bytes, `_peak_memory`),
+    `config` naming the state. Memory is measured first (two calls each, the warm-up of the eager models), then
+    times, interleaved."""
+    states = [name for name in models if name != 'cnn']
+    models = {name: setup.prepare(model) for name, model in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    x = setup.input(batch_size, 3, img_size, img_size, generator=generator)
+    setting = f'OS {output_stride}, {img_size}px, batch {batch_size}'
+    results = []
+    with tqdm(total=2 * len(models) * (reps + 1), desc=f'dense OS {output_stride}', leave=False) as progress:
+        for mode in ('infer', 'train'):
+            make = (lambda m: _infer_fn(m, x, setup)) if mode == 'infer' else (lambda m: _dense_train_fn(m, x, setup))
+            fns, peak = {name: make(model) for name, model in models.items()}, {}
+            for name, model in models.items():
+                peak[name] = _peak_memory(fns[name], model, setup)
+                progress.update()
+            # measuring memory ran every function twice: the warm-up of eager models
+            times = _interleaved(fns, reps, setup, progress, warm_up=setup.compile)
+            for name in states:
+                results.append(Result(
+                    f'dense-{mode}', name, setting, times['cnn'] / times[name],
+                    detail=f'{1e3 * times[name]:.0f} vs {1e3 * times["cnn"]:.0f} ms per batch'))
+            for name in states:
+                attention = '' if estimate is None else (
+                    f', attention estimated {(estimate.inference if mode == "infer" else estimate.train) / 2 ** 20:.0f}'
+                    f' MiB')
+                results.append(Result(
+                    f'dense-{mode}-memory', name, setting, peak[name] / peak['cnn'],
+                    detail=f'{peak[name] / 2 ** 20:.0f} vs {peak["cnn"] / 2 ** 20:.0f} MiB{attention}'))
     return results
 
 
