@@ -1,59 +1,56 @@
 """ The positional kernels compiled ahead of time for GPU targets, on any machine (no GPU, no CUDA driver needed).
 
-For every Triton kernel of `layers.positional_kernels`, at the launch configurations the layers of the registered
-variants use (`kernel_launches` of each converted layer's geometry, at the variants' train and test image sizes),
-the kernel the JIT would build for that launch (Triton's own argument specialisation) is compiled for each target
-(sm_80, sm_90, and sm_100 where the bundled ptxas knows it), and Triton's bundled `ptxas -v` reports registers per
-thread and spills; shared memory is the compiled kernel's, against the target's per-block limit.
+For every Triton kernel of `layers.positional_kernels`, at the launches the converted layers of the registered
+variants make (`kernel_launches` of each layer's geometry, found by a forward pass on the meta device at the
+variant's pretrained train and test image sizes, at output stride 32 and at the dilated output strides 16 and 8 of
+dense prediction), the kernel Triton's JIT would build for that launch (its own binding and specialisation of the
+arguments: constexprs, integers equal to 1, integers and pointers divisible by 16) is compiled for each target
+(sm_80, sm_90, and sm_100 where the bundled ptxas knows it). The bundled ptxas, run with the options Triton runs it
+with, reports registers per thread and spills; shared memory is the compiled kernel's (Triton's dynamic allocation
+plus any static), against the target's per-block limit.
 
-Launches that differ only in runtime scalars compile to one kernel per constexpr configuration (and per scalar the
-JIT specialises as the constant 1), so that is what is compiled, once, and reported.
+Launches that Triton specialises alike compile to the same kernel, so each distinct specialisation is compiled once.
 
-    python -m timm_tcnn.tools.kernel_report            # markdown table
-    python -m timm_tcnn.tools.kernel_report --json report.json
+    python -m timm_tcnn.tools.kernel_report     # the markdown summary per kernel and target
 """
-import argparse
 import dataclasses
-import json
+import functools
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
-    'SHARED_LIMITS', 'Geometry', 'KernelCompile', 'ptxas_path', 'target_support', 'variant_geometries',
-    'launch_configs', 'compile_launch', 'kernel_report', 'format_report', 'main',
+    'SHARED_LIMITS', 'MAX_REGISTERS', 'TARGETS', 'OUTPUT_STRIDES', 'KernelConfig', 'KernelCompile', 'ptxas_path',
+    'target_support', 'variant_geometries', 'launch_configs', 'compile_config', 'kernel_report', 'summary',
+    'format_summary', 'format_rows', 'main',
 ]
 
-# shared memory per block a kernel may use (the opt-in maximum), bytes
-SHARED_LIMITS: Dict[int, int] = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
-MAX_REGISTERS = 255
-# dense-prediction shapes the registered variants do not build by default: a dilated stage
-EXTRA_GEOMETRIES: Tuple['Geometry', ...] = ()
+# the most shared memory one block may use (the opt-in maximum; 1 KB of each SM's is reserved per block), bytes, as
+# NVIDIA's CUTLASS records it (python/CuTeDSL cutlass/utils/smem_capacity.py, include/cutlass/arch/arch.h) and the
+# tuning guides state it: sm_80 163 KB, sm_86/89/120 99 KB, sm_90/100 227 KB
+SHARED_LIMITS: Dict[int, int] = {
+    80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024,
+}
+MAX_REGISTERS = 255  # per thread, every target since sm_35
+TARGETS = (80, 90, 100)  # A100, H100/H200, B200
+OUTPUT_STRIDES = (32, 16, 8)  # 16 and 8: timm's dilated last stages, as dense-prediction backbones build them
+_UNKNOWN_ARCH = re.compile(r"Value '(sm_\w+)' is not defined for option 'gpu-name'")
 
 
-class Geometry(NamedTuple):
-    """A converted layer's shape as the kernels see it."""
-    kernel_size: int
-    stride: int
-    height: int
-    width: int
-    same_padding: bool = False
-    dilation: int = 1
-
-    def kernels(self):
-        from ..layers.positional import query_start
-        from ..layers.positional_kernels import KernelPositional
-        k, s, d = self.kernel_size, self.stride, self.dilation
-        starts = (
-            query_start(self.height, k, s, self.same_padding, d),
-            query_start(self.width, k, s, self.same_padding, d),
-        )
-        return KernelPositional(k, s, self.height, self.width, starts, d)
+class KernelConfig(NamedTuple):
+    """One distinct compilation: a launch standing for all that Triton specialises alike, its specialisation
+    (`triton.compile`'s signature, constexprs and attributes, and options) and the layer geometries using it."""
+    launch: object  # positional_kernels.Launch
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: object
+    specialised: str  # the scalars Triton specialised, in words
+    geometries: List[object]  # positional_kernels.KernelPositional
 
 
 @dataclasses.dataclass
@@ -61,16 +58,17 @@ class KernelCompile:
     """One kernel configuration compiled for one target, and what ptxas reports for it."""
 
     kernel: str
-    config: str
     target: int
+    config: str
     num_warps: int
+    num_stages: int
     registers: int
     spill_stores: int
     spill_loads: int
     stack_bytes: int
     shared_bytes: int
     shared_limit: int
-    geometries: List[Geometry]
+    geometries: List[Tuple]
 
     @property
     def ok(self) -> bool:
@@ -99,54 +97,57 @@ def ptxas_path(target: int) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def target_support(targets: Iterable[int] = tuple(SHARED_LIMITS)) -> Dict[int, Optional[str]]:
-    """Per compute capability, None where the bundled ptxas compiles for it, else why not."""
-    support = {}
-    for target in targets:
-        ptxas = ptxas_path(target)
-        if ptxas is None:
-            support[target] = f'no ptxas for sm_{target} in the Triton installation'
-            continue
-        listed = subprocess.run([str(ptxas), '--help'], capture_output=True, text=True).stdout
-        support[target] = None if f"'{_arch(target)}'" in listed else f'{ptxas.name} does not list {_arch(target)}'
-    return support
-
-
-def variant_geometries(image_sizes: Optional[Sequence[int]] = None) -> List[Geometry]:
-    """The geometries of every converted layer of every registered variant, at its pretrained config's train and
-    test image sizes (or at `image_sizes`), found by one forward pass on the meta device per model and size."""
+@functools.lru_cache(maxsize=None)
+def _variant_geometries(output_strides: Tuple[int, ...]) -> Tuple:
     import timm
 
+    from ..layers.positional_kernels import KernelPositional
     from ..models.convert import attention_layers
     from ..models.variants import VARIANTS
 
-    found = set()
+    found = {}
     for name in VARIANTS:
-        with torch.device('meta'):
-            model = timm.create_model(name).eval()
-        cfg = model.pretrained_cfg
-        sizes = {tuple(cfg['input_size'][1:]), tuple(cfg.get('test_input_size') or cfg['input_size'])[1:]}
-        if image_sizes:
-            sizes = {(size, size) for size in image_sizes}
+        for output_stride in output_strides:
+            kwargs = {} if output_stride == 32 else dict(output_stride=output_stride)
+            try:
+                with torch.device('meta'):
+                    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+            except TypeError as e:  # a family without output_stride (MobileNetV3): nothing dilated to build
+                if 'output_stride' not in str(e):
+                    raise
+                continue
+            cfg = model.pretrained_cfg
+            sizes = {tuple(cfg['input_size'][1:]), tuple((cfg.get('test_input_size') or cfg['input_size'])[1:])}
 
-        def record(layer, args):
-            height, width = args[0].shape[-2:]
-            found.add(Geometry(layer.kernel_size, layer.stride, height, width, layer.same_padding, layer.dilation))
+            def record(layer, args):
+                # the geometry the layer's training forward gives the kernels (`_positional_builder`)
+                height, width = args[0].shape[-2:]
+                geometry = KernelPositional(layer.kernel_size, layer.stride, height, width,
+                                            layer.query_start(height, width), layer.dilation)
+                found.setdefault(geometry, set()).add(name)
 
-        handles = [layer.register_forward_pre_hook(record) for _, layer in attention_layers(model)]
-        try:
-            for size in sorted(sizes):
-                with torch.enable_grad():  # the attention computation, never the convolution shortcut
-                    model(torch.empty(1, 3, *size, device='meta'))
-        finally:
-            for handle in handles:
-                handle.remove()
-    return sorted(found)
+            handles = [layer.register_forward_pre_hook(record) for _, layer in attention_layers(model)]
+            try:
+                for size in sorted(sizes):
+                    with torch.enable_grad():  # the attention computation, never an inference shortcut
+                        model(torch.empty(1, 3, *size, device='meta'))
+            finally:
+                for handle in handles:
+                    handle.remove()
+    return tuple(sorted(found))
+
+
+def variant_geometries(output_strides: Sequence[int] = OUTPUT_STRIDES) -> Tuple:
+    """The `KernelPositional` geometries of every converted layer of every registered variant (at its pretrained
+    config's train and test image sizes, at each of `output_strides` the variant's family takes), found by forward
+    passes on the meta device with the layer's own `query_start`; computed once per process."""
+    return _variant_geometries(tuple(output_strides))
 
 
 def _specialisation(launch, target: int):
-    """(signature, constexprs, attrs, options) of the kernel the JIT builds for `launch` on `target`: Triton's own
-    binding and specialisation of its arguments (float32 tensors stand in for the pointers)."""
+    """(signature, constexprs, attrs, options, specialisation) of the kernel the JIT builds for `launch` on
+    `target`: Triton's own binding and specialisation of its arguments (fresh float32 tensors stand in for the
+    pointers: 16-byte aligned, as the layers' freshly allocated tensors are)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -154,155 +155,191 @@ def _specialisation(launch, target: int):
     fn = launch.kernel
     backend = make_backend(GPUTarget('cuda', target, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    pointers = [torch.empty(1) for name in fn.arg_names if name.endswith('_ptr')]
+    pointers = [torch.empty(4) for name in fn.arg_names if name.endswith('_ptr')]
     kwargs = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     bound, specialisation, options = binder(*pointers, **launch.scalars, **launch.constexprs, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialisation, options)
-    return signature, constexprs, attrs, options
+    packed = fn._pack_args(backend, kwargs, bound, specialisation, options)
+    return (*packed[1:], packed[0], specialisation)
 
 
-def launch_configs(geometries: Iterable[Geometry]) -> Dict[Tuple, Tuple]:
-    """Distinct compilations of the layers' launches: key (kernel, constexprs, scalars the JIT specialises to 1,
-    warps, stages) -> (a launch, the geometries that use it), the first launch's specialisation standing for all."""
+def _specialised_text(launch, specialisation) -> str:
+    """The runtime scalars Triton specialised: those equal to 1 (compiled as constants), those divisible by 16."""
+    ones, sixteens = [], []
+    for name, (kind, value) in zip(launch.kernel.arg_names, specialisation):
+        if name not in launch.scalars:
+            continue
+        if kind == 'constexpr':
+            ones.append(name)
+        elif value == 'D':
+            sixteens.append(name)
+    words = [f'{"=".join(ones)}=1' if ones else '', f'multiple of 16: {" ".join(sixteens)}' if sixteens else '']
+    return '; '.join(w for w in words if w)
+
+
+def launch_configs(geometries: Iterable, target: int) -> Dict[Tuple, KernelConfig]:
+    """The distinct compilations of the layers' launches on `target`: keyed as Triton's JIT caches its kernels
+    (kernel, specialisation of every argument, warps, stages), both backward variants (with and without the
+    content's gate gradient) included."""
     from ..layers.positional_kernels import kernel_launches
 
-    configs: Dict[Tuple, Tuple] = {}
+    configs: Dict[Tuple, KernelConfig] = {}
     for geometry in geometries:
         for has_content in (False, True):
-            for launch in kernel_launches(geometry.kernels(), has_content).values():
-                ones = tuple(sorted(name for name, value in launch.scalars.items() if value == 1))
-                key = (
-                    launch.kernel.__name__,
-                    tuple(sorted(launch.constexprs.items())),
-                    ones,
-                    launch.num_warps,
-                    launch.num_stages,
-                )
-                entry = configs.setdefault(key, (launch, []))
-                if geometry not in entry[1]:
-                    entry[1].append(geometry)
+            for launch in kernel_launches(geometry, has_content).values():
+                signature, constexprs, attrs, options, specialisation = _specialisation(launch, target)
+                key = (launch.kernel.__name__, tuple(specialisation), launch.num_warps, launch.num_stages)
+                if key not in configs:
+                    configs[key] = KernelConfig(launch, signature, constexprs, attrs, options,
+                                                _specialised_text(launch, specialisation), [])
+                if geometry not in configs[key].geometries:
+                    configs[key].geometries.append(geometry)
     return configs
 
 
 _SPILLS = re.compile(r'(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads')
 _REGISTERS = re.compile(r'Used (\d+) registers')
+_STATIC_SHARED = re.compile(r'(\d+) bytes smem')
 
 
-def compile_launch(launch, target: int) -> Tuple[int, int, int, int, int]:
-    """Compile `launch`'s kernel for compute capability `target` and run ptxas -v on its PTX: (registers,
-    spill store bytes, spill load bytes, stack frame bytes, shared memory bytes)."""
+def compile_config(config: KernelConfig, target: int) -> Tuple[int, int, int, int, int]:
+    """Compile `config` for compute capability `target` and run the bundled ptxas -v on its PTX, with the options
+    Triton's backend passes it: (registers, spill store bytes, spill load bytes, stack frame bytes, shared memory
+    bytes). Raises `triton.runtime.errors.PTXASError` where ptxas fails (Triton's own cubin step)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    signature, constexprs, attrs, options = _specialisation(launch, target)
-    source = triton.compiler.ASTSource(launch.kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget('cuda', target, 32), options=options.__dict__)
+    source = triton.compiler.ASTSource(config.launch.kernel, config.signature, config.constexprs, config.attrs)
+    compiled = triton.compile(source, target=GPUTarget('cuda', target, 32), options=config.options.__dict__)
+    name = config.launch.kernel.__name__
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / 'kernel.ptx'
         ptx.write_text(compiled.asm['ptx'])
-        done = subprocess.run(
-            [
-                str(ptxas_path(target)),
-                '-v',
-                '--regAllocOptLevel=2',
-                f'--gpu-name={_arch(target)}',
-                str(ptx),
-                '-o',
-                str(Path(folder) / 'kernel.cubin'),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        fmad = [] if config.options.enable_fp_fusion else ['--fmad=false']
+        command = [str(ptxas_path(target)), '-lineinfo', *fmad, '-v', '--regAllocOptLevel=2',
+                   f'--gpu-name={_arch(target)}', str(ptx), '-o', str(Path(folder) / 'kernel.cubin')]
+        done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f'ptxas failed for {launch.kernel.__name__} on sm_{target}: {done.stderr[-2000:]}')
+        raise RuntimeError(f'ptxas failed for {name} on sm_{target}: {done.stderr[-2000:]}')
     spills, registers = _SPILLS.search(done.stderr), _REGISTERS.search(done.stderr)
     if spills is None or registers is None:
-        raise RuntimeError(f'ptxas -v printed no resource usage for {launch.kernel.__name__}: {done.stderr[-2000:]}')
+        raise RuntimeError(f'ptxas -v printed no resource usage for {name}: {done.stderr[-2000:]}')
+    static = _STATIC_SHARED.search(done.stderr)
     stack, stores, loads = (int(v) for v in spills.groups())
-    return int(registers.group(1)), stores, loads, stack, int(compiled.metadata.shared)
+    shared = int(compiled.metadata.shared) + (int(static.group(1)) if static else 0)
+    return int(registers.group(1)), stores, loads, stack, shared
 
 
-def _config_text(launch) -> str:
-    constexprs = ' '.join(f'{k}={int(v)}' for k, v in launch.constexprs.items())
-    ones = ' '.join(f'{name}=1' for name, value in launch.scalars.items() if value == 1)
-    return f'{constexprs} {ones}'.strip()
+@functools.lru_cache(maxsize=None)
+def target_support(target: int) -> Optional[str]:
+    """None where Triton and its bundled ptxas compile for compute capability `target`, else why not: no ptxas, or
+    ptxas does not know the architecture (its own error, found by compiling the smallest kernel)."""
+    from triton.runtime.errors import PTXASError
+
+    from ..layers.positional_kernels import KernelPositional, kernel_launches
+
+    ptxas = ptxas_path(target)
+    if ptxas is None:
+        return f'no ptxas for sm_{target} in the Triton installation'
+    launch = kernel_launches(KernelPositional(3, 1, 1, 1, (0, 0)), False)['positional_values_grad']
+    config = KernelConfig(launch, *_specialisation(launch, target)[:4], '', [])
+    try:
+        compile_config(config, target)
+    except (PTXASError, RuntimeError) as e:
+        unknown = _UNKNOWN_ARCH.search(str(e))
+        if unknown is None:
+            raise
+        return f'{ptxas.name} does not know {unknown.group(1)}'
+    return None
 
 
 def kernel_report(
-    geometries: Optional[Iterable[Geometry]] = None, targets: Optional[Iterable[int]] = None
+    geometries: Optional[Iterable] = None,
+    targets: Iterable[int] = TARGETS,
+    shared_limits: Optional[Mapping[int, int]] = None,
 ) -> Tuple[List[KernelCompile], Dict[int, str]]:
-    """Every distinct kernel configuration of `geometries` (default: the registered variants' and
-    `EXTRA_GEOMETRIES`) compiled for every supported target: (results, {target: why skipped})."""
-    geometries = list(geometries if geometries is not None else [*variant_geometries(), *EXTRA_GEOMETRIES])
-    support = target_support(targets if targets is not None else SHARED_LIMITS)
-    results = []
-    for target in (t for t, why in support.items() if why is None):
-        for launch, users in launch_configs(geometries).values():
-            registers, stores, loads, stack, shared = compile_launch(launch, target)
-            results.append(
-                KernelCompile(
-                    launch.kernel.__name__.strip('_'),
-                    _config_text(launch),
-                    target,
-                    launch.num_warps,
-                    registers,
-                    stores,
-                    loads,
-                    stack,
-                    shared,
-                    SHARED_LIMITS[target],
-                    users,
-                )
-            )
-    return results, {t: why for t, why in support.items() if why is not None}
+    """Every distinct kernel configuration of `geometries` (default: the registered variants', `variant_geometries`)
+    compiled for every target the bundled ptxas supports: (rows, {target: why not compiled}). `shared_limits`
+    adds or overrides per-block shared memory limits (a target outside `SHARED_LIMITS` needs one)."""
+    geometries = list(variant_geometries() if geometries is None else geometries)
+    limits = {**SHARED_LIMITS, **(shared_limits or {})}
+    rows, skipped = [], {}
+    for target in targets:
+        why = target_support(target)
+        if why is not None:
+            skipped[target] = why
+            continue
+        for config in launch_configs(geometries, target).values():
+            registers, stores, loads, stack, shared = compile_config(config, target)
+            launch = config.launch
+            constexprs = ' '.join(f'{k}={int(v)}' for k, v in launch.constexprs.items())
+            rows.append(KernelCompile(
+                launch.kernel.__name__.strip('_'), target, '; '.join(filter(None, [constexprs, config.specialised])),
+                launch.num_warps, launch.num_stages, registers, stores, loads, stack, shared, limits[target],
+                [(g.kernel_size, g.stride, g.height, g.width, g.dilation) for g in config.geometries],
+            ))
+    return rows, skipped
 
 
-def format_report(results: Sequence[KernelCompile], skipped: Dict[int, str]) -> str:
-    """A markdown table, one row per kernel configuration and target."""
-    lines = [
-        '| kernel | constexprs (and scalars specialised to 1) | target | warps | registers | spill stores / loads '
-        '(bytes) | shared memory (bytes) / limit | layer shapes (K, stride, H, W, dilation) |',
-        '|---|---|---|---|---|---|---|---|',
+def summary(rows: Sequence[KernelCompile]) -> List[Dict]:
+    """Per kernel and target: configurations, registers (fewest, most), most spill bytes stored and loaded, most
+    shared memory, the limit, and whether every configuration is within the limits."""
+    groups: Dict[Tuple[str, int], List[KernelCompile]] = {}
+    for row in rows:
+        groups.setdefault((row.kernel, row.target), []).append(row)
+    return [
+        dict(kernel=kernel, target=target, configs=len(group), warps=sorted({r.num_warps for r in group}),
+             registers=(min(r.registers for r in group), max(r.registers for r in group)),
+             spill_stores=max(r.spill_stores for r in group), spill_loads=max(r.spill_loads for r in group),
+             shared_bytes=max(r.shared_bytes for r in group), shared_limit=group[0].shared_limit,
+             ok=all(r.ok for r in group))
+        for (kernel, target), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0]))
     ]
-    for r in results:
-        shapes = ', '.join(f'{g.kernel_size}/{g.stride}/{g.height}x{g.width}/{g.dilation}' for g in r.geometries[:3])
-        more = f' +{len(r.geometries) - 3}' if len(r.geometries) > 3 else ''
+
+
+def format_summary(rows: Sequence[KernelCompile], skipped: Mapping[int, str]) -> str:
+    """A markdown table, one row per kernel and target."""
+    lines = [
+        '| kernel | target | configurations | warps | registers per thread (limit 255) | spill stores / loads '
+        '(bytes) | shared memory (bytes) / limit | within limits |',
+        '|---|---|---:|---:|---:|---:|---:|---|',
+    ]
+    for s in summary(rows):
+        low, high = s['registers']
         lines.append(
-            f'| {r.kernel} | {r.config} | sm_{r.target} | {r.num_warps} | {r.registers} | '
-            f'{r.spill_stores} / {r.spill_loads} | {r.shared_bytes} / {r.shared_limit} | {shapes}{more} |'
+            f"| {s['kernel']} | sm_{s['target']} | {s['configs']} | {'/'.join(map(str, s['warps']))} | "
+            f"{low if low == high else f'{low}-{high}'} | {s['spill_stores']} / {s['spill_loads']} | "
+            f"{s['shared_bytes']} / {s['shared_limit']} | {'yes' if s['ok'] else '**no**'} |"
         )
     for target, why in skipped.items():
         lines.append(f'\nsm_{target} not compiled: {why}.')
     return '\n'.join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m timm_tcnn.tools.kernel_report', description=__doc__.split('\n')[0])
-    parser.add_argument('--json', type=Path, help='also write the report as JSON to this file')
-    args = parser.parse_args(argv)
+def format_rows(rows: Sequence[KernelCompile]) -> str:
+    """A markdown table, one row per kernel configuration and target."""
+    lines = [
+        '| kernel | target | constexprs; scalars Triton specialised | registers | spill stores / loads | shared '
+        '(bytes) | layer shapes (K, stride, H, W, dilation) |',
+        '|---|---|---|---:|---:|---:|---|',
+    ]
+    for r in rows:
+        shapes = ', '.join('/'.join(map(str, g[:2])) + f'/{g[2]}x{g[3]}/{g[4]}' for g in r.geometries[:3])
+        more = f' +{len(r.geometries) - 3}' if len(r.geometries) > 3 else ''
+        lines.append(f'| {r.kernel} | sm_{r.target} | {r.config} | {r.registers} | {r.spill_stores} / '
+                     f'{r.spill_loads} | {r.shared_bytes} | {shapes}{more} |')
+    return '\n'.join(lines)
+
+
+def main() -> int:
+    """Print the report (summary, then every configuration); exit status 1 where a kernel is outside a limit."""
     import triton
 
-    results, skipped = kernel_report()
-    print(
-        f'Triton {triton.__version__}; {len(results)} compilations; all within limits: {all(r.ok for r in results)}\n'
-    )
-    print(format_report(results, skipped))
-    if args.json:
-        from ..utils.io import atomic_write
-
-        atomic_write(
-            args.json,
-            json.dumps(
-                dict(
-                    triton=triton.__version__,
-                    skipped=skipped,
-                    results=[dict(dataclasses.asdict(r), geometries=[list(g) for g in r.geometries]) for r in results],
-                ),
-                indent=1,
-            ),
-        )
-    return 0 if all(r.ok for r in results) else 1
+    rows, skipped = kernel_report()
+    print(f'Triton {triton.__version__}; {len(rows)} compilations; within limits: {all(r.ok for r in rows)}\n')
+    print(format_summary(rows, skipped), end='\n\n')
+    print(format_rows(rows))
+    return 0 if all(r.ok for r in rows) else 1
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    raise SystemExit(main())
