@@ -24,25 +24,17 @@ from .numerics import (
 )
 
 __all__ = [
-    'ScaledValues',
-    'AttentionMix',
-    'content_mix',
-    'MixGeometry',
-    'query_maps',
-    'split_qk',
-    'projection_weight',
-    'project_qk',
-    'floored_blend',
-    'content_mix_reference',
+    'ScaledValues', 'AttentionMix', 'content_mix', 'MixGeometry', 'query_maps', 'split_qk', 'projection_weight',
+    'project_qk', 'floored_blend', 'content_mix_reference',
 ]
 
 
 class ScaledValues(torch.autograd.Function):
     """(content_gate, locality_gate, pos_log_alpha (heads,), pos_center (heads, 2)) stored / scale -> their values
     (5 * heads,) in `attention_dtype` (float32; float64 for float64 parameters): stored * scale, gates clamped to
-    [0, 1]. Backward: each stored parameter gets the
-    gradient of its value (rate scaling: an optimizer step of lr moves the value by scale x lr; straight-through:
-    a gate at 0 still gets its one-sided gradient), as contiguous slices of one vector."""
+    [0, 1]. Backward: each stored parameter gets the gradient of its value (rate scaling: an optimizer step of lr moves
+    the value by scale x lr; straight-through: a gate at 0 still gets its one-sided gradient), as contiguous slices of
+    one vector."""
 
     @staticmethod
     def forward(ctx, content_gate, locality_gate, log_alpha, center, scale):
@@ -146,12 +138,10 @@ def content_mix(
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
     the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) in the attention's dtype, gate
-    (heads,) -> mixed (B, Nq, heads,
-    C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the backward pass reads: the maps and
-    projection weight in that dtype, queries, keys and the softmax of each block of queries.
-    Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`); queries go in
-    blocks of
-    `geometry.block`."""
+    (heads,) -> mixed (B, Nq, heads, C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the
+    backward pass reads: the maps and projection weight in that dtype, queries, keys and the softmax of each block of
+    queries. Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`);
+    queries go in blocks of `geometry.block`."""
     dtype = mixing_dtype(x)
     num_queries, heads = positional.shape[:2]
     with autocast_off(x.device):
@@ -186,9 +176,8 @@ def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
 class AttentionMix(torch.autograd.Function):
     """The attention of every head built and applied in one function: maps x (B, C, H, W), the joint query and key
     projection (heads * 2 * d, C), the packed values (5 * heads,) (`ScaledValues`) and the builder of the positional
-    attention
-    (`ClosedFormPositional` or `KernelPositional`) -> mixed (B, Nq, heads, C), `content_mix` of the positional
-    attention and the content gates.
+    attention (`ClosedFormPositional` or `KernelPositional`) -> mixed (B, Nq, heads, C), `content_mix` of the
+    positional attention and the content gates.
 
     Stores each block's softmax, not A: the backward pass recomputes A (one pass) where autograd would keep both.
     Backward, per block: three passes over the attention and no temporary (the softmax's row sums r = <grad, p>
@@ -316,8 +305,7 @@ def _split_qk_backward(
     geometry: MixGeometry,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `project_qk`'s maps (in their dtype) and joint weight (the attention's dtype, in its layout) from
-    those of
-    its queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
+    those of its queries and keys where queries are projected at their positions only (`weight` split: (2, heads * d,
     C)), scaled per head by `factor` (heads, 1)."""
     B, C = maps.shape[:2]
     d = geometry.qk_dim

@@ -84,11 +84,10 @@ class GatedPositionalAttention2d(nn.Module):
 
     Input (B, C_in, H, W), output (B, C_out, H_out, W_out) with H_out = ceil(H / stride), exactly as
     a KxK convolution with `groups` groups, `dilation` and padding dilation * (K // 2) (or, with `same_padding`, TF
-    'SAME'
-    padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so
-    the queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head
-    reads the full-width input, and its tap's slice of the grouped kernel projects it group by group
-    (block-diagonal; diagonal for depthwise), at the cost of the grouped convolution. Parameters:
+    'SAME' padding as timm's `Conv2dSame`: for stride 2 the zeros before a dimension depend on its size, so the
+    queries sit at `query_start(H, W) + stride * (i, j)`). Heads = K * K kernel taps; every head reads the full-width
+    input, and its tap's slice of the grouped kernel projects it group by group (block-diagonal; diagonal for
+    depthwise), at the cost of the grouped convolution. Parameters:
 
         weight:        (C_out, C_in / groups, K, K) value/output projection, one tap slice per head
         bias:          (C_out,) or None

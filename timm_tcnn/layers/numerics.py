@@ -1,12 +1,11 @@
 """ Numerics of the attention layer: rate-scaled and straight-through parameters, float32 logits under
 autocast (float64 for float64 layers), and attention tensors that never hold a subnormal number.
 
-Subnormal floats (below float32's smallest normal, ~1.2e-38) can make CPU arithmetic, GEMMs above all, many
-times slower (GPUs compute with them at full speed). On CPU the attention never produces one, by construction: the
-Gaussian positional attention is 0 or
->= exp(-35) (so a product with a gate >= 1e-22 stays normal); content logits more than 40 below their row's
-maximum are raised to that level (probabilities >= exp(-40) / N, a change of < 1e-17 each); weights cast to
-float16 are 0 or >= its smallest normal. Defaults are arguments so that TorchScript reads them as constants.
+Subnormal floats (below float32's smallest normal, ~1.2e-38) can make CPU arithmetic, GEMMs above all, many times
+slower (GPUs compute with them at full speed). On CPU the attention never produces one, by construction: the Gaussian
+positional attention is 0 or >= exp(-35) (so a product with a gate >= 1e-22 stays normal); content logits more than 40
+below their row's maximum are raised to that level (probabilities >= exp(-40) / N, a change of < 1e-17 each); weights
+cast to float16 are 0 or >= its smallest normal. Defaults are arguments so that TorchScript reads them as constants.
 """
 import contextlib
 import math

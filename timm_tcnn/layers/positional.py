@@ -3,18 +3,16 @@
     P_h = (1 - g_h) * ((1 - l_h) * onehot(D_h) + l_h * gauss(alpha_h, c_h))
 
 as a dense (Nq, heads, N) matrix in the attention's dtype (float32; float64 for float64 layers), queries leading (the
-layout the mixing GEMM reads). The Gaussian is
-separable: gauss[(i, j), (y, x)] = rows[i, y] * cols[j, x], each factor a softmax over every offset in
-[-(size - 1), size - 1] (offsets outside the image are zero tokens, so rows of border queries sum to less
-than 1). In log space the dense Gaussian is the broadcast sum of the two factors' logarithms, so one
-attention-sized addition builds it; everything else works on (heads, size, size) tensors.
+layout the mixing GEMM reads). The Gaussian is separable: gauss[(i, j), (y, x)] = rows[i, y] * cols[j, x], each factor
+a softmax over every offset in [-(size - 1), size - 1] (offsets outside the image are zero tokens, so rows of border
+queries sum to less than 1). In log space the dense Gaussian is the broadcast sum of the two factors' logarithms, so
+one attention-sized addition builds it; everything else works on (heads, size, size) tensors.
 
 What depends on the map size only (the one-hot matrix, the offset tables) is built once per shape and device
 (`positional_tables`). `ClosedFormPositional` builds P from the layer's values, inside the attention's autograd
-function, with a
-closed-form backward pass (a handful of operations where autograd takes about a hundred); the Gaussian learns
-as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in standard
-operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
+function, with a closed-form backward pass (a handful of operations where autograd takes about a hundred); the
+Gaussian learns as if its share (1 - g) * l were at least `grad_floor`. `positional_mixing` is the same maths in
+standard operations, for scripted, traced and compiled graphs and as the reference the function is tested against.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -24,19 +22,9 @@ from .cache import BoundedCache
 from .numerics import exp_without_subnormals
 
 __all__ = [
-    'PositionalTables',
-    'TABLES',
-    'positional_tables',
-    'cached_positional_tables',
-    'gaussian_factors',
-    'positional_mixing',
-    'ClosedFormPositional',
-    'PositionalSaved',
-    'positional_forward',
-    'positional_backward',
-    'split_values',
-    'same_pad_before',
-    'query_start',
+    'PositionalTables', 'TABLES', 'positional_tables', 'cached_positional_tables', 'gaussian_factors',
+    'positional_mixing', 'ClosedFormPositional', 'PositionalSaved', 'positional_forward', 'positional_backward',
+    'split_values', 'same_pad_before', 'query_start',
 ]
 
 
@@ -77,33 +65,17 @@ def query_start(size: int, kernel_size: int, stride: int, same_padding: bool, di
     return dilation * (kernel_size // 2) - same_pad_before(size, kernel_size, stride, dilation)
 
 
-def _relative(
-    in_size: int,
-    out_size: int,
-    stride: int,
-    start: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """(out_size, in_size): offset of key k from the query at `start + stride * i`."""
-    keys = torch.arange(in_size, device=device, dtype=dtype)
-    queries = torch.arange(out_size, device=device, dtype=dtype) * stride + start
-    return keys[None, :] - queries[:, None]
-
-
 def _dimension_tables(
-    size: int,
-    out_size: int,
-    kernel_size: int,
-    stride: int,
-    dilation: int,
-    start: int,
-    device: torch.device,
+    size: int, kernel_size: int, stride: int, dilation: int, same_padding: bool, device: torch.device,
     dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Along one dimension: one-hot taps (K, out_size, size) at dilation * (t - K // 2), offsets of the keys from
-    the queries (out_size * size,) and every offset of the normalisation (2 * size - 1,)."""
-    rel = _relative(size, out_size, stride, start, device, dtype)
+    """Along one dimension of `size` with (size - 1) // stride + 1 queries: one-hot taps (K, out_size, size) at
+    dilation * (t - K // 2), offsets of the keys from the queries (out_size * size,) and every offset of the
+    normalisation (2 * size - 1,)."""
+    start = query_start(size, kernel_size, stride, same_padding, dilation)
+    keys = torch.arange(size, device=device, dtype=dtype)
+    queries = torch.arange((size - 1) // stride + 1, device=device, dtype=dtype) * stride + start
+    rel = keys[None, :] - queries[:, None]  # out_size, size: offset of key k from the query at start + stride * i
     taps = (torch.arange(kernel_size, device=device, dtype=dtype) - kernel_size // 2) * dilation
     onehot = (rel[None] == taps[:, None, None]).to(dtype)
     return onehot, rel.flatten(), torch.arange(1 - size, size, device=device, dtype=dtype)
@@ -124,25 +96,8 @@ def positional_tables(
     (the layer's `attention_dtype`). Padding offsets are `far`: their Gaussian weight is
     exactly 0 for every alpha > 1e-20."""
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    row_onehot, row_rel, row_norm = _dimension_tables(
-        height,
-        out_h,
-        kernel_size,
-        stride,
-        dilation,
-        query_start(height, kernel_size, stride, same_padding, dilation),
-        device,
-        dtype,
-    )
-    col_onehot, col_rel, col_norm = _dimension_tables(
-        width,
-        out_w,
-        kernel_size,
-        stride,
-        dilation,
-        query_start(width, kernel_size, stride, same_padding, dilation),
-        device,
-        dtype,
+    (row_onehot, row_rel, row_norm), (col_onehot, col_rel, col_norm) = (
+        _dimension_tables(size, kernel_size, stride, dilation, same_padding, device, dtype) for size in (height, width)
     )
     length = max(row_rel.numel(), col_rel.numel()) + max(row_norm.numel(), col_norm.numel())
     offsets = torch.full((2, length), far, device=device, dtype=dtype)
