@@ -55,7 +55,12 @@ def identity_check(spec: ExperimentSpec, step: Step) -> Dict[str, Any]:
     out = spec.root / 'identity'
     out.mkdir(parents=True, exist_ok=True)
     cnn = load_cnn(spec).eval()
-    tcnn = load_converted(create_model(spec.model, num_classes=cnn.num_classes, **spec.arm_kwargs('tcnn')), cnn).eval()
+    # its random query and key weights (content attention, gated off at conversion) drawn with seed 0, whatever this
+    # process drew before: the converted T-CNN and its analysis are the same in a local run and in a SLURM job
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tcnn = create_model(spec.model, num_classes=cnn.num_classes, **spec.arm_kwargs('tcnn'))
+    tcnn = load_converted(tcnn, cnn).eval()
     images = _validation_batch(spec, cnn)
     error, agree = identity_error(cnn, tcnn, images)
     passed = error <= TOLERANCE
