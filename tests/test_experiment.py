@@ -262,6 +262,19 @@ def _runs(values: dict, hits: dict = None) -> dict:
     }
 
 
+def test_step_seconds_are_its_commands(tmp_path):
+    """A command's step ends when the command does, not at the next look at it (every 2 s)."""
+    from timm_tcnn.tools.experiment.runner import POLL_SECONDS, run_step
+
+    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir='', out=str(tmp_path), recipe='',
+                          recipe_sha256='', scripts_dir='', seeds=(0,))
+    polls = []
+    entry = run_step(spec, Step('validate/x', 'validate', (sys.executable, '-c', 'import time; time.sleep(0.3)')), {},
+                     poll=lambda: polls.append(1))
+    assert entry['status'] == 'done' and entry['returncode'] == 0
+    assert 0.3 <= entry['seconds'] < POLL_SECONDS and len(polls) == 2  # once while it ran, once after
+
+
 def test_report_arithmetic():
     """Seed spread, image error, interval and verdict by hand: 3 seeds, 4 images."""
     hits = {'cnn': [[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0]], 'tcnn': [[1, 1, 0, 1], [1, 1, 1, 0], [1, 1, 1, 1]]}

@@ -113,6 +113,70 @@ def test_dry_run_lists_every_job(setup, tmp_path, capsys):
     assert '#   identity: in process (identity)' in printed
 
 
+def test_waiting_looks_at_the_queue_when_a_job_records(tmp_path):
+    """Between looks at squeue (up to 30 s apart), the records are read every second: a job recording a step or a
+    new attempt ends the wait at once; a heartbeat (its seconds so far) does not."""
+    import threading
+
+    from timm_tcnn.tools.experiment import ExperimentSpec
+    from timm_tcnn.tools.experiment.runner import ExperimentState
+    from timm_tcnn.tools.experiment.slurm import RECORD_POLL_SECONDS, _sleep_unless_recorded
+    from timm_tcnn.tools.experiment.slurm_job import record_path
+    from timm_tcnn.utils.io import atomic_write
+
+    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir='', out=str(tmp_path), recipe='',
+                          recipe_sha256='', scripts_dir='', seeds=(0,))
+    state = ExperimentState(spec)
+    state.jobs['train/tcnn/seed0'] = dict(job_id='7', steps=['train/tcnn/seed0'])
+    path = record_path(spec, 'train/tcnn/seed0')
+    path.parent.mkdir(parents=True)
+    record = dict(job_id='7', job='train/tcnn/seed0', attempts=[dict(host='h', started=0., seconds=0.)], steps={})
+
+    def write(seconds: float, **steps) -> None:
+        record['attempts'][0]['seconds'] = seconds
+        record['steps'].update(steps)
+        atomic_write(path, json.dumps(record))  # as a job writes it
+
+    write(0.)
+    heartbeat = threading.Timer(0.2, write, (10.,))
+    heartbeat.start()
+    start = time.time()
+    _sleep_unless_recorded(spec, state, 3 * RECORD_POLL_SECONDS)
+    assert time.time() - start >= 3 * RECORD_POLL_SECONDS - 0.05  # slept it all
+    step = threading.Timer(0.2, write, (11.,), {'train/tcnn/seed0': dict(status='done')})
+    step.start()
+    start = time.time()
+    _sleep_unless_recorded(spec, state, 30.)
+    assert time.time() - start < 2 * RECORD_POLL_SECONDS + 0.5
+
+
+def test_conversion_does_not_depend_on_the_process(setup, tmp_path):
+    """The identity step's converted T-CNN (random query and key weights) and its analysis at conversion are the
+    same whatever the process drew before: the SLURM job `prepare` (a fresh process) gives what the local runner
+    gives after the command's own work."""
+    from safetensors.torch import load_file
+
+    from timm_tcnn.tools.experiment import ExperimentSpec, Step
+    from timm_tcnn.tools.experiment.identity import identity_check
+
+    outputs = []
+    for seed in (1, 2):
+        out = tmp_path / f'seed{seed}'
+        spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir=str(setup / 'data'),
+                              out=str(out), recipe='', recipe_sha256='', scripts_dir='', seeds=(0,),
+                              cnn_checkpoint=str(setup / 'cnn.pth.tar'), model_kwargs=dict(layers=(1, 1, 1, 1)),
+                              num_classes=10, test_size=64, analyze_images=4)
+        torch.manual_seed(seed)
+        assert identity_check(spec, Step('identity', 'identity', ()))['passed']
+        stats = json.loads((out / 'analyze' / 'conversion' / 'attention_stats.json').read_text())
+        outputs.append((load_file(str(out / 'identity' / 'tcnn_converted.safetensors')),
+                        {k: v for k, v in stats.items() if k not in ('checkpoint', 'cnn')}))  # not the paths
+    (first, first_stats), (second, second_stats) = outputs
+    assert sorted(first) == sorted(second) and any('qk' in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first_stats == second_stats
+
+
 @pytest.fixture(scope='module')
 def cluster_run(setup):
     """Both arms of two seeds on the cluster, waiting for every job."""

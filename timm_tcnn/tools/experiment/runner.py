@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 STATE_FILE = 'experiment.json'
+POLL_SECONDS = 2.0  # between looks at a running command (its last.pth.tar)
 
 
 class ExperimentState:
@@ -158,7 +159,7 @@ def run_command(
     env: Optional[Dict[str, str]] = None,
 ) -> int:
     """Run `argv` (default: the step's) with its output appended to the step's log; a training run continues from
-    its `last.pth.tar` where one exists. `poll` is called every 2 s while it runs."""
+    its `last.pth.tar` where one exists. `poll` is called every `POLL_SECONDS` while it runs, and once after."""
     argv = list(step.argv if argv is None else argv)
     if step.kind == 'train':
         last = spec.run_dir(step.arm, step.seed) / 'last.pth.tar'
@@ -176,7 +177,10 @@ def run_command(
             while process.poll() is None:
                 if poll is not None:
                     poll()
-                time.sleep(2.0)
+                try:  # back as soon as it ends: a step's seconds are its command's, not a multiple of 2
+                    process.wait(timeout=POLL_SECONDS)
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:
             process.terminate()
             process.wait()

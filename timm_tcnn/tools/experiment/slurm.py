@@ -46,6 +46,7 @@ _RESERVED = {
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
 _ACTIVE = ('PENDING', 'CONFIGURING', 'RUNNING', 'COMPLETING', 'REQUEUED', 'REQUEUE_HOLD', 'REQUEUE_FED', 'RESIZING',
            'SUSPENDED', 'STOPPED', 'SIGNALING', 'STAGE_OUT')
+RECORD_POLL_SECONDS = 1.  # between looks at the jobs' record files while waiting (squeue: 2 s to 30 s apart)
 
 
 def _submitit():
@@ -180,6 +181,30 @@ def _planned_epochs(step: Step) -> Optional[int]:
         return int(argv[argv.index('--epochs') + 1])
     epochs = read_mapping(argv[argv.index('--config') + 1], 'recipe').get('epochs')
     return epochs if isinstance(epochs, int) else None
+
+
+def _recorded(spec: ExperimentSpec, state: ExperimentState) -> List[Any]:
+    """What the recorded jobs' record files say (their attempts and steps, not the seconds of a heartbeat)."""
+    from .slurm_job import read_record
+    marks = []
+    for key in state.jobs:
+        try:
+            record = read_record(spec, key)
+        except (OSError, ValueError):  # being replaced
+            record = None
+        marks.append(None if record is None else (record['job_id'], len(record['attempts']), record['steps']))
+    return marks
+
+
+def _sleep_unless_recorded(spec: ExperimentSpec, state: ExperimentState, seconds: float) -> None:
+    """Sleep `seconds`, or less: until a job records a step or a new attempt (a job's last act is writing its
+    record, so the queue is worth a look then). The records are read every `RECORD_POLL_SECONDS`, squeue is not."""
+    end = time.time() + seconds
+    before = _recorded(spec, state)
+    while time.time() < end:
+        time.sleep(max(0., min(RECORD_POLL_SECONDS, end - time.time())))
+        if _recorded(spec, state) != before:
+            return
 
 
 class SlurmLauncher:
@@ -357,7 +382,7 @@ class SlurmLauncher:
                 if not queue:
                     return
                 delay = 2. if changed else min(30., delay * 1.5)
-                time.sleep(delay)
+                _sleep_unless_recorded(spec, state, delay)
 
     def run(self, spec: ExperimentSpec, steps: List[Step], record_weights: bool = False,
             echo: Callable[[str], None] = print) -> Optional[ExperimentState]:
