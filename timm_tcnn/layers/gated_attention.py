@@ -40,8 +40,8 @@ How it is computed (docs/performance.md): the positional part does not depend on
 built once per call (`positional.py`) as a dense (Nq, heads, N) matrix; one batched GEMM mixes the
 full-width input for all heads, (Nq * heads, N) @ (N, C_in), and one GEMM applies the taps, (B * Nq,
 heads * C_in) @ (heads * C_in, C_out) (batched over groups for grouped kernels): the multiply-adds of the
-convolution plus those of the attention. Which computation runs is chosen in one place (`_path`, from
-`config.py`'s switch); every path is tested against `tests/reference.py`.
+convolution plus those of the attention. Which computation runs is chosen in one place (`choices`, from
+`config.choose`); every path is tested against `tests/reference.py`.
 """
 import math
 from typing import Any, Dict, Optional, Tuple
