@@ -14,9 +14,13 @@ benchmark's `spread` state; bf16 autocast, channels-last and timm train.py's cuD
   positional kernels, `explicit-closed-form` without them);
 - `models`: tcnn_resnet50rs (stage 4, and stages 3+4) against resnetrs50, per path: inference, training,
   peak training memory;
-- `compiled`: torch.compile'd training steps of T-CNN and CNN, compile time and throughput ratio.
+- `compiled`: torch.compile'd training steps of T-CNN and CNN, compile time and throughput ratio;
+- `kernel_report`: the positional kernels compiled ahead of time (`timm_tcnn.tools.kernel_report`) for this GPU's
+  compute capability and sm_80/sm_90 at every launch configuration of the registered variants (with `--quick`, of
+  the benchmark's layer shapes): registers, spills and shared memory per kernel configuration and target.
 """
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -172,12 +176,41 @@ def compiled_training(setup: BenchSetup, size: int, batch_size: int, reps: int) 
     return out
 
 
+def kernel_compile_report(device: torch.device, quick: bool) -> Dict:
+    """The ahead-of-time compilation report for this GPU's capability and sm_80/sm_90; a reason where Triton or
+    its bundled ptxas is missing."""
+    import importlib.util
+    if importlib.util.find_spec('triton') is None:
+        return dict(skipped='Triton is not installed')
+    import triton
+
+    from timm_tcnn.layers.positional_kernels import KernelPositional
+    from timm_tcnn.tools import kernel_report as kr
+    targets, limits = {80, 90}, {}
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        local = 10 * props.major + props.minor
+        targets.add(local)
+        limits[local] = getattr(props, 'shared_memory_per_block_optin', 0) or kr.SHARED_LIMITS[local]
+    if any(kr.ptxas_path(target) is None for target in targets):
+        return dict(skipped='no bundled ptxas in the Triton installation')
+    geometries = None
+    if quick:
+        geometries = [KernelPositional(kernel, stride, size, size, (0, 0))
+                      for _, size, stride, kernel, _ in LAYER_SHAPES.values()]
+    rows, skipped = kr.kernel_report(geometries, sorted(targets), limits)
+    return dict(triton=triton.__version__, targets=sorted(targets), skipped=skipped,
+                all_within_limits=all(r.ok for r in rows), summary=kr.summary(rows),
+                rows=[dict(dataclasses.asdict(r), ok=r.ok) for r in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--out', required=True, help='JSON file to write')
     parser.add_argument('--quick', action='store_true', help='small sizes and batches: a check of the script itself')
-    parser.add_argument('--skip', nargs='*', default=[], choices=['kernels', 'sdpa', 'shapes', 'models', 'compiled'])
+    parser.add_argument('--skip', nargs='*', default=[],
+                        choices=['kernels', 'sdpa', 'shapes', 'models', 'compiled', 'kernel_report'])
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
@@ -235,6 +268,7 @@ def main() -> None:
 
     part('models', models)
     part('compiled', lambda: compiled_training(setup, 64 if args.quick else 224, batch, 3 if args.quick else reps))
+    part('kernel_report', lambda: kernel_compile_report(device, args.quick))
     report['total_s'] = round(time.time() - start, 1)
     with open(args.out, 'w') as f:
         json.dump(report, f, indent=1)
