@@ -50,7 +50,7 @@ __all__ = [
     'CONFIGS', 'STATES', 'LAYER_SHAPES', 'BenchSetup', 'Result', 'fine_tune_like', 'spread_state', 'set_state',
     'create_pair', 'count_flops', 'peak_train_memory', 'bench_variant', 'bench_models', 'bench_layers',
     'bench_shapes', 'bench_gpsa', 'DENSE_STATES', 'DenseEstimate', 'dense_models', 'dense_memory_estimate',
-    'bench_dense', 'available_memory', 'format_table',
+    'bench_dense', 'network_train_bytes', 'available_memory', 'format_table',
 ]
 
 # configuration name -> T-CNN keyword arguments
@@ -661,6 +661,30 @@ def dense_memory_estimate(model: nn.Module, img_size: int, batch_size: int) -> D
         layers=len(units),
         tokens=tokens,
     )
+
+
+def network_train_bytes(model: nn.Module, img_size: int, batch_size: int, probe_size: int = 128) -> int:
+    """Estimated peak bytes of a training step of backbone `model` at `img_size` px and `batch_size`: parameters,
+    gradients and momentum (3x the parameters) plus what autograd keeps for backward (distinct storages of the
+    saved tensors), counted in one forward pass at `probe_size` px, batch 1, and scaled by batch x pixels. For a
+    T-CNN, what its CNN's layers hold; the attention's own is `dense_memory_estimate`."""
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    params = {p.data_ptr() for p in model.parameters()}
+    model = model.cpu().train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(1, 3, probe_size, probe_size))
+    finally:
+        model.eval()
+    activations = sum(n for ptr, n in storages.items() if ptr not in params)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(3 * parameters + batch_size * (img_size / probe_size) ** 2 * activations)
 
 
 def available_memory(device: torch.device) -> int:

@@ -27,6 +27,7 @@ from ...tools.bench import (
     dense_memory_estimate,
     dense_models,
     format_table,
+    network_train_bytes,
 )
 from ...utils.io import atomic_write, check_output_file
 from .common import add_device_arg, resolve_device
@@ -136,17 +137,20 @@ def _check_dense(args: argparse.Namespace, setup: BenchSetup) -> dict:
     for output_stride in args.output_strides:
         tcnn = timm.create_model(args.model, features_only=True, output_stride=output_stride)
         estimate = dense_memory_estimate(tcnn, args.dense_size, args.dense_batch_size)
+        network = network_train_bytes(tcnn, args.dense_size, args.dense_batch_size)
         del tcnn
-        needed = max(estimate.inference, estimate.train) + kept_states * estimate.kept
+        kept = kept_states * estimate.kept
+        needed = network + max(estimate.inference, estimate.train) + kept
         if needed > limit:
             raise InputError(
                 f'the dense setting at output stride {output_stride} ({args.dense_size} px, batch '
                 f'{args.dense_batch_size}, {estimate.layers} converted layers of up to {estimate.tokens} tokens) needs '
-                f'an estimated {needed / 2 ** 30:.2f} GiB for its attention alone (a training step '
-                f'{estimate.train / 2 ** 30:.2f} GiB, kept inference plans {kept_states * estimate.kept / 2 ** 30:.2f} '
-                f'GiB), over the limit of {limit / 2 ** 30:.2f} GiB ({source}); lower --dense-batch-size or '
-                f'--dense-size, leave out --output-strides {output_stride}, or raise --memory-limit-gb.')
-        estimates[output_stride] = estimate
+                f'an estimated {needed / 2 ** 30:.2f} GiB (the attention of a training step '
+                f'{estimate.train / 2 ** 30:.2f} GiB, the rest of the step {network / 2 ** 30:.2f} GiB, inference '
+                f'plans kept {kept / 2 ** 30:.2f} GiB), over the limit of {limit / 2 ** 30:.2f} GiB ({source}); lower '
+                f'--dense-batch-size or --dense-size, leave out --output-strides {output_stride}, or raise '
+                f'--memory-limit-gb.')
+        estimates[output_stride] = estimate, network
     estimates['limit'] = (limit, source)
     return estimates
 
@@ -154,8 +158,9 @@ def _check_dense(args: argparse.Namespace, setup: BenchSetup) -> dict:
 def _dense_note(args: argparse.Namespace, estimates: dict) -> str:
     limit, source = estimates['limit']
     parts = ', '.join(f'OS {s}: {e.layers} converted layers of up to {e.tokens} tokens, training step '
-                      f'{e.train / 2 ** 30:.2f} GiB, inference {e.inference / 2 ** 30:.2f} GiB'
-                      for s, e in estimates.items() if s != 'limit')
+                      f'{e.train / 2 ** 30:.2f} GiB (the rest of the step {network / 2 ** 30:.2f} GiB), inference '
+                      f'{e.inference / 2 ** 30:.2f} GiB'
+                      for s, (e, network) in estimates.items() if s != 'limit')
     note = (f'Dense part: {args.model} vs {VARIANTS[args.model].cnn} as features_only backbones (all feature maps, '
             f'loss = sum of their mean squares); attention estimated beforehand ({parts}), limit {limit / 2 ** 30:.1f} '
             f'GiB ({source}).')
@@ -211,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
                 if description + '.' not in notes:
                     notes.append(description + '.')
             results += bench_dense(models, output_stride, args.dense_size, args.dense_batch_size, args.reps, setup,
-                                   dense[output_stride])
+                                   dense[output_stride][0])
             del models
         notes.append(_dense_note(args, dense))
     if warmup:
