@@ -14,6 +14,7 @@ from timm_tcnn.cli import main
 from timm_tcnn.models.options import GATE_LR_SCALE
 from timm_tcnn.tools.experiment import ExperimentSpec, Step, start_step
 from timm_tcnn.tools.experiment.report import compare
+from timm_tcnn.tools.experiment.runner import POLL_SECONDS, run_step
 from timm_tcnn.tools.relational_shapes import write_dataset
 from helpers import attention_path, randomize_batchnorm, relative_error
 
@@ -62,9 +63,9 @@ def finished(setup):
     """One full experiment (2 seeds; tcnn and cnn 2 epochs, scratch 4 + 2) with the stand-in scripts."""
     out = setup / 'run'
     log = setup / 'standin.log'
-    # epochs longer than the 2 s between looks at last.pth.tar, so that every epoch's gates and weights are recorded
+    # epochs of 1 s, longer than the 0.25 s between looks at last.pth.tar: every epoch's gates and weights recorded
     result = run_cli(experiment_args(setup, out, *ALL_ARMS),
-                     env={'STANDIN_LOG': str(log), 'STANDIN_EPOCH_SECONDS': '2.5'})
+                     env={'STANDIN_LOG': str(log), 'STANDIN_EPOCH_SECONDS': '1'})
     assert result.returncode == 0, result.stdout + result.stderr
     return out, [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -263,16 +264,30 @@ def _runs(values: dict, hits: dict = None) -> dict:
 
 
 def test_step_seconds_are_its_commands(tmp_path):
-    """A command's step ends when the command does, not at the next look at it (every 2 s)."""
-    from timm_tcnn.tools.experiment.runner import POLL_SECONDS, run_step
-
+    """A command's step ends when the command does, not at the next look at it."""
     spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir='', out=str(tmp_path), recipe='',
                           recipe_sha256='', scripts_dir='', seeds=(0,))
     polls = []
-    entry = run_step(spec, Step('validate/x', 'validate', (sys.executable, '-c', 'import time; time.sleep(0.3)')), {},
+    entry = run_step(spec, Step('validate/x', 'validate', (sys.executable, '-c', 'import time; time.sleep(1.2)')), {},
                      poll=lambda: polls.append(1))
     assert entry['status'] == 'done' and entry['returncode'] == 0
-    assert 0.3 <= entry['seconds'] < POLL_SECONDS and len(polls) == 2  # once while it ran, once after
+    assert 1.2 <= entry['seconds'] < 1.2 + POLL_SECONDS + 0.5 and len(polls) >= 2  # while it ran, and once after
+
+
+def test_short_epochs_are_all_recorded(tmp_path):
+    """Epochs of a second (timm's train.py on tiny data): every last.pth.tar train.py leaves is recorded."""
+    spec = ExperimentSpec(model='tcnn_resnet50rs', cnn_model='resnetrs50', data_dir='', out=str(tmp_path), recipe='',
+                          recipe_sha256='', scripts_dir='', seeds=(0,))
+    run = spec.run_dir('cnn', 0)
+    train = (f'import os, time, torch\nos.chdir({str(tmp_path)!r})\nos.makedirs({str(run)!r})\n'
+             f'for epoch in range(4):\n    time.sleep(0.8)\n'
+             f'    torch.save(dict(epoch=epoch, state_dict=dict(w=torch.full((2,), float(epoch)))), "t")\n'
+             f'    os.replace("t", {str(run / "last.pth.tar")!r})  # as train.py replaces it\n')
+    entry = run_step(spec, Step('train/cnn/seed0', 'train', (sys.executable, '-c', train), arm='cnn', seed=0), {},
+                     record_weights=True)
+    assert entry['status'] == 'done', Path(entry['log']).read_text()
+    saved = sorted(spec.epoch_weights('cnn', 0).glob('epoch*.safetensors'))
+    assert [p.name for p in saved] == [f'epoch{i}.safetensors' for i in range(4)]
 
 
 def test_report_arithmetic():

@@ -325,3 +325,43 @@ def test_interrupted_submission_reattaches(setup, tmp_path):
     assert result.stdout.count('[submit]') == len(jobs) - len(first)
     assert len([p for p in (out / 'slurm').iterdir() if p.name.isdigit()]) == len(jobs)  # one submitit folder a job
     assert sorted(c['argv'][c['argv'].index('--seed') + 1] for c in lines(log) if c['script'] == 'train') == ['0', '1']
+
+
+def _without_training_time(report: str) -> str:
+    """The report less its training-time section (wall clocks, which differ between runs side by side and in turn)."""
+    head, _, rest = report.partition('\n## Training time\n')
+    return head + '\n## ' + rest.partition('\n## ')[2]
+
+
+@pytest.mark.slow
+@needs_slurm
+@pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS_DIR'),
+                    reason="TIMM_SCRIPTS_DIR is not set: point it at a checkout of pytorch-image-models (timm's "
+                           "train.py and validate.py) to run the experiment with the real scripts on SLURM")
+def test_real_scripts_on_slurm_give_the_local_report(setup, tmp_path):
+    """timm's own train.py and validate.py (one seed, about 3 minutes on 2 cores): both arms train at once as SLURM
+    jobs, the report is the local run's but for the training times, and the same command again submits nothing."""
+    scripts = os.environ['TIMM_SCRIPTS_DIR']
+
+    def args(out: Path, launcher: str) -> list:
+        argv = slurm_args(setup, out, seeds=('0',))
+        argv[argv.index('--scripts-dir') + 1] = scripts
+        argv[argv.index('--launcher') + 1] = launcher
+        return argv
+
+    local = run_cli(args(tmp_path / 'local', 'local'), {})
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-4000:]
+    out = tmp_path / 'slurm'
+    cluster = run_cli(args(out, 'slurm'), {})
+    assert cluster.returncode == 0, cluster.stdout[-2000:] + cluster.stderr[-4000:]
+    records = {key: json.loads((out / 'slurm' / 'records' / f'train_{key}_seed0.json').read_text())['attempts'][0]
+               for key in ('tcnn', 'cnn')}
+    spans = [(a['started'], a['started'] + a['seconds']) for a in records.values()]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the two runs trained at once
+    report, expected = (out / 'report.md').read_text(), (tmp_path / 'local' / 'report.md').read_text()
+    assert '12 of 12 steps done.' in report and '## Training time' in report and len(jobs_of(out)) == 6
+    assert _without_training_time(report) == _without_training_time(expected)
+    before = jobs_of(out)
+    again = run_cli(args(out, 'slurm'), {})
+    assert again.returncode == 0 and '[submit]' not in again.stdout, again.stdout + again.stderr
+    assert jobs_of(out) == before

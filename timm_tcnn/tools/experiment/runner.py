@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 STATE_FILE = 'experiment.json'
-POLL_SECONDS = 2.0  # between looks at a running command (its last.pth.tar)
+# between looks at a running command: train.py replaces last.pth.tar every epoch, and an epoch is recorded if it
+# stays longer than this (a stat each time; the checkpoint is read when it changed)
+POLL_SECONDS = 0.25
 
 
 class ExperimentState:
@@ -177,7 +179,7 @@ def run_command(
             while process.poll() is None:
                 if poll is not None:
                     poll()
-                try:  # back as soon as it ends: a step's seconds are its command's, not a multiple of 2
+                try:  # back as soon as it ends: a step's seconds are its command's
                     process.wait(timeout=POLL_SECONDS)
                 except subprocess.TimeoutExpired:
                     pass
