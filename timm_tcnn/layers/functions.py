@@ -134,14 +134,20 @@ def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
 
 
 def content_mix(
-    x: torch.Tensor, qk_weight: torch.Tensor, positional: torch.Tensor, gate: torch.Tensor, geometry: MixGeometry
+    x: torch.Tensor,
+    qk_weight: torch.Tensor,
+    positional: torch.Tensor,
+    gate: torch.Tensor,
+    geometry: MixGeometry,
+    for_backward: bool = True,
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """x A_h^T for every head h, A = positional + gate * softmax(scale * q k), without autograd: maps x (B, C, H, W),
     the joint query and key projection (heads * 2 * d, C), positional (Nq, heads, N) in the attention's dtype, gate
     (heads,) -> mixed (B, Nq, heads, C) in the mixing dtype (`mixing_dtype`: autocast's, else x's), and what the
     backward pass reads: the maps and projection weight in that dtype, queries, keys and the softmax of each block of
     queries. Queries, keys and softmax are in the positional attention's dtype (`softmax_without_subnormals_`);
-    queries go in blocks of `geometry.block`."""
+    queries go in blocks of `geometry.block`. Without `for_backward` (inference) nothing is kept: each block's softmax
+    is freed before the next one's."""
     dtype = mixing_dtype(x)
     num_queries, heads = positional.shape[:2]
     with autocast_off(x.device):
@@ -158,8 +164,9 @@ def content_mix(
             probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
             attn = _blended(positional[start:stop], probs, gate[:, None], dtype)
             torch.bmm(attn, tokens, out=mixed[:, start:stop].view(B, -1, C))
-            probs_blocks.append(probs)
-    return mixed, [maps, weight, queries, keys] + probs_blocks
+            if for_backward:
+                probs_blocks.append(probs)
+    return mixed, [maps, weight, queries, keys] + probs_blocks if for_backward else []
 
 
 def _blended(positional: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -611,7 +611,7 @@ class GatedPositionalAttention2d(nn.Module):
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W), self.choices.queries_everywhere)
             qk_weight = self.qk.weight if plan.open_heads is None else self._qk_weight(plan.open_heads)
-            mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry)[0]
+            mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry, for_backward=False)[0]
             out = project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
 
