@@ -74,11 +74,10 @@ def run(args: argparse.Namespace) -> int:
     check_pretrained_tag(cnn_name)
     options, kwargs = _options(tcnn_name, args.model_kwargs)
     files = _check_args(args)
+    checks: List[IdentityCheck] = []
     with tqdm(desc='identity check', unit='batch', leave=False, disable=None) as progress:
         def on_check(check: IdentityCheck) -> None:
-            if not progress.n:
-                tqdm.write(f'{"input":<28} {"max rel. error":>15} {"top-1 agree":>12}')
-            tqdm.write(f'{check.name:<28} {check.max_relative_error:>15.2e} {check.top1_agreement:>11.0%}')
+            checks.append(check)
             progress.update()
 
         done = convert_weights(
@@ -95,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     added = done.tcnn_parameters - done.cnn_parameters
     print(f'converted layers: {done.converted_layers}; parameters: CNN {done.cnn_parameters / 1e6:.2f}M, '
           f'T-CNN {done.tcnn_parameters / 1e6:.2f}M (+{added / 1e6:.2f}M attention)')
+    print(f'{"input":<28} {"max rel. error":>15} {"top-1 agree":>12}')
+    for check in checks:
+        print(f'{check.name:<28} {check.max_relative_error:>15.2e} {check.top1_agreement:>11.0%}')
     seconds = done.seconds
     print(f'time: load {seconds["load"]:.1f}s, convert {seconds["convert"]:.1f}s, verify {seconds["verify"]:.1f}s')
     print(f'identity holds: max relative error {done.max_relative_error:.2e} <= {args.tolerance:.0e}')
