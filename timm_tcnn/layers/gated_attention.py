@@ -606,14 +606,37 @@ class GatedPositionalAttention2d(nn.Module):
         out: Optional[torch.Tensor] = None
         if plan.closed_positional is not None:
             positional = cast_without_subnormals(plan.closed_positional, tokens.dtype)
-            mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, positional.shape[0], -1, C)
-            out = project(mixed, weight[..., split:], self.bias)
+            out = self._mix_closed(tokens, positional, weight[..., split:], channels_first)
         if plan.open_positional is not None:
             geometry = self._geometry(x, self._block(B, H, W), self.choices.queries_everywhere)
             qk_weight = self.qk.weight if plan.open_heads is None else self._qk_weight(plan.open_heads)
             mixed = content_mix(x, qk_weight, plan.open_positional, plan.open_gates, geometry, for_backward=False)[0]
             out = project(mixed, weight[..., :split], self.bias if out is None else None, out)
         return self._to_map(out, x)
+
+    @torch.jit.unused
+    def _mix_closed(
+        self, tokens: torch.Tensor, positional: torch.Tensor, weight: torch.Tensor, channels_first: bool
+    ) -> torch.Tensor:
+        """bias + the closed heads' part of the output, from tokens (B, N, C_in) and their positional attention
+        (Nq, heads, N), in blocks of queries whose mixed inputs (B, block, heads, C_in) stay within the layer's block
+        bytes: (B * Nq, C_out), or (B, C_out, Nq) `channels_first`. Mixing every query at once and projecting after
+        took 13% longer at 448 px stage 3's stride-1 layers on CPU (188 against 163 ms, batch 8)."""
+        B, _, C = tokens.shape
+        num_queries, heads = positional.shape[:2]
+        block_bytes = self.attention_block_bytes or self.choices.block_bytes
+        block = max(1, block_bytes // (B * heads * C * tokens.element_size()))
+        if channels_first:
+            out = tokens.new_empty(B, self.out_channels, num_queries)
+        else:
+            out = tokens.new_empty(B, num_queries, self.out_channels)
+        for start, stop in ((i, min(i + block, num_queries)) for i in range(0, num_queries, block)):
+            mixed = torch.matmul(positional[start:stop].flatten(0, 1), tokens).view(B, stop - start, heads, C)
+            if channels_first:
+                out[:, :, start:stop] = self._project_channels_first(mixed, weight, self.bias)
+            else:
+                out[:, start:stop] = self._project(mixed, weight, self.bias).view(B, stop - start, -1)
+        return out if channels_first else out.view(B * num_queries, -1)
 
     @torch.jit.unused
     def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
