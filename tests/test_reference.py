@@ -124,6 +124,8 @@ def test_eager_and_standard_operations_match_the_reference(geometry, state, grad
         with torch.no_grad():  # the inference plans, on CPU's and on CUDA's projection choices
             assert relative_error(layer(x), ref[0]) <= 2e-5
             assert relative_error(cuda_choices(layer)(x), ref[0]) <= 2e-5
+            for blocked in (query_blocks_of_one(copy.deepcopy(layer)), query_blocks_of_one(cuda_choices(layer))):
+                assert relative_error(blocked(x), ref[0]) <= 2e-5  # the plans' parts in blocks of one query
 
 
 @pytest.mark.parametrize('geometry', GEOMETRIES)

@@ -626,6 +626,10 @@ class GatedPositionalAttention2d(nn.Module):
         num_queries, heads = positional.shape[:2]
         block_bytes = self.attention_block_bytes or self.choices.block_bytes
         block = max(1, block_bytes // (B * heads * C * tokens.element_size()))
+        if block >= num_queries:  # one block: projected straight into the output
+            mixed = torch.matmul(positional.flatten(0, 1), tokens).view(B, num_queries, heads, C)
+            project = self._project_channels_first if channels_first else self._project
+            return project(mixed, weight, self.bias)
         if channels_first:
             out = tokens.new_empty(B, self.out_channels, num_queries)
         else:
