@@ -129,7 +129,7 @@ def project_qk(
     return q.view(B * heads, d, -1), k.view(B * heads, d, -1)
 
 
-def _blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
+def query_blocks(num_queries: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + block, num_queries)) for start in range(0, num_queries, block)]
 
 
@@ -158,7 +158,7 @@ def content_mix(
         queries, keys = project_qk(maps, weight, geometry, positional.dtype)
         mixed = tokens.new_empty(B, num_queries, heads, C)
         probs_blocks = []
-        for start, stop in _blocks(num_queries, geometry.block):
+        for start, stop in query_blocks(num_queries, geometry.block):
             block_queries = queries[:, :, start:stop].transpose(1, 2)
             logits = torch.baddbmm(keys.new_empty(()), block_queries, keys, beta=0.0, alpha=geometry.scale)
             probs = softmax_without_subnormals_(logits).view(B, heads, stop - start, N)
@@ -239,7 +239,8 @@ class AttentionMix(torch.autograd.Function):
                 grad_queries, grad_keys = torch.empty_like(queries), torch.empty_like(keys)
             grad_positional = torch.empty_like(positional)
             grad_gate = values.new_empty(heads, 1)
-            for index, ((start, stop), probs) in enumerate(zip(_blocks(num_queries, geometry.block), probs_blocks)):
+            blocks = query_blocks(num_queries, geometry.block)
+            for index, ((start, stop), probs) in enumerate(zip(blocks, probs_blocks)):
                 first = index == 0
                 grad_block = grad[:, start:stop].reshape(B, -1, C)
                 attn = _blended(positional[start:stop], probs, gate, dtype)

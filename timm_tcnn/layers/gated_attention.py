@@ -54,7 +54,7 @@ from timm.layers.padding import pad_same
 
 from .cache import BoundedCache
 from .config import LayerChoices, choose, register
-from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference
+from .functions import AttentionMix, MixGeometry, ScaledValues, content_mix, content_mix_reference, query_blocks
 from .inference import InferencePlan
 from .numerics import (
     attention_dtype,
@@ -634,7 +634,7 @@ class GatedPositionalAttention2d(nn.Module):
             out = tokens.new_empty(B, self.out_channels, num_queries)
         else:
             out = tokens.new_empty(B, num_queries, self.out_channels)
-        for start, stop in ((i, min(i + block, num_queries)) for i in range(0, num_queries, block)):
+        for start, stop in query_blocks(num_queries, block):
             mixed = torch.matmul(positional[start:stop].flatten(0, 1), tokens).view(B, stop - start, heads, C)
             if channels_first:
                 out[:, :, start:stop] = self._project_channels_first(mixed, weight, self.bias)
